@@ -1,0 +1,130 @@
+"""Checkpoints: config.json + model.safetensors (+ tokenizer.json), written atomically.
+
+safetensors holds only tensors, so loading a file a user hands us can never run
+code (unlike pickle). Every failure names the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import TransformerConfig
+
+PathLike = Union[str, os.PathLike]
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` to a temp file in the same folder, fsync, then rename,
+    so a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with shared (tied) tensors stored once and every tensor contiguous."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        if key in seen and tensor.numel():
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: PathLike, metadata: Optional[dict] = None) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))
+
+
+def load_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or corrupt file raises ValueError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def save_pretrained(model: torch.nn.Module, directory: PathLike, tokenizer=None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / CONFIG_NAME, lambda tmp: model.config.save(tmp))
+    save_weights(unique_state_dict(model), directory / WEIGHTS_NAME)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: PathLike,
+               strict: bool = True) -> None:
+    """Copy tensors into the model, checking names and shapes first so that the
+    error names the file and the tensor instead of a torch traceback."""
+    expected = model.state_dict()
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise ValueError(f"{source}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [n for n in tensors if n not in expected]
+    if unexpected and strict:
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} does not belong to this model")
+    for name, tensor in expected.items():
+        if tuple(tensors[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                             f"the model expects {tuple(tensor.shape)}")
+    model.load_state_dict({n: tensors[n] for n in expected}, strict=True)
+
+
+def load_model(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None, strict: Optional[bool] = None):
+    """Build a model from a zenlm checkpoint folder. Loading a full LM checkpoint into the bare
+    ``TransformerModel`` drops the head tensors; any other mismatch is an error."""
+    from .model import TransformerLM, TransformerModel
+
+    cls = cls or TransformerLM
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {directory}")
+    config = TransformerConfig.load(directory / CONFIG_NAME)
+    tensors = load_weights(directory / WEIGHTS_NAME)
+    model = cls(config)
+    if strict is None:
+        strict = cls is not TransformerModel
+    load_state(model, tensors, directory / WEIGHTS_NAME, strict=strict)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def read_json(path: PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None

@@ -1,0 +1,265 @@
+"""TransformerConfig: one dataclass that describes every model zenlm builds.
+
+The flags are wide enough that BERT, GPT-2, BART, Marian and Llama are the same
+model with different settings (see ``PRESETS``), so there is one attention
+implementation to trust, test and speed up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+POOLINGS = ("mean", "cls", "last")
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and flavour of a transformer.
+
+    Family is decided by the layer counts: both > 0 is encoder-decoder,
+    ``num_encoder_layers == 0`` is decoder-only, ``num_decoder_layers == 0`` is
+    encoder-only.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_key_value_heads: Optional[int] = None  # None = num_attention_heads (no GQA)
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    max_position_embeddings: int = 512
+
+    # flavour
+    pre_norm: bool = True  # pre-LN (GPT-2, Llama) or post-LN (BERT, BART, Marian)
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    position: str = "learned"
+    position_offset: int = 0  # BART's learned positions start at row 2
+    rope_theta: float = 10000.0
+    bias: bool = True
+    scale_embedding: bool = False  # multiply token embeddings by sqrt(hidden_size)
+    embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    final_norm: bool = True  # a norm after the last layer of each stack (pre-LN models)
+    type_vocab_size: int = 0  # BERT token-type embeddings; 0 = none
+    tie_word_embeddings: bool = True  # output projection shares the input embedding
+    lm_head_bias: bool = False  # BART/Marian final_logits_bias
+    mlm_transform: bool = False  # BERT's dense+act+norm before the masked-LM projection
+
+    # regularisation
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    # special tokens
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    decoder_start_token_id: Optional[int] = None  # None = bos_token_id
+
+    # free-form notes carried with the checkpoint (e.g. the HF family it came from)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.validate()
+
+    # ------------------------------------------------------------------ rules
+    def validate(self) -> None:
+        """Raise ValueError naming the offending value and the rule it breaks."""
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            positive(name)
+        for name in ("num_encoder_layers", "num_decoder_layers", "type_vocab_size", "position_offset"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.num_encoder_layers == 0 and self.num_decoder_layers == 0:
+            raise ValueError("num_encoder_layers and num_decoder_layers are both 0: a model needs at least one layer")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"unknown position {self.position!r}; valid: {', '.join(POSITIONS)}")
+        if self.position == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if not (self.norm_eps > 0):
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not (self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
+
+    # ------------------------------------------------------------ properties
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def family(self) -> str:
+        """'encoder-decoder', 'decoder-only' or 'encoder-only'."""
+        if self.num_encoder_layers and self.num_decoder_layers:
+            return "encoder-decoder"
+        return "decoder-only" if self.num_decoder_layers else "encoder-only"
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.family == "encoder-decoder"
+
+    @property
+    def start_token_id(self) -> int:
+        return self.bos_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
+
+    # -------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TransformerConfig":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if "model_type" in data:
+            raise ValueError(f"{path} is a Hugging Face config; import it with zenlm.load() / `zenlm convert from-hf`")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # ---------------------------------------------------------------- costs
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count computed from the shape alone (matches the built model)."""
+        from .model import TransformerLM  # local import: building a meta model is cheap
+
+        import torch
+
+        with torch.device("meta"):
+            model = TransformerLM(self)
+        params = {id(p): p for p in model.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            total -= model.embed_tokens.weight.numel()
+        return total
+
+
+def estimate_costs(config: TransformerConfig, batch_size: int = 1, seq_len: Optional[int] = None,
+                   bytes_per_param: int = 4) -> dict[str, float]:
+    """FLOPs per token and memory for a training step, from the shape alone.
+
+    FLOPs follow the usual accounting (Kaplan et al.; nanoGPT's estimate_mfu):
+    2 per parameter per token forward, 3x that for forward+backward, plus the
+    attention score/value products (2 * 2 * layers * seq * hidden forward).
+    Activation memory uses Korthikanti et al.'s per-layer estimate without
+    recomputation: seq*batch*hidden*(34 + 5*heads*seq/hidden) bytes in 16-bit,
+    doubled for fp32.
+    """
+    seq = seq_len or config.max_position_embeddings
+    n_params = config.num_parameters()
+    n_embed = config.vocab_size * config.hidden_size
+    layers = config.num_encoder_layers + config.num_decoder_layers
+    # decoder layers of an encoder-decoder model also attend across to the source
+    attn_layers = layers + (config.num_decoder_layers if config.is_encoder_decoder else 0)
+    # non-embedding parameters per token (the embedding lookup is free; the output projection is not)
+    matmul_params = n_params - n_embed + (config.vocab_size * config.hidden_size if config.num_decoder_layers else 0)
+    if config.is_encoder_decoder:
+        # each token flows through one stack only: count half the layers per token
+        matmul_params = (n_params - n_embed) / 2 + config.vocab_size * config.hidden_size / 2
+    forward = 2 * matmul_params + 4 * attn_layers * seq * config.hidden_size / (2 if config.is_encoder_decoder else 1)
+    act_per_layer = seq * batch_size * config.hidden_size * (
+        34 + 5 * config.num_attention_heads * seq / config.hidden_size) * (bytes_per_param / 2)
+    return {
+        "parameters": n_params,
+        "forward_flops_per_token": forward,
+        "training_flops_per_token": 3 * forward,
+        "weights_bytes": n_params * bytes_per_param,
+        "grads_bytes": n_params * bytes_per_param,
+        "optimizer_bytes": n_params * 8,  # AdamW: two fp32 moments
+        "activations_bytes": act_per_layer * layers,
+        "batch_size": batch_size,
+        "seq_len": seq,
+    }
+
+
+# Named shapes. ``seed-base`` is the contract shape (BART-base-like, post-LN);
+# the family presets carry the flags that make their checkpoints load.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed-base": dict(vocab_size=10000, hidden_size=768, intermediate_size=3072, num_attention_heads=8,
+                      num_encoder_layers=6, num_decoder_layers=6, max_position_embeddings=512),
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                 num_encoder_layers=0, num_decoder_layers=4, max_position_embeddings=256,
+                 position="rotary", norm="rmsnorm", activation="swiglu", bias=False),
+    "tiny-seq2seq": dict(vocab_size=4096, hidden_size=128, intermediate_size=512, num_attention_heads=4,
+                         num_encoder_layers=2, num_decoder_layers=2, max_position_embeddings=256),
+    "bert-base": dict(vocab_size=30522, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                      num_encoder_layers=12, num_decoder_layers=0, max_position_embeddings=512,
+                      pre_norm=False, norm_eps=1e-12, activation="gelu", type_vocab_size=2,
+                      embedding_norm=True, final_norm=False, mlm_transform=True, pad_token_id=0,
+                      bos_token_id=101, eos_token_id=102),
+    "gpt2-small": dict(vocab_size=50257, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                       num_encoder_layers=0, num_decoder_layers=12, max_position_embeddings=1024,
+                       activation="gelu_tanh", pad_token_id=50256, bos_token_id=50256, eos_token_id=50256),
+    "bart-base": dict(vocab_size=50265, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                      num_encoder_layers=6, num_decoder_layers=6, max_position_embeddings=1024,
+                      pre_norm=False, activation="gelu", position_offset=2, embedding_norm=True,
+                      final_norm=False, lm_head_bias=True, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                      decoder_start_token_id=2),
+    "llama-tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                       num_key_value_heads=4, num_encoder_layers=0, num_decoder_layers=4,
+                       max_position_embeddings=2048, norm="rmsnorm", norm_eps=1e-6, activation="swiglu",
+                       position="rotary", bias=False, tie_word_embeddings=False),
+}
