@@ -56,7 +56,7 @@ class Tokenizer:
                                               show_progress=show_progress)
         else:  # char: every character one token, unseen characters map to <unk>
             tok = _RustTokenizer(models.WordLevel(unk_token=UNK))
-            tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+            tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
             tok.decoder = decoders.Fuse()
             trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=special,
                                                 show_progress=show_progress)
