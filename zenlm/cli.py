@@ -112,8 +112,57 @@ def run_demo(args) -> None:
     run(out=args.out, seconds=args.seconds, seed=args.seed)
 
 
+# --------------------------------------------------------------------------- generate
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a model folder, streamed to the terminal",
+                       description="zenlm generate MODEL --prompt TEXT [options]; greedy unless --temperature > 0 "
+                                   "(sampling) or --num-beams > 1")
+    p.add_argument("model", help="a model folder (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="> 0 samples; 0 or unset decodes greedily")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the context window")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> None:
+    import os
+
+    from . import load
+    from .generate import Generator
+    from .tokenizer import Tokenizer
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"no model folder at {args.model}")
+    model, tokenizer = load(args.model), Tokenizer.load(args.model)
+    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, top_k=args.top_k,
+                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
+                   length_penalty=args.length_penalty, stop_strings=args.stop, seed=args.seed, truncate=args.truncate,
+                   do_sample=args.temperature is not None and args.temperature != 0,
+                   temperature=1.0 if args.temperature is None else args.temperature)
+    generator = Generator(model, tokenizer)
+    if args.num_beams > 1:
+        print(generator.generate(args.prompt, **options)[0].text)
+        return
+    stream = generator.stream(args.prompt, **options)
+    for delta in stream:
+        print(delta, end="", flush=True)
+    print()
+
+
 # --------------------------------------------------------------------------- main
-COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo]
+COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -108,11 +108,23 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search): row i of the cache becomes old row index[i]."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
+    def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Select batch rows (beam search): row i of the cache becomes old row index[i].
+
+        When the batch size stays the same only the rows that change are copied, and only
+        their filled positions. ``cross=False`` leaves the cross-attention keys/values alone
+        (beams of one source share them)."""
+        if self.keys and index.numel() == self.keys[0].size(0):
+            moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
+            if moved.numel():
+                source, n = index[moved], self.length
+                for buf in self.keys + self.values:
+                    buf[moved, :, :n] = buf[source, :, :n]
+        else:
+            self.keys = [k.index_select(0, index) for k in self.keys]
+            self.values = [v.index_select(0, index) for v in self.values]
+        if cross:
+            self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
 
 
 # --------------------------------------------------------------------------- attention
@@ -533,6 +545,12 @@ class TransformerLM(TransformerModel):
             hidden = self.mlm_norm(self.mlm_act(self.mlm_dense(hidden)))
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(hidden, weight, self.lm_head_bias if self.config.lm_head_bias else None)
+
+    def generate(self, prompt, tokenizer=None, **options):
+        """Text in, text out (ids in, ids out); options as in ``zenlm.generate.GenerationConfig``."""
+        from .generate import generate
+
+        return generate(self, prompt, tokenizer=tokenizer, **options)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, decoder_input_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **kwargs) -> LMOutput:
