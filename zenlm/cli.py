@@ -112,6 +112,29 @@ def run_demo(args) -> None:
     run(out=args.out, seconds=args.seconds, seed=args.seed)
 
 
+# --------------------------------------------------------------------------- train
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a model from a YAML config (see recipes/)",
+                       description="zenlm train CONFIG.yaml [--key.sub VALUE ...]; runs DDP under torchrun")
+    p.add_argument("config", help="a training config YAML file")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key.sub VALUE overrides, e.g. --optim.lr 1e-3")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> None:
+    import json
+    import logging
+    import os
+
+    from .train import TrainConfig, parse_overrides, train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = TrainConfig.from_yaml(args.config, parse_overrides(args.overrides))
+    summary = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+
+
 # --------------------------------------------------------------------------- generate
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a model folder, streamed to the terminal",
@@ -162,7 +185,7 @@ def run_generate(args) -> None:
 
 
 # --------------------------------------------------------------------------- main
-COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate]
+COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
