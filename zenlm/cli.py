@@ -184,8 +184,39 @@ def run_generate(args) -> None:
     print()
 
 
+# --------------------------------------------------------------------------- convert
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="Hugging Face folders in and out (BERT, GPT-2, BART, Marian, Llama)")
+    csub = p.add_subparsers(dest="convert_command", required=True)
+    f = csub.add_parser("from-hf", help="a local Hugging Face model folder -> a zenlm checkpoint folder")
+    f.add_argument("src")
+    f.add_argument("out")
+    f.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="default: float32")
+    f.set_defaults(func=run_convert_from_hf)
+    t = csub.add_parser("to-hf", help="a zenlm checkpoint folder -> a folder transformers' from_pretrained loads")
+    t.add_argument("src")
+    t.add_argument("out")
+    t.set_defaults(func=run_convert_to_hf)
+
+
+def run_convert_from_hf(args) -> None:
+    import torch
+
+    from .hf import convert_from_hf
+
+    out = convert_from_hf(args.src, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"converted {args.src} -> {out} (zenlm checkpoint)")
+
+
+def run_convert_to_hf(args) -> None:
+    from .hf import convert_to_hf
+
+    out = convert_to_hf(args.src, args.out)
+    print(f"converted {args.src} -> {out} (Hugging Face folder)")
+
+
 # --------------------------------------------------------------------------- main
-COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train]
+COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -493,6 +493,13 @@ class TransformerModel(nn.Module):
 
         return load_model(directory, cls, **kwargs)
 
+    @classmethod
+    def from_hf(cls, directory, **kwargs):
+        """Import a local Hugging Face folder (BERT, GPT-2, BART, Marian, Llama); see zenlm.hf."""
+        from .hf import load_hf
+
+        return load_hf(directory, cls, **kwargs)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

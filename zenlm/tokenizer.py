@@ -155,9 +155,14 @@ class Tokenizer:
         if not path.exists():
             raise FileNotFoundError(f"no tokenizer at {path}")
         try:
-            return cls(_RustTokenizer.from_file(str(path)))
+            backend = _RustTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception on bad JSON
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+        # files written by transformers may carry fixed padding/truncation (MiniLM's pads and cuts
+        # every text at 128); like transformers, pad and truncate only when encode_batch is asked to
+        backend.no_padding()
+        backend.no_truncation()
+        return cls(backend)
 
     def __len__(self) -> int:
         return self.vocab_size

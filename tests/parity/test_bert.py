@@ -1,0 +1,55 @@
+"""BERT from a Hugging Face folder: post-LN encoder, token types, and the MLM head
+(cls.predictions.* -> mlm_dense / mlm_norm / lm_head_bias, decoder tied to the embeddings)."""
+import shutil
+
+import pytest
+import torch
+
+import zenlm
+from hf_helpers import assert_close_where, assert_same_token_ids, minilm_dir
+
+transformers = pytest.importorskip("transformers")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=64, hidden_act="gelu")
+    model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():  # a fresh MLM bias is all zeros; make it count
+        model.cls.predictions.bias.normal_()
+    folder = tmp_path_factory.mktemp("bert")
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:  # the real uncased WordPiece tokenizer of MiniLM
+        shutil.copy(minilm_dir() / name, folder / name)
+    return model, folder
+
+
+def test_bert_hidden_states_and_mlm_logits_match_transformers(bert):
+    hf, folder = bert
+    ours = zenlm.load(folder)
+    assert ours.config.mlm_transform and ours.config.lm_head_bias and not ours.config.pre_norm
+    batch = assert_same_token_ids(folder)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    types = (torch.arange(ids.size(1)) >= 3).long().expand_as(ids).contiguous()  # a second segment
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        out = ours(ids, attention_mask=mask, token_type_ids=types)
+    assert_close_where(out.last_hidden_state, ref.hidden_states[-1], mask)
+    assert_close_where(out.logits, ref.logits, mask)
+
+
+def test_bert_backbone_without_prefix_or_head_loads(bert, tmp_path):
+    """A bare BertModel folder (tensor names without 'bert.', no cls.*), as MiniLM ships."""
+    hf, _ = bert
+    hf.bert.save_pretrained(tmp_path)
+    ours = zenlm.load(tmp_path)
+    assert not ours.config.mlm_transform
+    ids = torch.randint(0, 30522, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        ref = hf.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert_close_where(ours(ids, attention_mask=mask).last_hidden_state, ref, mask)
