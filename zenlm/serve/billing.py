@@ -1,0 +1,509 @@
+"""Keys, plans, limits, budgets, the usage ledger and the money report.
+
+Every request goes through three calls, each one database transaction:
+
+* ``authenticate`` – the key's hash is looked up by its visible prefix and compared in
+  constant time; revoked and expired keys are refused.
+* ``reserve`` – counts the request against its key's requests/min and tokens/min window and
+  reserves the most it can cost (prompt + max_tokens at the plan's prices, or the same number of
+  included tokens). Both are conditional UPDATEs, so parallel requests, threads or server
+  processes can never together pass a limit or a budget.
+* ``settle`` – writes the ledger row (primary key: the request id or the client's
+  Idempotency-Key, so a retry is never charged twice), moves the actual cost from reserved to
+  spent and drops the reservation, all in one commit. ``release`` gives a reservation back when
+  a request dies before its response is sent; a server that is killed leaves reservations whose
+  lease runs out, and ``sweep`` gives those back.
+
+Money is integer micro-units (1 unit of currency = 1,000,000 micros); a request is free when its
+maximum fits in what is left of the plan's included tokens this month, else it is billed in full.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Optional
+
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from . import store
+from .errors import Conflict, InsufficientQuota, InvalidKey, ModelNotFound, RateLimited
+from .store import api_keys, customers, key_months, plan_prices, plans, rate_windows, reservations, usage_ledger
+
+MICROS = 1_000_000
+KEY_PREFIX = "zk-"
+WINDOW_S = 60
+
+
+# --------------------------------------------------------------------------- money
+def to_micros(amount) -> int:
+    """'2.50' (a decimal string or int) in currency units -> 2_500_000 micros; floats are refused
+    because they cannot hold most prices exactly."""
+    if isinstance(amount, float):
+        raise ValueError(f"give money as a decimal string, not a float: {amount!r}")
+    try:
+        value = Decimal(str(amount)) * MICROS
+    except InvalidOperation:
+        raise ValueError(f"{amount!r} is not an amount of money (e.g. 2.50)") from None
+    if value < 0 or value != value.to_integral_value():
+        raise ValueError(f"{amount!r} must be >= 0 with at most 6 decimal places")
+    return int(value)
+
+
+def format_micros(micros: int) -> str:
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(int(micros)), MICROS)
+    return f"{sign}{whole}.{frac:06d}"
+
+
+def price_micros(tokens: int, micros_per_million: int) -> int:
+    """Cost of ``tokens`` at a per-million price, rounded up to a whole micro."""
+    return -(-tokens * micros_per_million // MICROS)
+
+
+def month_of(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m")
+
+
+def day_of(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def check_month(month: str) -> str:
+    try:
+        dt.datetime.strptime(month, "%Y-%m")
+    except (TypeError, ValueError):
+        raise ValueError(f"month must be YYYY-MM, got {month!r}") from None
+    return month
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    prices: dict[str, tuple[int, int]]  # model -> (prompt, completion) micros per million tokens
+    included_tokens: int = 0
+    monthly_budget_micros: int = 0
+    requests_per_minute: int = 60
+    tokens_per_minute: int = 100_000
+
+    def price(self, model: str) -> tuple[int, int]:
+        found = self.prices.get(model, self.prices.get("*"))
+        if found is None:
+            raise ModelNotFound(f"the plan {self.name!r} does not include the model {model!r}", param="model")
+        return found
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> int:
+        p, c = self.price(model)
+        return price_micros(prompt_tokens, p) + price_micros(completion_tokens, c)
+
+
+@dataclass(frozen=True)
+class KeyContext:
+    """Who is calling: the key's row id and prefix, its customer and its plan."""
+
+    key_id: int
+    prefix: str
+    customer_id: int
+    customer: str
+    plan: Plan
+
+
+@dataclass
+class Reservation:
+    id: str
+    key: KeyContext
+    model: str
+    month: str
+    window: int
+    estimate_tokens: int
+    reserved_micros: int
+    free: bool
+    headers: dict = field(default_factory=dict)  # x-ratelimit-* for the response
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_ms: int = 0
+    compute_ms: int = 0
+    status: str = "completed"
+
+
+class Billing:
+    """The money side of the server, over one database shared by every server process."""
+
+    def __init__(self, engine: Engine, hardware_micros_per_hour: int = 0, instance_id: Optional[str] = None,
+                 lease_s: float = 60.0):
+        self.engine = engine
+        self.hardware_micros_per_hour = int(hardware_micros_per_hour)
+        self.instance_id = instance_id or secrets.token_hex(8)
+        self.lease_s = lease_s
+
+    @classmethod
+    def open(cls, url: Optional[str] = None, **kwargs) -> "Billing":
+        return cls(store.open_database(url), **kwargs)
+
+    # ------------------------------------------------------------------ plans
+    def create_plan(self, name: str, prices: dict[str, tuple[int, int]], included_tokens: int = 0,
+                    monthly_budget_micros: int = 0, requests_per_minute: int = 60,
+                    tokens_per_minute: int = 100_000, replace: bool = False) -> Plan:
+        """Create (or with ``replace`` update) a plan. Prices: model -> (prompt, completion) micros per
+        million tokens; the model '*' prices every model not listed."""
+        if not name or len(name) > 64:
+            raise ValueError(f"plan name must be 1-64 characters, got {name!r}")
+        if not prices:
+            raise ValueError("a plan needs at least one price (model -> prompt, completion per million tokens)")
+        for model, (p, c) in prices.items():
+            if not isinstance(p, int) or not isinstance(c, int) or p < 0 or c < 0:
+                raise ValueError(f"prices for {model!r} must be integer micros >= 0, got {(p, c)!r}")
+        for what, value, low in (("included_tokens", included_tokens, 0), ("monthly_budget_micros", monthly_budget_micros, 0),
+                                 ("requests_per_minute", requests_per_minute, 1), ("tokens_per_minute", tokens_per_minute, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+        values = dict(included_tokens=included_tokens, monthly_budget_micros=monthly_budget_micros,
+                      requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(plans.c.id).where(plans.c.name == name)).first()
+            if row is not None and not replace:
+                raise ValueError(f"plan {name!r} exists already (use replace to change it)")
+            if row is None:
+                plan_id = conn.execute(plans.insert().values(name=name, created_at=int(time.time()), **values)
+                                       ).inserted_primary_key[0]
+            else:
+                plan_id = row.id
+                conn.execute(update(plans).where(plans.c.id == plan_id).values(**values))
+                conn.execute(delete(plan_prices).where(plan_prices.c.plan_id == plan_id))
+            for model, (p, c) in prices.items():
+                conn.execute(plan_prices.insert().values(plan_id=plan_id, model=model, prompt_micros_per_million=p,
+                                                         completion_micros_per_million=c))
+        return self.get_plan(name)
+
+    def _plan_from_row(self, conn, row) -> Plan:
+        prices = {r.model: (r.prompt_micros_per_million, r.completion_micros_per_million)
+                  for r in conn.execute(select(plan_prices).where(plan_prices.c.plan_id == row.id))}
+        return Plan(row.name, prices, row.included_tokens, row.monthly_budget_micros, row.requests_per_minute,
+                    row.tokens_per_minute)
+
+    def get_plan(self, name: str) -> Plan:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(plans).where(plans.c.name == name)).first()
+            if row is None:
+                known = [r.name for r in conn.execute(select(plans.c.name).order_by(plans.c.name))]
+                raise ValueError(f"no plan named {name!r}; plans: {', '.join(known) or 'none yet'}")
+            return self._plan_from_row(conn, row)
+
+    def list_plans(self) -> list[Plan]:
+        with self.engine.connect() as conn:
+            return [self._plan_from_row(conn, r) for r in conn.execute(select(plans).order_by(plans.c.name))]
+
+    # ------------------------------------------------------------------ keys
+    def create_key(self, customer: str, plan: str, expires_in_days: Optional[float] = None) -> tuple[str, dict]:
+        """Make a key for ``customer`` (created if new) on ``plan``. Returns the secret — the only
+        time it is ever visible — and the stored record."""
+        if not customer or len(customer) > 128:
+            raise ValueError(f"customer name must be 1-128 characters, got {customer!r}")
+        if expires_in_days is not None and not expires_in_days > 0:
+            raise ValueError(f"expires_in_days must be > 0, got {expires_in_days!r}")
+        plan_obj = self.get_plan(plan)
+        now = int(time.time())
+        expires = None if expires_in_days is None else now + int(expires_in_days * 86400)
+        with self.engine.begin() as conn:
+            store.insert_ignore(conn, customers, name=customer, created_at=now)
+            customer_id = conn.execute(select(customers.c.id).where(customers.c.name == customer)).scalar_one()
+            plan_id = conn.execute(select(plans.c.id).where(plans.c.name == plan_obj.name)).scalar_one()
+            prefix = KEY_PREFIX + secrets.token_urlsafe(6)[:8]
+            key = f"{prefix}{secrets.token_urlsafe(30)}"
+            conn.execute(api_keys.insert().values(prefix=prefix, key_hash=_hash(key), customer_id=customer_id,
+                                                  plan_id=plan_id, created_at=now, expires_at=expires))
+        return key, dict(prefix=prefix, customer=customer, plan=plan_obj.name, created_at=now, expires_at=expires,
+                         revoked_at=None)
+
+    def list_keys(self, customer: Optional[str] = None) -> list[dict]:
+        q = (select(api_keys.c.prefix, customers.c.name.label("customer"), plans.c.name.label("plan"),
+                    api_keys.c.created_at, api_keys.c.expires_at, api_keys.c.revoked_at)
+             .join(customers, customers.c.id == api_keys.c.customer_id)
+             .join(plans, plans.c.id == api_keys.c.plan_id).order_by(api_keys.c.id))
+        if customer is not None:
+            q = q.where(customers.c.name == customer)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def revoke_key(self, prefix: str) -> dict:
+        """Revoke by the visible prefix (or the whole key); takes effect on the next request."""
+        prefix = prefix[:len(KEY_PREFIX) + 8]
+        with self.engine.begin() as conn:
+            done = conn.execute(update(api_keys).where(api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None))
+                                .values(revoked_at=int(time.time()))).rowcount
+        if not done:
+            known = {k["prefix"]: k for k in self.list_keys()}
+            if prefix not in known:
+                raise ValueError(f"no key with prefix {prefix!r}")
+        return next(k for k in self.list_keys() if k["prefix"] == prefix)
+
+    def authenticate(self, key: Optional[str]) -> KeyContext:
+        """The caller behind ``key``, or InvalidKey (401) for a missing, unknown, revoked or expired one."""
+        if not key:
+            raise InvalidKey("no API key: send it as 'Authorization: Bearer <key>'")
+        prefix = key[:len(KEY_PREFIX) + 8]
+        with self.engine.connect() as conn:
+            row = conn.execute(select(api_keys, customers.c.name.label("customer"), plans.c.name.label("plan_name"))
+                               .join(customers, customers.c.id == api_keys.c.customer_id)
+                               .join(plans, plans.c.id == api_keys.c.plan_id)
+                               .where(api_keys.c.prefix == prefix)).first()
+            # compare even when the prefix is unknown so that timing says nothing about which prefixes exist
+            stored = row.key_hash if row is not None else "0" * 64
+            if not hmac.compare_digest(_hash(key), stored) or row is None:
+                raise InvalidKey("incorrect API key provided")
+            now = time.time()
+            if row.revoked_at is not None:
+                raise InvalidKey(f"the API key {row.prefix}… was revoked")
+            if row.expires_at is not None and row.expires_at <= now:
+                raise InvalidKey(f"the API key {row.prefix}… expired")
+            plan = self._plan_from_row(conn, conn.execute(select(plans).where(plans.c.id == row.plan_id)).first())
+        return KeyContext(row.id, row.prefix, row.customer_id, row.customer, plan)
+
+    # ------------------------------------------------------------------ idempotency
+    @staticmethod
+    def ledger_id(key: KeyContext, request_id: str, idempotency_key: Optional[str]) -> str:
+        """Retries carry the same Idempotency-Key; scoped by key so customers cannot collide."""
+        if idempotency_key is None:
+            return request_id
+        return f"idem:{key.key_id}:{idempotency_key[:150]}"
+
+    def stored_response(self, ledger_id: str) -> Optional[dict]:
+        with self.engine.connect() as conn:
+            text = conn.execute(select(usage_ledger.c.response).where(usage_ledger.c.id == ledger_id)).scalar()
+        return None if text is None else json.loads(text)
+
+    # ------------------------------------------------------------------ reserve / settle
+    def reserve(self, key: KeyContext, ledger_id: str, model: str, prompt_tokens: int,
+                max_completion_tokens: int) -> Reservation:
+        """Hold the request's worst case against the rate window and the month's budget, atomically."""
+        plan = key.plan
+        p_price, c_price = plan.price(model)
+        estimate = prompt_tokens + max_completion_tokens
+        max_cost = price_micros(prompt_tokens, p_price) + price_micros(max_completion_tokens, c_price)
+        now = time.time()
+        window, month = int(now // WINDOW_S) * WINDOW_S, month_of(now)
+        reset = max(1, int(window + WINDOW_S - now + 0.999))
+        headers = {"x-ratelimit-limit-requests": str(plan.requests_per_minute),
+                   "x-ratelimit-limit-tokens": str(plan.tokens_per_minute),
+                   "x-ratelimit-reset-requests": f"{reset}s", "x-ratelimit-reset-tokens": f"{reset}s"}
+        try:
+            with self.engine.begin() as conn:
+                store.insert_ignore(conn, rate_windows, key_id=key.key_id, window=window, requests=0, tokens=0)
+                w = rate_windows.c
+                ok = conn.execute(update(rate_windows).where(
+                    w.key_id == key.key_id, w.window == window, w.requests + 1 <= plan.requests_per_minute,
+                    w.tokens + estimate <= plan.tokens_per_minute).values(
+                    requests=w.requests + 1, tokens=w.tokens + estimate)).rowcount
+                row = conn.execute(select(rate_windows).where(w.key_id == key.key_id, w.window == window)).first()
+                headers["x-ratelimit-remaining-requests"] = str(max(0, plan.requests_per_minute - row.requests))
+                headers["x-ratelimit-remaining-tokens"] = str(max(0, plan.tokens_per_minute - row.tokens))
+                if not ok:
+                    which = "requests" if row.requests + 1 > plan.requests_per_minute else "tokens"
+                    limit = plan.requests_per_minute if which == "requests" else plan.tokens_per_minute
+                    extra = (f" (this request needs up to {estimate} tokens)" if which == "tokens" else "")
+                    raise RateLimited(f"rate limit reached: {limit} {which} per minute on plan {plan.name!r}{extra}; "
+                                      f"retry in {reset}s", type=which,
+                                      headers={**headers, "retry-after": str(reset)})
+                store.insert_ignore(conn, key_months, key_id=key.key_id, month=month, spent_micros=0,
+                                    reserved_micros=0, free_tokens_used=0, free_tokens_reserved=0, tokens_used=0)
+                m = key_months.c
+                here = and_(m.key_id == key.key_id, m.month == month)
+                free = conn.execute(update(key_months).where(
+                    here, m.free_tokens_used + m.free_tokens_reserved + estimate <= plan.included_tokens).values(
+                    free_tokens_reserved=m.free_tokens_reserved + estimate)).rowcount == 1
+                if not free:
+                    ok = conn.execute(update(key_months).where(
+                        here, m.spent_micros + m.reserved_micros + max_cost <= plan.monthly_budget_micros).values(
+                        reserved_micros=m.reserved_micros + max_cost)).rowcount
+                    if not ok:
+                        spent = conn.execute(select(key_months).where(here)).first()
+                        raise InsufficientQuota(
+                            f"monthly budget exhausted: this request may cost up to {format_micros(max_cost)}, "
+                            f"{format_micros(spent.spent_micros)} of {format_micros(plan.monthly_budget_micros)} "
+                            f"is spent and {format_micros(spent.reserved_micros)} reserved this month",
+                            headers={**headers, "retry-after": "3600"})
+                conn.execute(reservations.insert().values(
+                    id=ledger_id, key_id=key.key_id, month=month, window=window, estimate_tokens=estimate,
+                    reserved_micros=0 if free else max_cost, reserved_free_tokens=estimate if free else 0, free=free,
+                    instance_id=self.instance_id, lease_until=now + self.lease_s, created_at=now))
+        except IntegrityError:
+            raise Conflict("a request with this Idempotency-Key is still running; retry when it has finished") from None
+        return Reservation(ledger_id, key, model, month, window, estimate, 0 if free else max_cost, free, headers)
+
+    def compute_cost(self, compute_ms: int) -> int:
+        return -(-int(compute_ms) * self.hardware_micros_per_hour // 3_600_000)
+
+    def settle(self, res: Reservation, usage: Usage, request_id: str, route: str,
+               response: Optional[dict] = None, billable: bool = True) -> int:
+        """Write the ledger row and charge the actual cost, in one commit; returns the charge in micros.
+        ``billable=False`` (nothing reached the client) records the row and its compute at no charge.
+        A second settle of the same id (a retry that raced past the idempotency check) charges nothing."""
+        plan, key = res.key.plan, res.key
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        charge = 0 if res.free or not billable else min(
+            res.reserved_micros, plan.cost(res.model, usage.prompt_tokens, usage.completion_tokens))
+        free_used = tokens if res.free and billable else 0
+        now = time.time()
+        if response is not None and "usage" in response and isinstance(response["usage"], dict):
+            response["usage"]["cost_micros"] = charge
+        try:
+            with self.engine.begin() as conn:
+                held = conn.execute(delete(reservations).where(reservations.c.id == res.id)).rowcount
+                conn.execute(usage_ledger.insert().values(
+                    id=res.id, request_id=request_id, key_id=key.key_id, customer_id=key.customer_id,
+                    model=res.model, route=route, status=usage.status, prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens, queue_ms=int(usage.queue_ms),
+                    compute_ms=int(usage.compute_ms), revenue_micros=charge,
+                    compute_cost_micros=self.compute_cost(usage.compute_ms), created_at=now, day=day_of(now),
+                    month=res.month, response=None if response is None else json.dumps(response)))
+                m = key_months.c
+                here = and_(m.key_id == key.key_id, m.month == res.month)
+                if held:  # give back the reservation and count what was used
+                    conn.execute(update(key_months).where(here).values(
+                        spent_micros=m.spent_micros + charge, reserved_micros=m.reserved_micros - res.reserved_micros,
+                        free_tokens_used=m.free_tokens_used + free_used,
+                        free_tokens_reserved=m.free_tokens_reserved - (res.estimate_tokens if res.free else 0),
+                        tokens_used=m.tokens_used + tokens))
+                    w = rate_windows.c
+                    conn.execute(update(rate_windows).where(w.key_id == key.key_id, w.window == res.window).values(
+                        tokens=w.tokens - (res.estimate_tokens - tokens)))
+                else:  # the lease ran out (and was swept) while we ran: count the use all the same
+                    conn.execute(update(key_months).where(here).values(
+                        spent_micros=m.spent_micros + charge,
+                        free_tokens_used=m.free_tokens_used + free_used,
+                        tokens_used=m.tokens_used + tokens))
+        except IntegrityError:
+            self.release(res)
+            return 0
+        return charge
+
+    def release(self, res: Reservation) -> None:
+        """Give a reservation back unused (the request failed or its client left before any token)."""
+        with self.engine.begin() as conn:
+            self._release_row(conn, res.id)
+
+    @staticmethod
+    def _release_row(conn, reservation_id: str) -> bool:
+        row = conn.execute(select(reservations).where(reservations.c.id == reservation_id)).first()
+        if row is None or not conn.execute(delete(reservations).where(reservations.c.id == reservation_id)).rowcount:
+            return False
+        m = key_months.c
+        conn.execute(update(key_months).where(m.key_id == row.key_id, m.month == row.month).values(
+            reserved_micros=m.reserved_micros - row.reserved_micros,
+            free_tokens_reserved=m.free_tokens_reserved - row.reserved_free_tokens))
+        w = rate_windows.c
+        conn.execute(update(rate_windows).where(w.key_id == row.key_id, w.window == row.window).values(
+            tokens=w.tokens - row.estimate_tokens))
+        return True
+
+    def renew_leases(self) -> None:
+        """Keep this process's in-flight reservations alive (called every few seconds)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(reservations).where(reservations.c.instance_id == self.instance_id)
+                         .values(lease_until=time.time() + self.lease_s))
+
+    def sweep(self) -> int:
+        """Give back reservations whose server died (lease expired); returns how many."""
+        with self.engine.begin() as conn:
+            ids = list(conn.execute(select(reservations.c.id).where(reservations.c.lease_until < time.time())).scalars())
+            freed = sum(self._release_row(conn, i) for i in ids)
+            conn.execute(delete(rate_windows).where(rate_windows.c.window < time.time() - 3600))
+        return freed
+
+    # ------------------------------------------------------------------ reports
+    def key_month(self, prefix: str, month: Optional[str] = None) -> dict:
+        """Spent, reserved and used this month for one key (for tests and the admin API)."""
+        month = month or month_of(time.time())
+        with self.engine.connect() as conn:
+            row = conn.execute(select(key_months).join(api_keys, api_keys.c.id == key_months.c.key_id)
+                               .where(api_keys.c.prefix == prefix, key_months.c.month == month)).first()
+        return dict(row._mapping) if row is not None else dict(spent_micros=0, reserved_micros=0, free_tokens_used=0,
+                                                              free_tokens_reserved=0, tokens_used=0)
+
+    def ledger(self, month: Optional[str] = None) -> list[dict]:
+        q = select(usage_ledger).order_by(usage_ledger.c.created_at)
+        if month:
+            q = q.where(usage_ledger.c.month == check_month(month))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def report(self, month: str, by: str = "customer") -> dict:
+        """Revenue, compute cost and gross margin for a month, grouped by customer, model or day."""
+        check_month(month)
+        groups = {"customer": customers.c.name, "model": usage_ledger.c.model, "day": usage_ledger.c.day}
+        if by not in groups:
+            raise ValueError(f"report by must be one of {', '.join(groups)}, got {by!r}")
+        u = usage_ledger.c
+        group = groups[by].label("group")
+        q = (select(group, func.count().label("requests"), func.sum(u.prompt_tokens).label("prompt_tokens"),
+                    func.sum(u.completion_tokens).label("completion_tokens"),
+                    func.sum(u.revenue_micros).label("revenue_micros"),
+                    func.sum(u.compute_cost_micros).label("compute_cost_micros"))
+             .select_from(usage_ledger.join(customers, customers.c.id == u.customer_id))
+             .where(u.month == month).group_by(group).order_by(group))
+        with self.engine.connect() as conn:
+            rows = [{k: (int(v) if k != "group" else str(v)) for k, v in r._mapping.items()} for r in conn.execute(q)]
+        for r in rows:
+            r["margin_micros"] = r["revenue_micros"] - r["compute_cost_micros"]
+        total = {"group": "total"}
+        for k in ("requests", "prompt_tokens", "completion_tokens", "revenue_micros", "compute_cost_micros",
+                  "margin_micros"):
+            total[k] = sum(r[k] for r in rows)
+        return {"month": month, "by": by, "rows": rows, "total": total}
+
+
+def write_report_csv(report: dict, path) -> None:
+    from ..checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow([report["by"], "requests", "prompt_tokens", "completion_tokens", "revenue", "compute_cost",
+                        "gross_margin", "margin_percent"])
+            for r in report["rows"] + [report["total"]]:
+                pct = f"{100 * r['margin_micros'] / r['revenue_micros']:.1f}" if r["revenue_micros"] else ""
+                w.writerow([r["group"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
+                            format_micros(r["revenue_micros"]), format_micros(r["compute_cost_micros"]),
+                            format_micros(r["margin_micros"]), pct])
+
+    atomic_write(path, write)
+
+
+def plot_report(report: dict, path) -> None:
+    """Bars of revenue and compute cost per group, with the margin as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = [r["group"] for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 3), 4))
+    ax.bar([i - 0.2 for i in x], [r["revenue_micros"] / MICROS for r in rows], width=0.4, label="revenue")
+    ax.bar([i + 0.2 for i in x], [r["compute_cost_micros"] / MICROS for r in rows], width=0.4, label="compute cost")
+    ax.plot(list(x), [r["margin_micros"] / MICROS for r in rows], "k.-", label="gross margin")
+    ax.set_xticks(list(x), labels, rotation=45, ha="right")
+    ax.set_ylabel("currency units")
+    ax.set_title(f"zenlm billing {report['month']} by {report['by']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

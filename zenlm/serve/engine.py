@@ -1,0 +1,361 @@
+"""Continuous batching: many requests decode together, joining and leaving between steps.
+
+One thread owns the model. Each loop it (1) admits waiting requests up to ``max_batch_size``:
+their prompt is prefilled alone into a fresh ``KVCache`` and the row is merged into the running
+batch cache, right-aligned, with a padding mask and its own positions; (2) runs one decoding step
+for every row at once; (3) picks each row's next token with the logits rules of
+``zenlm.generate`` (plus OpenAI's presence/frequency penalties) and that row's own seeded
+generator; (4) drops finished or cancelled rows from the cache. A cancelled request (its client
+left) leaves at the next step boundary, so its slot is free at once.
+
+The waiting queue is bounded: ``submit`` raises ``Overloaded`` (503 with Retry-After) when full.
+Each row is charged its share of every step's wall time (a step's time divided by the rows in
+it, plus its own prefill), which the ledger turns into a compute cost.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..generate import Generator, GenerationConfig, _first_stop, process_scores
+from ..model import KVCache
+from .errors import Overloaded
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- what a request asks for
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings, OpenAI's names and defaults (temperature 1 samples; 0 is greedy)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def rules(self) -> GenerationConfig:
+        """The same settings as ``zenlm.generate``'s config, whose rules pick the tokens (validated there)."""
+        return GenerationConfig(max_new_tokens=self.max_tokens, do_sample=self.temperature > 0,
+                                temperature=self.temperature if self.temperature > 0 else 1.0, top_p=self.top_p,
+                                stop_strings=tuple(self.stop), seed=self.seed)
+
+
+def apply_presence_frequency(scores: torch.Tensor, generated: list[int], presence: float, frequency: float
+                             ) -> torch.Tensor:
+    """OpenAI's penalties: subtract ``presence`` once from every token already generated and
+    ``frequency`` times its count."""
+    if not generated or (presence == 0 and frequency == 0):
+        return scores
+    ids, counts = torch.tensor(generated, device=scores.device).unique(return_counts=True)
+    scores = scores.clone()
+    scores[..., ids] -= presence + frequency * counts.to(scores.dtype)
+    return scores
+
+
+@dataclass
+class TokenEvent:
+    """What a request receives after each of its tokens: the new visible text and, at the end, why it stopped."""
+
+    text: str
+    token_id: Optional[int]
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list[tuple[int, float]]] = None
+    finish_reason: Optional[str] = None  # None while running; "stop", "length" or "cancelled" at the end
+
+
+class EngineRequest:
+    """One sequence being decoded. ``on_event`` is called from the engine thread."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[TokenEvent], None],
+                 request_id: str = ""):
+        self.id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.config = params.rules()
+        self.on_event = on_event
+        self.token_ids: list[int] = []
+        self.finish_reason: Optional[str] = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.started: Optional[float] = None
+        self.first_token: Optional[float] = None
+        self.compute_s = 0.0
+        self.text = ""  # visible text so far (stop strings cut)
+        self._decoder = None
+        self._safe = ""
+        self.generator: Optional[torch.Generator] = None
+
+    def cancel(self) -> None:
+        """The client went away: stop decoding at the next step and free the slot."""
+        self.cancelled = True
+
+    @property
+    def queue_ms(self) -> int:
+        return int(1000 * ((self.started or time.perf_counter()) - self.submitted))
+
+    @property
+    def compute_ms(self) -> int:
+        return int(math.ceil(1000 * self.compute_s))
+
+
+# --------------------------------------------------------------------------- the engine
+class BatchEngine:
+    """Decodes every admitted request in one batch over one decoder-only ``TransformerLM``."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 256,
+                 on_step: Optional[Callable[[int, float], None]] = None):
+        if model.config.family != "decoder-only":
+            raise ValueError(f"continuous batching serves decoder-only models; this one is {model.config.family}")
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.window = model.config.max_position_embeddings
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.on_step = on_step
+        self.device = model.embed_tokens.weight.device
+        self.waiting: collections.deque[EngineRequest] = collections.deque()
+        self.running: list[EngineRequest] = []
+        self.cache: Optional[KVCache] = None
+        self.mask: Optional[torch.Tensor] = None  # (B, L) True on real cache columns
+        self.positions: Optional[torch.Tensor] = None  # (B,) next position of each row
+        self.pending: Optional[torch.Tensor] = None  # (B,) each row's last token, fed at the next step
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> "BatchEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="zenlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    def submit(self, request: EngineRequest) -> EngineRequest:
+        """Queue a request; Overloaded (503) when the queue is full. Bad settings raise ValueError."""
+        if not request.prompt_ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        if len(request.prompt_ids) + request.params.max_tokens > self.window:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens + max_tokens {request.params.max_tokens} "
+                             f"exceeds the context window of {self.window} tokens")
+        with self._wake:
+            if len(self.waiting) >= self.max_queue and len(self.running) >= self.max_batch_size:
+                raise Overloaded(f"the server is at capacity ({self.max_batch_size} running, {len(self.waiting)} "
+                                 f"queued); retry shortly", headers={"retry-after": "1"})
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stop and not self.waiting and not self.running:
+                        self._wake.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                try:
+                    self._admit()
+                    if self.running:
+                        self._step()
+                except Exception:  # a bug must not leave clients hanging: end every request, keep serving
+                    log.exception("engine step failed; ending the running requests")
+                    for req in list(self.running) + list(self.waiting):
+                        self._emit(req, TokenEvent("", None, finish_reason="error"))
+                    self.running, self.waiting = [], collections.deque()
+                    self.cache = self.mask = self.positions = self.pending = None
+        for req in list(self.running) + list(self.waiting):
+            self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch_size:
+            with self._wake:
+                if not self.waiting:
+                    return
+                req = self.waiting.popleft()
+            if req.cancelled:
+                self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
+                continue
+            req.started = time.perf_counter()
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+            cache = KVCache(len(req.prompt_ids) + 1)
+            hidden = self.model.decode(ids, cache=cache, name="input_ids")[0]
+            logits = self.model.logits(hidden[:, -1]).float()
+            self._merge(req, cache)
+            req.compute_s += time.perf_counter() - req.started
+            self._take([req], logits)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        rows = len(self.running)
+        width = self.cache.length
+        mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
+        hidden = self.model.decode(self.pending[:, None], attention_mask=None if bool(mask.all()) else mask,
+                                   position_ids=self.positions[:, None], cache=self.cache, name="input_ids")[0]
+        self.mask = mask
+        self.positions = self.positions + 1
+        assert self.cache.length == width + 1
+        logits = self.model.logits(hidden[:, -1]).float()
+        self._take(list(self.running), logits, step_start=start)
+        self.steps += 1
+
+    # ------------------------------------------------------------------ tokens
+    def _take(self, reqs: list[EngineRequest], logits: torch.Tensor, step_start: Optional[float] = None) -> None:
+        """Pick each row's next token, tell its client, and drop rows that are done."""
+        tokens = []
+        for i, req in enumerate(reqs):
+            tokens.append(self._pick(req, logits[i:i + 1]))
+        if step_start is not None:  # the batch shares the step's time
+            share = (time.perf_counter() - step_start) / max(1, len(reqs))
+            for req in reqs:
+                req.compute_s += share
+            if self.on_step is not None:
+                self.on_step(len(reqs), time.perf_counter() - step_start)
+        for req, (tok, lp, top) in zip(reqs, tokens):
+            self._advance(req, tok, lp, top)
+        # the newest row's pending token was set by _merge's placeholder; fill in every row's latest token
+        index = {id(r): i for i, r in enumerate(self.running)}
+        for req, (tok, _, _) in zip(reqs, tokens):
+            self.pending[index[id(req)]] = tok
+        keep = [i for i, r in enumerate(self.running) if r.finish_reason is None and not r.cancelled]
+        for r in self.running:
+            if r.finish_reason is None and r.cancelled:
+                r.finish_reason = "cancelled"
+                self._emit(r, TokenEvent("", None, finish_reason="cancelled"))
+        if len(keep) < len(self.running):
+            self._select(keep)
+
+    def _pick(self, req: EngineRequest, logits: torch.Tensor) -> tuple[int, Optional[float], Optional[list]]:
+        config, params = req.config, req.params
+        scores = apply_presence_frequency(logits, req.token_ids, params.presence_penalty, params.frequency_penalty)
+        if config.sampling:
+            scores = process_scores(scores, [req.prompt_ids + req.token_ids], len(req.token_ids), config, [])
+            if req.generator is None:
+                req.generator = torch.Generator(device=self.device)
+                req.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+            tok = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=req.generator))
+        else:
+            tok = int(scores.argmax(dim=-1))
+        lp = top = None
+        if params.logprobs:
+            logp = logits.log_softmax(dim=-1)[0]
+            lp = float(logp[tok])
+            if params.top_logprobs:
+                values, ids = logp.topk(params.top_logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+        return tok, lp, top
+
+    def _advance(self, req: EngineRequest, tok: int, lp, top) -> None:
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+        req.token_ids.append(tok)
+        if req._decoder is None:
+            req._decoder = self.tokenizer.stream_decoder()
+        req._safe += req._decoder.push(tok)
+        stop_strings = req.params.stop
+        finish = None
+        if tok in req.params.stop_token_ids:
+            finish = "stop"
+        elif stop_strings and _first_stop(req._safe, stop_strings) is not None:
+            finish = "stop"
+        elif len(req.token_ids) >= req.params.max_tokens or len(req.prompt_ids) + len(req.token_ids) >= self.window:
+            finish = "length"
+        visible = Generator._visible(req._safe, stop_strings, final=finish is not None)
+        delta = visible[len(req.text):]
+        req.text = visible
+        req.finish_reason = finish
+        self._emit(req, TokenEvent(delta, tok, lp, top, finish_reason=finish))
+
+    @staticmethod
+    def _emit(req: EngineRequest, event: TokenEvent) -> None:
+        if event.finish_reason is not None and req.finish_reason is None:
+            req.finish_reason = event.finish_reason
+        try:
+            req.on_event(event)
+        except Exception:  # a listener that went away must not stop the batch
+            log.debug("request %s listener failed", req.id, exc_info=True)
+
+    # ------------------------------------------------------------------ the batch cache
+    def _merge(self, req: EngineRequest, cache: KVCache) -> None:
+        """Add a prefilled row to the batch. Rows are right-aligned in the cache: every row's newest
+        token sits in the last column, older columns of shorter rows are masked padding."""
+        n = cache.length
+        pos = torch.tensor([n], dtype=torch.long, device=self.device)
+        placeholder = torch.zeros(1, dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.running = cache, [req]
+            self.mask = torch.ones((1, n), dtype=torch.bool, device=self.device)
+            self.positions, self.pending = pos, placeholder
+            return
+        old = self.cache.length
+        width = max(old, n)
+        room = width + 64  # columns for the next steps before the cache must grow
+        keys, values = [], []
+        for k_old, v_old, k_new, v_new in zip(self.cache.keys, self.cache.values, cache.keys, cache.values):
+            b, h, _, d = k_old.shape
+            k = k_old.new_zeros((b + 1, h, room, d))
+            v = v_old.new_zeros((b + 1, h, room, d))
+            k[:b, :, width - old:width] = k_old[:, :, :old]
+            v[:b, :, width - old:width] = v_old[:, :, :old]
+            k[b, :, width - n:width] = k_new[0, :, :n]
+            v[b, :, width - n:width] = v_new[0, :, :n]
+            keys.append(k)
+            values.append(v)
+        mask = torch.zeros((len(self.running) + 1, width), dtype=torch.bool, device=self.device)
+        mask[:-1, width - old:] = self.mask
+        mask[-1, width - n:] = True
+        self.cache.keys, self.cache.values, self.cache.length = keys, values, width
+        self.mask = mask
+        self.positions = torch.cat([self.positions, pos])
+        self.pending = torch.cat([self.pending, placeholder])
+        self.running.append(req)
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only these rows, then cut the columns no remaining row uses."""
+        if not keep:
+            self.running, self.cache = [], None
+            self.mask = self.positions = self.pending = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.cache.reorder(index)
+        self.running = [self.running[i] for i in keep]
+        self.mask, self.positions, self.pending = self.mask[index], self.positions[index], self.pending[index]
+        used = int(self.mask.sum(dim=1).max())
+        cut = self.mask.size(1) - used
+        if cut > 0:
+            self.cache.keys = [k[:, :, cut:] for k in self.cache.keys]
+            self.cache.values = [v[:, :, cut:] for v in self.cache.values]
+            self.cache.length -= cut
+            self.mask = self.mask[:, cut:]

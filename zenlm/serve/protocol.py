@@ -1,0 +1,406 @@
+"""The wire format: every request and response body of the server as a pydantic model.
+
+Field names, defaults and ranges follow the OpenAI API (see shared/docs/OPENAI-WIRE.md) so
+that the official ``openai`` client works unchanged; unknown request fields are ignored, as
+OpenAI does. Handlers build these models and never assemble response dicts by hand.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Request(BaseModel):
+    """Base of request bodies: unknown fields are ignored, wrong types are 400s."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- errors
+class ErrorInfo(Response):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(Response):
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------- usage
+class UsageInfo(Response):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    # zenlm's addition: what this request was billed, in micro-units of the plan's currency
+    cost_micros: Optional[int] = None
+
+
+class EmbeddingUsage(Response):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    cost_micros: Optional[int] = None
+
+
+# --------------------------------------------------------------------------- sampling fields
+Stop = Union[str, list[str], None]
+
+
+class SamplingRequest(Request):
+    """The fields chat and text completions share."""
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=8)
+    stop: Stop = None
+    stream: bool = False
+    stream_options: Optional["StreamOptions"] = None
+    seed: Optional[int] = Field(None, ge=0, le=2 ** 63 - 1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: Stop) -> Stop:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 4:
+            raise ValueError(f"stop takes at most 4 sequences, got {len(items)}")
+        if any(not s for s in items):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+# --------------------------------------------------------------------------- chat
+class ChatMessage(Request):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _completion_tokens(self) -> "ChatCompletionRequest":
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+
+class TopLogprob(Response):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(Response):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(Response):
+    content: Optional[list[TokenLogprob]] = None
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(Response):
+    index: int
+    message: AssistantMessage
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: Optional[ChoiceLogprobs] = None
+
+
+class ChatCompletionResponse(Response):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(Response):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatCompletionStreamChoice(Response):
+    index: int
+    delta: DeltaMessage
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: Optional[ChoiceLogprobs] = None
+
+
+class ChatCompletionChunk(Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# --------------------------------------------------------------------------- text completions
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt is an empty list")
+        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
+            raise ValueError("prompt holds an empty list of token ids")
+        return v
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompt as a list of prompts (a string or a token id list each)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class CompletionLogprobs(Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(Response):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class CompletionResponse(Response):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# --------------------------------------------------------------------------- embeddings
+class EmbeddingRequest(Request):
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
+    user: Optional[str] = None
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("input is an empty list")
+        if isinstance(v, str) and not v:
+            raise ValueError("input is an empty string")
+        if isinstance(v, list) and any((isinstance(x, (str, list)) and not x) for x in v):
+            raise ValueError("input holds an empty string or an empty list of token ids")
+        return v
+
+    @property
+    def inputs(self) -> list[Union[str, list[int]]]:
+        v = self.input
+        if isinstance(v, str):
+            return [v]
+        if all(isinstance(x, int) for x in v):
+            return [list(v)]
+        return list(v)
+
+
+class EmbeddingData(Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingResponse(Response):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# --------------------------------------------------------------------------- translations (zenlm's own)
+class TranslationRequest(Request):
+    model: str
+    input: Union[str, list[str]]
+    source_language: Optional[str] = Field(None, min_length=1, max_length=32)
+    target_language: Optional[str] = Field(None, min_length=1, max_length=32)
+    num_beams: int = Field(1, ge=1, le=8)
+    max_tokens: Optional[int] = Field(None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not s for s in items):
+            raise ValueError("input must be a non-empty string or a non-empty list of non-empty strings")
+        return v
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class TranslationData(Response):
+    index: int
+    text: str
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class TranslationResponse(Response):
+    id: str = Field(default_factory=lambda: random_id("trans"))
+    object: Literal["translation"] = "translation"
+    created: int = Field(default_factory=now)
+    model: str
+    data: list[TranslationData]
+    usage: UsageInfo
+
+
+# --------------------------------------------------------------------------- models, health
+class ModelCard(Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "zenlm"
+    # zenlm's additions: what the model does and how long a context it takes
+    kind: Optional[str] = None
+    context_length: Optional[int] = None
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(Response):
+    status: Literal["ok"] = "ok"
+    models: list[str]
+    queue_depth: int
+    running: int
+
+
+# --------------------------------------------------------------------------- admin
+class ModelPrice(Request):
+    """Prices per million tokens in micro-units (1 currency unit = 1,000,000 micros)."""
+
+    prompt_micros_per_million: int = Field(ge=0)
+    completion_micros_per_million: int = Field(ge=0)
+
+
+class PlanIn(Request):
+    name: str = Field(min_length=1, max_length=64)
+    prices: dict[str, ModelPrice] = Field(description="per model id; '*' applies to models not listed")
+    included_tokens: int = Field(0, ge=0)
+    monthly_budget_micros: int = Field(0, ge=0)
+    requests_per_minute: int = Field(60, ge=1)
+    tokens_per_minute: int = Field(100_000, ge=1)
+
+
+class PlanOut(PlanIn):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlanList(Response):
+    object: Literal["list"] = "list"
+    data: list[PlanOut]
+
+
+class KeyIn(Request):
+    customer: str = Field(min_length=1, max_length=128)
+    plan: str = Field(min_length=1, max_length=64)
+    expires_in_days: Optional[float] = Field(None, gt=0)
+
+
+class KeyOut(Response):
+    prefix: str
+    customer: str
+    plan: str
+    created_at: int
+    expires_at: Optional[int] = None
+    revoked_at: Optional[int] = None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the secret: shown here once, stored only as a hash")
+
+
+class KeyList(Response):
+    object: Literal["list"] = "list"
+    data: list[KeyOut]
+
+
+class ReportRow(Response):
+    group: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    revenue_micros: int
+    compute_cost_micros: int
+    margin_micros: int
+
+
+class BillingReport(Response):
+    month: str
+    by: str
+    rows: list[ReportRow]
+    total: ReportRow
+
+
+SamplingRequest.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
