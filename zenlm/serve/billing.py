@@ -469,19 +469,21 @@ class Billing:
         return {"month": month, "by": by, "rows": rows, "total": total}
 
 
-def write_report_csv(report: dict, path) -> None:
+def write_report_csv(reports: list[dict], path) -> None:
+    """One CSV with a row per group of each report (money as decimal strings, not floats)."""
     from ..checkpoint import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow([report["by"], "requests", "prompt_tokens", "completion_tokens", "revenue", "compute_cost",
-                        "gross_margin", "margin_percent"])
-            for r in report["rows"] + [report["total"]]:
-                pct = f"{100 * r['margin_micros'] / r['revenue_micros']:.1f}" if r["revenue_micros"] else ""
-                w.writerow([r["group"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
-                            format_micros(r["revenue_micros"]), format_micros(r["compute_cost_micros"]),
-                            format_micros(r["margin_micros"]), pct])
+            w.writerow(["month", "by", "group", "requests", "prompt_tokens", "completion_tokens", "revenue",
+                        "compute_cost", "gross_margin", "margin_percent"])
+            for report in reports:
+                for r in report["rows"] + [report["total"]]:
+                    pct = f"{100 * r['margin_micros'] / r['revenue_micros']:.1f}" if r["revenue_micros"] else ""
+                    w.writerow([report["month"], report["by"], r["group"], r["requests"], r["prompt_tokens"],
+                                r["completion_tokens"], format_micros(r["revenue_micros"]),
+                                format_micros(r["compute_cost_micros"]), format_micros(r["margin_micros"]), pct])
 
     atomic_write(path, write)
 

@@ -292,6 +292,8 @@ class BatchEngine:
             finish = "stop"
         elif len(req.token_ids) >= req.params.max_tokens or len(req.prompt_ids) + len(req.token_ids) >= self.window:
             finish = "length"
+        if finish is not None:  # flush bytes held back for a character that will never complete
+            req._safe = self.tokenizer.decode(req.token_ids)
         visible = Generator._visible(req._safe, stop_strings, final=finish is not None)
         delta = visible[len(req.text):]
         req.text = visible

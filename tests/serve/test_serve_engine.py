@@ -1,0 +1,145 @@
+"""Continuous batching gives each request exactly what it would get alone, whoever shares its batch."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import zenlm
+from zenlm.generate import Generator
+from zenlm.serve.engine import BatchEngine, EngineRequest, SamplingParams
+from zenlm.serve.errors import Overloaded
+
+
+class Collector:
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, ev):
+        self.events.append(ev)
+        if ev.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token_id for e in self.events if e.token_id is not None]
+
+
+@pytest.fixture(scope="module")
+def lm(model_dir):
+    return zenlm.load(model_dir), zenlm.load_tokenizer(model_dir)
+
+
+def run_staggered(engine, prompts, params, gap_steps=3):
+    """Submit each prompt a few decoding steps after the previous one, so rows join a running batch."""
+    outs = []
+    for ids, p in zip(prompts, params):
+        c = Collector()
+        engine.submit(EngineRequest(ids, p, c))
+        outs.append(c)
+        start = engine.steps
+        deadline = time.time() + 5
+        while engine.steps < start + gap_steps and time.time() < deadline and engine.batch_size:
+            time.sleep(0.001)
+    for c in outs:
+        assert c.done.wait(30)
+    return outs
+
+
+def test_greedy_rows_joining_and_leaving_match_the_generator(lm):
+    model, tok = lm
+    sizes = []
+    engine = BatchEngine(model, tok, max_batch_size=8, on_step=lambda rows, dt: sizes.append(rows)).start()
+    try:
+        prompts = [tok.encode(t) for t in ["hello", "the quick brown fox jumps over", "def serve(model):",
+                                           "你好世界", "a", "0123456789 the lazy dog; hello world"]]
+        lengths = [12, 30, 5, 20, 25, 9]  # rows leave at different steps, others keep going
+        params = [SamplingParams(max_tokens=n, temperature=0) for n in lengths]
+        outs = run_staggered(engine, prompts, params)
+        assert max(sizes) >= 3 and len(sizes) < sum(n - 1 for n in lengths)  # they really shared steps
+        gen = Generator(model, tok)
+        for ids, n, c in zip(prompts, lengths, outs):
+            ref = gen.generate([ids], max_new_tokens=n)[0]
+            assert c.tokens == ref.token_ids
+            assert c.text == ref.text
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(lm):
+    model, tok = lm
+    engine = BatchEngine(model, tok, max_batch_size=8).start()
+    try:
+        prompts = [tok.encode("hello world"), tok.encode("the quick brown"), tok.encode("fox")]
+        params = [SamplingParams(max_tokens=15, temperature=0.8, top_p=0.9, seed=7 + i) for i in range(3)]
+        together = run_staggered(engine, prompts, params, gap_steps=2)
+        alone = []
+        for ids, p in zip(prompts, params):
+            c = Collector()
+            engine.submit(EngineRequest(ids, p, c))
+            assert c.done.wait(30)
+            alone.append(c)
+        assert [c.tokens for c in together] == [c.tokens for c in alone]
+        assert len({tuple(c.tokens) for c in alone}) == 3
+    finally:
+        engine.stop()
+
+
+def test_stop_tokens_stop_strings_and_max_tokens(lm):
+    model, tok = lm
+    engine = BatchEngine(model, tok).start()
+    try:
+        ids = tok.encode("hello")
+        free = Collector()
+        engine.submit(EngineRequest(ids, SamplingParams(max_tokens=20, temperature=0), free))
+        free.done.wait(30)
+        assert free.events[-1].finish_reason == "length" and len(free.tokens) == 20
+        first = free.tokens[3]
+        by_token = Collector()
+        engine.submit(EngineRequest(ids, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[first]), by_token))
+        by_token.done.wait(30)
+        assert by_token.tokens == free.tokens[:free.tokens.index(first) + 1]
+        assert by_token.events[-1].finish_reason == "stop"
+        if len(free.text) > 4:
+            stop = free.text[3:5]
+            by_text = Collector()
+            engine.submit(EngineRequest(ids, SamplingParams(max_tokens=20, temperature=0, stop=[stop]), by_text))
+            by_text.done.wait(30)
+            assert by_text.text == free.text[:free.text.find(stop)]
+            assert by_text.events[-1].finish_reason == "stop"
+    finally:
+        engine.stop()
+
+
+def test_cancel_frees_the_slot_and_full_queue_is_overloaded(lm):
+    model, tok = lm
+    engine = BatchEngine(model, tok, max_batch_size=1, max_queue=1).start()
+    try:
+        long = Collector()
+        req = engine.submit(EngineRequest(tok.encode("hello"), SamplingParams(max_tokens=100, temperature=0), long))
+        while not long.events:
+            time.sleep(0.001)
+        queued = Collector()
+        engine.submit(EngineRequest(tok.encode("hi"), SamplingParams(max_tokens=3, temperature=0), queued))
+        with pytest.raises(Overloaded) as e:
+            engine.submit(EngineRequest(tok.encode("x"), SamplingParams(max_tokens=3), Collector()))
+        assert e.value.status == 503 and e.value.headers["retry-after"]
+        req.cancel()
+        assert long.done.wait(5) and long.events[-1].finish_reason == "cancelled"
+        assert len(long.tokens) < 100
+        assert queued.done.wait(10) and queued.events[-1].finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_window_is_checked_at_submit(lm):
+    model, tok = lm
+    engine = BatchEngine(model, tok)
+    with pytest.raises(ValueError, match="context window of 128"):
+        engine.submit(EngineRequest([5] * 100, SamplingParams(max_tokens=40), Collector()))
