@@ -215,8 +215,329 @@ def run_convert_to_hf(args) -> None:
     print(f"converted {args.src} -> {out} (Hugging Face folder)")
 
 
+# --------------------------------------------------------------------------- serving and money
+def _database_arg(p) -> None:
+    p.add_argument("--database", default=None,
+                   help="SQLite path or postgresql://user:pass@host/db (default: $ZENLM_DATABASE_URL or ./zenlm.sqlite3)")
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with keys, plans, budgets and a usage ledger")
+    p.add_argument("models", nargs="*", metavar="MODEL_DIR", help="model folders to serve (NAME=DIR to rename)")
+    p.add_argument("--embeddings", action="append", default=[], metavar="DIR", help="an embedding model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _database_arg(p)
+    p.add_argument("--admin-token", default=None, help="enables /admin/* (default: $ZENLM_ADMIN_TOKEN)")
+    p.add_argument("--hardware-price", default="0", metavar="PER_HOUR",
+                   help="what this machine costs per hour, in currency units (for compute cost and margin)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--lease", type=float, default=60.0, help="seconds before a dead server's reservations are freed")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> None:
+    import os
+
+    from .serve import ServeConfig, serve
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    config = ServeConfig(models=args.models, embeddings=args.embeddings, database=args.database,
+                         admin_token=args.admin_token or os.environ.get("ZENLM_ADMIN_TOKEN"),
+                         hardware_price_per_hour=args.hardware_price, max_batch_size=args.max_batch_size,
+                         max_queue=args.max_queue, lease_s=args.lease)
+    serve(config, host=args.host, port=args.port)
+
+
+def add_keys(sub) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    c = ksub.add_parser("create", help="make a key (shown once)")
+    c.add_argument("--customer", required=True)
+    c.add_argument("--plan", required=True)
+    c.add_argument("--expires-days", type=float, default=None)
+    _database_arg(c)
+    c.set_defaults(func=run_keys)
+    ls = ksub.add_parser("list", help="keys by prefix, customer and plan")
+    ls.add_argument("--customer", default=None)
+    _database_arg(ls)
+    ls.set_defaults(func=run_keys)
+    r = ksub.add_parser("revoke", help="revoke a key by its prefix")
+    r.add_argument("prefix")
+    _database_arg(r)
+    r.set_defaults(func=run_keys)
+
+
+def run_keys(args) -> None:
+    import time
+
+    from .serve.billing import Billing
+
+    billing = Billing.open(args.database)
+    stamp = lambda t: "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+    if args.keys_command == "create":
+        key, record = billing.create_key(args.customer, args.plan, args.expires_days)
+        print(key)
+        print(f"created key {record['prefix']}… for {record['customer']} on plan {record['plan']} "
+              f"(expires {stamp(record['expires_at'])}); the key is shown only now", file=sys.stderr)
+    elif args.keys_command == "list":
+        print(f"{'prefix':<13} {'customer':<20} {'plan':<14} {'created':<17} {'expires':<17} revoked")
+        for k in billing.list_keys(args.customer):
+            print(f"{k['prefix']:<13} {k['customer']:<20} {k['plan']:<14} {stamp(k['created_at']):<17} "
+                  f"{stamp(k['expires_at']):<17} {stamp(k['revoked_at'])}")
+    else:
+        k = billing.revoke_key(args.prefix)
+        print(f"revoked {k['prefix']}… ({k['customer']}, plan {k['plan']})")
+
+
+def add_plans(sub) -> None:
+    p = sub.add_parser("plans", help="create and list plans (prices, included tokens, budget, rate limits)")
+    psub = p.add_subparsers(dest="plans_command", required=True)
+    c = psub.add_parser("create", help="create (or --replace) a plan")
+    c.add_argument("name")
+    c.add_argument("--price", action="append", required=True, metavar="MODEL=PROMPT:COMPLETION",
+                   help="prices per million prompt and completion tokens in currency units; MODEL '*' = any model")
+    c.add_argument("--included-tokens", type=int, default=0, help="free tokens per month")
+    c.add_argument("--budget", default="0", help="hard monthly budget in currency units")
+    c.add_argument("--rpm", type=int, default=60, help="requests per minute")
+    c.add_argument("--tpm", type=int, default=100_000, help="tokens per minute")
+    c.add_argument("--replace", action="store_true")
+    _database_arg(c)
+    c.set_defaults(func=run_plans)
+    ls = psub.add_parser("list")
+    _database_arg(ls)
+    ls.set_defaults(func=run_plans)
+
+
+def run_plans(args) -> None:
+    from .serve.billing import Billing, format_micros, to_micros
+
+    billing = Billing.open(args.database)
+    if args.plans_command == "create":
+        prices = {}
+        for spec in args.price:
+            model, sep, pair = spec.partition("=")
+            prompt, sep2, completion = pair.partition(":")
+            if not sep or not sep2 or not model:
+                raise ValueError(f"--price must look like MODEL=PROMPT:COMPLETION (e.g. '*=0.50:1.50'), got {spec!r}")
+            prices[model] = (to_micros(prompt), to_micros(completion))
+        billing.create_plan(args.name, prices, args.included_tokens, to_micros(args.budget), args.rpm, args.tpm,
+                            replace=args.replace)
+    for plan in billing.list_plans():
+        if args.plans_command == "create" and plan.name != args.name:
+            continue
+        prices = ", ".join(f"{m}={format_micros(p)}:{format_micros(c)}" for m, (p, c) in plan.prices.items())
+        print(f"{plan.name}: {prices} per 1M tokens; {plan.included_tokens:,} included tokens/month; budget "
+              f"{format_micros(plan.monthly_budget_micros)}/month; {plan.requests_per_minute} req/min, "
+              f"{plan.tokens_per_minute:,} tokens/min")
+
+
+def add_billing(sub) -> None:
+    p = sub.add_parser("billing", help="revenue, compute cost and gross margin")
+    bsub = p.add_subparsers(dest="billing_command", required=True)
+    r = bsub.add_parser("report", help="a month's report per customer, model and day")
+    r.add_argument("--month", required=True, help="YYYY-MM")
+    r.add_argument("--by", choices=("customer", "model", "day"), default=None, help="one grouping (default: all three)")
+    r.add_argument("--csv", default=None, metavar="FILE")
+    r.add_argument("--plot", default=None, metavar="FILE.png", help="bars per day (or per --by)")
+    _database_arg(r)
+    r.set_defaults(func=run_billing)
+
+
+def run_billing(args) -> None:
+    from .serve.billing import Billing, format_micros, plot_report, write_report_csv
+
+    billing = Billing.open(args.database)
+    groupings = [args.by] if args.by else ["customer", "model", "day"]
+    reports = [billing.report(args.month, by) for by in groupings]
+    for report in reports:
+        print(f"\n{args.month} by {report['by']}")
+        print(f"{report['by']:<20} {'requests':>9} {'prompt':>10} {'completion':>11} {'revenue':>14} "
+              f"{'compute':>14} {'margin':>14} {'margin%':>8}")
+        for row in report["rows"] + [report["total"]]:
+            pct = f"{100 * row['margin_micros'] / row['revenue_micros']:.1f}" if row["revenue_micros"] else "-"
+            print(f"{row['group']:<20} {row['requests']:>9,} {row['prompt_tokens']:>10,} {row['completion_tokens']:>11,} "
+                  f"{format_micros(row['revenue_micros']):>14} {format_micros(row['compute_cost_micros']):>14} "
+                  f"{format_micros(row['margin_micros']):>14} {pct:>8}")
+    if args.csv:
+        write_report_csv(reports, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        plot_report(billing.report(args.month, args.by or "day"), args.plot)
+        print(f"wrote {args.plot}")
+
+
+# --------------------------------------------------------------------------- applications (translate, chat, finetune)
+def _load_app_model(path: str, adapter: Optional[str] = None):
+    import os
+
+    from . import load_tokenizer
+    from .lora import load_with_adapter
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model folder at {path}")
+    return load_with_adapter(path, adapter), load_tokenizer(path)
+
+
+def _translation_options(p) -> None:
+    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy); default 4")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 2 x source length + 10")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--source-lang", default=None, help="checked against the pair the model records")
+    p.add_argument("--target-lang", default=None, help="checked against the pair the model records")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to load onto the model")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _translation_kwargs(args) -> dict:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return dict(beam=args.beam, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                length_penalty=args.length_penalty, source_lang=args.source_lang, target_lang=args.target_lang)
+
+
+def add_translate(sub) -> None:
+    p = sub.add_parser("translate", help="translate text or a file with a translation model (beam search)",
+                       description='zenlm translate MODEL "text" ... | --input FILE --output FILE')
+    p.add_argument("model", help="a model folder (encoder-decoder, or decoder-only trained on pairs)")
+    p.add_argument("text", nargs="*", help="sentences to translate (one output line each)")
+    p.add_argument("--input", default=None, help="a file, one sentence per line")
+    p.add_argument("--output", default=None, help="where --input's translations go (written when all are done)")
+    _translation_options(p)
+    p.set_defaults(func=run_translate)
+
+
+def run_translate(args) -> None:
+    from .tasks.translate import translate, translate_file
+
+    if bool(args.text) == bool(args.input):
+        raise ValueError("give either sentences to translate or --input FILE (with --output FILE)")
+    if args.input and not args.output:
+        raise ValueError("--input needs --output FILE")
+    if args.output and not args.input:
+        raise ValueError("--output needs --input FILE")
+    model, tokenizer = _load_app_model(args.model, args.adapter)
+    options = _translation_kwargs(args)
+    if args.input:
+        n = translate_file(model, tokenizer, args.input, args.output, progress=True, **options)
+        print(f"translated {n} lines -> {args.output}", file=sys.stderr)
+        return
+    for line in translate(model, tokenizer, args.text, **options):
+        print(line)
+
+
+def _add_evaluate_translation(esub) -> None:
+    t = esub.add_parser("translation", help="sacrebleu BLEU and chrF of a model on a test set",
+                        description="zenlm evaluate translation MODEL --src FILE --ref FILE")
+    t.add_argument("model", help="a model folder")
+    t.add_argument("--src", required=True, help="source sentences, one per line (.gz read too)")
+    t.add_argument("--ref", required=True, help="reference translations, line-aligned with --src")
+    t.add_argument("--tokenize", default=None, help="sacrebleu tokenizer; default zh for Chinese output, else 13a")
+    t.add_argument("--output", default=None, help="also write the translations here")
+    t.add_argument("--limit", type=int, default=None, help="only the first N lines")
+    t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _translation_options(t)
+    t.set_defaults(func=run_evaluate_translation)
+
+
+def run_evaluate_translation(args) -> None:
+    import json
+    import time
+
+    from .tasks.translate import evaluate_files
+
+    model, tokenizer = _load_app_model(args.model, args.adapter)
+    start = time.perf_counter()
+    result = evaluate_files(model, tokenizer, args.src, args.ref, output_path=args.output, tokenize=args.tokenize,
+                            limit=args.limit, progress=not args.json, **_translation_kwargs(args))
+    result.pop("hypotheses")
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(result["bleu_text"])
+    print(f"BLEU signature: {result['bleu_signature']}")
+    print(result["chrf_text"])
+    print(f"chrF signature: {result['chrf_signature']}")
+    print(f"{result['sentences']} sentences in {result['seconds']}s")
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="an interactive chat with a model in the terminal (streams replies)",
+                       description="zenlm chat MODEL; commands: /reset, /system TEXT, /exit")
+    p.add_argument("model", help="a model folder (decoder-only or encoder-decoder) with the chat role tokens")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to load onto the model")
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(args) -> None:
+    from .tasks.chat import ChatSession, run_terminal
+
+    model, tokenizer = _load_app_model(args.model, args.adapter)
+    options = dict(do_sample=args.temperature > 0, temperature=max(args.temperature, 0.0), top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, options=options)
+    run_terminal(session)
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model folder on new data: LoRA adapters or all weights",
+                       description="zenlm finetune BASE DATA --method lora|full [--config FILE.yaml] "
+                                   "[--key.sub VALUE ...]")
+    p.add_argument("base", help="the model folder to start from")
+    p.add_argument("data", help="training file or folder (.tsv pairs, chat .jsonl, .jsonl, or text)")
+    p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--config", default=None, help="a YAML with `zenlm train` keys and a lora: section")
+    p.add_argument("--valid", default=None, help="validation file (default: the last 10%% of DATA)")
+    p.add_argument("--out", default=None, help="output folder (default runs/finetune-BASE-METHOD)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key.sub VALUE, e.g. --max_steps 200 --lora.rank 4")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args) -> None:
+    import json
+    import logging
+
+    from .tasks.finetune import finetune
+    from .train import parse_overrides
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = finetune(args.base, args.data, args.method, args.config, parse_overrides(args.overrides), args.out,
+                       args.valid)
+    print(json.dumps(summary))
+
+
+def add_prepare(sub) -> None:
+    from .tasks.prepare import PREPARERS
+
+    p = sub.add_parser("prepare", help="turn a shared data set into the files a recipe trains on",
+                       description="zenlm prepare NAME --out DIR (reads ../shared/data in place)")
+    p.add_argument("name", choices=sorted(PREPARERS))
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_prepare)
+
+
+def run_prepare(args) -> None:
+    import json
+
+    from .tasks.prepare import prepare
+
+    print(json.dumps(prepare(args.name, args.out)))
+
+
 # --------------------------------------------------------------------------- main
-COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert]
+COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert, add_serve, add_keys, add_plans, add_billing]
 
 
 def build_parser() -> argparse.ArgumentParser:
