@@ -76,6 +76,12 @@ def _activation(name: str, family: str, table: dict[str, str] = ACT_FROM_HF) -> 
     return table[name]
 
 
+def _act_to_hf(name: str, family: str) -> str:
+    if name not in ACT_TO_HF:
+        raise ValueError(f"{family} has no {name!r} activation; it has {', '.join(ACT_TO_HF)}")
+    return ACT_TO_HF[name]
+
+
 def _same(h: dict, family: str, *pairs: tuple[str, str]) -> None:
     """Our model shares one value between the encoder and decoder stacks."""
     for a, b in pairs:
@@ -100,7 +106,7 @@ def _bert_from_hf(h: dict, names: set[str]) -> dict:
 
 
 def _bert_to_hf(c: TransformerConfig) -> dict:
-    return dict(hidden_act=ACT_TO_HF[c.activation], position_embedding_type="absolute")
+    return dict(hidden_act=_act_to_hf(c.activation, "bert"), position_embedding_type="absolute")
 
 
 _BERT_LAYER = "bert.encoder.layer.{n}."
@@ -155,7 +161,7 @@ def _gpt2_from_hf(h: dict, names: set[str]) -> dict:
 
 
 def _gpt2_to_hf(c: TransformerConfig) -> dict:
-    return dict(n_inner=c.intermediate_size, activation_function=ACT_TO_HF[c.activation], embd_pdrop=c.dropout,
+    return dict(n_inner=c.intermediate_size, activation_function=_act_to_hf(c.activation, "gpt2"), embd_pdrop=c.dropout,
                 scale_attn_weights=True)
 
 
@@ -229,7 +235,7 @@ def _seq2seq_from_hf(family: str) -> Callable[[dict, set[str]], dict]:
 
 def _seq2seq_to_hf(c: TransformerConfig) -> dict:
     return dict(decoder_attention_heads=c.num_attention_heads, decoder_ffn_dim=c.intermediate_size,
-                activation_function=ACT_TO_HF[c.activation], is_encoder_decoder=True,
+                activation_function=_act_to_hf(c.activation, "bart/marian"), is_encoder_decoder=True,
                 decoder_vocab_size=c.vocab_size, share_encoder_decoder_embeddings=True)
 
 
@@ -378,15 +384,17 @@ def config_to_hf(config: TransformerConfig, family: Family, head: bool = True) -
 
 def _mismatch(config: TransformerConfig, family: Family) -> Optional[str]:
     """Why ``config`` cannot be written as ``family`` (None when it can): export, re-import, compare."""
+    ours = _state_names(config)
+    mapped = [n for n in ours if _template(n)[0] in family.weights]
     try:
-        names = set(_hf_names(family, _state_names(config)))
-        back = config_from_hf(config_to_hf(config, family), names)
+        back = config_from_hf(config_to_hf(config, family), set(_hf_names(family, mapped)))
     except ValueError as e:
         return str(e)
     for key, value in config.to_dict().items():
         if key not in TRAINING_ONLY and getattr(back, key) != value:
             return f"{key}={value!r} (a {family.model_type} model has {getattr(back, key)!r})"
-    return None
+    unmapped = [n for n in ours if n not in mapped]
+    return f"tensor {unmapped[0]!r} has no {family.model_type} counterpart" if unmapped else None
 
 
 def family_for(config: TransformerConfig) -> Family:
