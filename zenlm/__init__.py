@@ -28,5 +28,13 @@ def load_tokenizer(path) -> Tokenizer:
     return _load(path)
 
 
+def embed(texts, model, **options):
+    """Sentence embeddings: ``zenlm.embed(["a text", ...], "model-folder")`` -> (N, dim) float32
+    array (pooling, normalisation and max length from the folder; see ``zenlm.retrieval.Embedder``)."""
+    from .retrieval.embed import embed as _embed
+
+    return _embed(texts, model, **options)
+
+
 __all__ = ["TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",
-           "Tokenizer", "PRESETS", "pool", "load", "load_tokenizer", "__version__"]
+           "Tokenizer", "PRESETS", "pool", "load", "load_tokenizer", "embed", "__version__"]
