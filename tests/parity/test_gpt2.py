@@ -49,3 +49,4 @@ def test_gpt2_greedy_decoding_matches_generate(gpt2):
     expected = hf_greedy(hf, prompt, 20)
     assert len(expected) >= 5
     assert greedy(ours, prompt, 20) == expected
+    assert ours.generate(prompt[0].tolist(), max_new_tokens=20) == expected  # zenlm.generate's engine

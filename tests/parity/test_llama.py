@@ -44,3 +44,4 @@ def test_llama_greedy_decoding_matches_generate(llama):
     expected = hf_greedy(hf, prompt, 20)
     assert len(expected) >= 5
     assert greedy(ours, prompt, 20) == expected
+    assert ours.generate(prompt[0].tolist(), max_new_tokens=20) == expected  # zenlm.generate's engine
