@@ -293,6 +293,21 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def load_with_adapter(model_dir: Union[str, os.PathLike], adapter: Optional[Union[str, os.PathLike]] = None,
+                      merged: bool = True) -> nn.Module:
+    """A model folder, with a LoRA adapter loaded onto it (checked against the base) and, by
+    default, merged so that inference costs nothing extra."""
+    from . import load
+
+    model = load(model_dir)
+    if adapter is not None:
+        load_adapter(model, adapter)
+        if merged:
+            merge_and_unload(model)
+        model.eval()
+    return model
+
+
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merge", "unmerge",
            "merge_and_unload", "save_adapter", "load_adapter", "read_adapter_info", "check_base",
-           "base_fingerprint", "trainable_parameters", "DEFAULT_TARGETS"]
+           "base_fingerprint", "trainable_parameters", "load_with_adapter", "DEFAULT_TARGETS"]

@@ -1,0 +1,167 @@
+"""Multi-turn chat over any generating model, with the same template training uses.
+
+The template lives in ``zenlm.data.chat_segments`` (``<|role|>content<|end|>`` per
+message) and is used here unchanged, so a model fine-tuned with the ``chat``
+objective sees at inference exactly the layout it was trained on. A reply ends at
+``<|end|>``.
+
+Long conversations are fitted to the context window by dropping the oldest
+exchanges first; the system prompt and the current user turn are never dropped
+(if those two alone do not fit, that is an error naming both lengths).
+Decoder-only models read the conversation as a prompt and continue it;
+encoder-decoder models read it as the source (as the ``chat`` objective trains them)
+and write the reply in the decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+from ..data import encode_chat
+from ..tokenizer import ROLE_TOKENS, Tokenizer
+
+END = ROLE_TOKENS[3]
+
+
+def _exchanges(history: Sequence[dict]) -> list[list[dict]]:
+    """Group past messages into exchanges, each starting at a user message, so that dropping
+    one never leaves an assistant reply without its question."""
+    groups: list[list[dict]] = []
+    for message in history:
+        if message["role"] == "user" or not groups:
+            groups.append([message])
+        else:
+            groups[-1].append(message)
+    return groups
+
+
+def fit_history(tokenizer: Tokenizer, history: Sequence[dict], current: str, max_tokens: int,
+                system: Optional[str] = None) -> tuple[list[dict], list[int]]:
+    """The messages to send (system, as many recent exchanges as fit, the current user turn)
+    and their token ids with the assistant prompt appended, within ``max_tokens``.
+
+    Oldest exchanges go first; the system prompt and current turn are always kept."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    head = [{"role": "system", "content": system}] if system else []
+    tail = [{"role": "user", "content": current}]
+    ids, _ = encode_chat(tokenizer, head + tail, add_generation_prompt=True)
+    if len(ids) > max_tokens:
+        raise ValueError(f"the system prompt and current message are {len(ids)} tokens, more than the "
+                         f"{max_tokens} tokens the context window leaves for the conversation")
+    groups = [g for g in _exchanges([m for m in history if m["role"] != "system"])]
+    # token cost of each exchange, measured in context (the template is a plain concatenation)
+    costs = [len(encode_chat(tokenizer, g)[0]) for g in groups]
+    budget, kept = max_tokens - len(ids), 0
+    for cost in reversed(costs):
+        if cost > budget:
+            break
+        budget -= cost
+        kept += 1
+    messages = head + [m for g in groups[len(groups) - kept:] for m in g] + tail
+    ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
+    return messages, ids
+
+
+@dataclass
+class ChatSession:
+    """A conversation with a model: history, an optional system prompt and generation settings.
+    ``send`` streams the reply and records it in the history."""
+
+    model: object
+    tokenizer: Tokenizer
+    system: Optional[str] = None
+    max_new_tokens: int = 128
+    options: dict = field(default_factory=dict)  # GenerationConfig options (temperature, top_p, seed, ...)
+    history: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from ..generate import Generator
+
+        self.generator = Generator(self.model, self.tokenizer)
+        end = self.tokenizer.token_to_id(END)
+        if end is None:
+            raise ValueError(f"the tokenizer has no {END} token; chat needs the role tokens {', '.join(ROLE_TOKENS)}")
+        self.end_id = end
+        config = self.model.config
+        window = config.max_position_embeddings
+        if config.is_encoder_decoder:
+            if self.max_new_tokens + 1 > window:
+                raise ValueError(f"max_new_tokens={self.max_new_tokens} (+1 start token) exceeds the decoder's "
+                                 f"context window of {window} positions")
+            self.prompt_budget = window
+        else:
+            self.prompt_budget = window - self.max_new_tokens
+            if self.prompt_budget < 1:
+                raise ValueError(f"max_new_tokens={self.max_new_tokens} leaves no room for the conversation in "
+                                 f"the context window of {window} positions")
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def set_system(self, text: Optional[str]) -> None:
+        self.system = text or None
+
+    def prompt(self, text: str) -> tuple[list[dict], list[int]]:
+        return fit_history(self.tokenizer, self.history, text, self.prompt_budget, self.system)
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to ``text`` as text deltas; the full reply joins the history at the end."""
+        if not text.strip():
+            raise ValueError("message is empty")
+        _, ids = self.prompt(text)
+        options = dict(self.options)
+        stop = list(options.pop("stop_token_ids", ())) + [self.end_id]
+        parts = []
+        for delta in self.generator.stream(ids, max_new_tokens=self.max_new_tokens, stop_token_ids=stop, **options):
+            parts.append(delta)
+            yield delta
+        reply = "".join(parts).strip()
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+    def reply(self, text: str) -> str:
+        return "".join(self.send(text))
+
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+
+
+def run_terminal(session: ChatSession, input_fn=input, write=None) -> None:
+    """The interactive loop behind ``zenlm chat``: read a line, stream the reply, handle
+    /reset, /system TEXT and /exit. End of input (Ctrl-D, or a closed pipe) also exits."""
+    import sys
+
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    write(f"chatting with a {session.model.config.family} model; {HELP}\n")
+    while True:
+        try:
+            line = input_fn("you> ")
+        except EOFError:
+            write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            write("(conversation reset)\n")
+            continue
+        if text == "/system" or text.startswith("/system "):
+            session.set_system(text[len("/system"):].strip())
+            write(f"(system prompt {'set' if session.system else 'cleared'})\n")
+            continue
+        if text.startswith("/"):
+            write(f"unknown command {text.split()[0]}; {HELP}\n")
+            continue
+        try:
+            write("bot> ")
+            for delta in session.send(text):
+                write(delta)
+            write("\n")
+        except ValueError as e:  # e.g. a message longer than the context window: say so, keep going
+            write(f"\nerror: {e}\n")
+
+
+__all__ = ["ChatSession", "fit_history", "run_terminal", "END"]
