@@ -235,11 +235,11 @@ def test_half_written_checkpoint_is_never_latest(tmp_path, corpus, monkeypatch):
 def test_sigkill_after_checkpoint_resumes_bit_exact(tmp_path, corpus):
     """A CPU run killed (SIGKILL) after a checkpoint and resumed logs exactly the losses of an
     uninterrupted run."""
-    steps = 150
-    cfg = run_config(tmp_path, corpus, **{"max_steps": steps, "eval_interval": 0, "checkpoint_interval": 20,
+    steps = 80
+    cfg = run_config(tmp_path, corpus, **{"max_steps": steps, "eval_interval": 0, "checkpoint_interval": 10,
                                           "data.sampling": "random", "model.dropout": 0.1,
                                           "data.objective": "causal"})
-    reference = run_config(tmp_path, corpus, **{"max_steps": steps, "eval_interval": 0, "checkpoint_interval": 20,
+    reference = run_config(tmp_path, corpus, **{"max_steps": steps, "eval_interval": 0, "checkpoint_interval": 10,
                                                 "data.sampling": "random", "model.dropout": 0.1,
                                                 "out_dir": str(tmp_path / "reference")})
     Trainer(TrainConfig.from_dict(reference)).train()
@@ -268,11 +268,12 @@ def test_sigkill_after_checkpoint_resumes_bit_exact(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_single_process(tmp_path, corpus):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_ddp_equals_single_process(tmp_path, corpus, strategy):
     """torchrun --nproc_per_node=2 (gloo) with batch 2 per rank ends with the parameters of one
-    process training on the same global batch of 4."""
+    process training on the same global batch of 4 (DDP replicates, FSDP shards the model)."""
     base = {"max_steps": 6, "eval_interval": 3, "checkpoint_interval": 3, "data.sampling": "packed",
-            "optim.grad_clip": 0.5}
+            "optim.grad_clip": 0.5, "eval_batch_size": 4, "distributed": strategy}
     single = run_config(tmp_path, corpus, **{**base, "batch_size": 4, "out_dir": str(tmp_path / "single")})
     Trainer(TrainConfig.from_dict(single)).train()
     ddp = run_config(tmp_path, corpus, **{**base, "batch_size": 2, "out_dir": str(tmp_path / "ddp")})
@@ -294,5 +295,8 @@ def test_two_process_ddp_equals_single_process(tmp_path, corpus):
     assert [s for s, _ in la] == [s for s, _ in lb]
     for (_, x), (_, y) in zip(la, lb):
         assert x == pytest.approx(y, rel=1e-5)
+    va, vb = ([json.loads(r)["val_loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if "val_loss" in r] for d in ("single", "ddp"))
+    assert len(va) == len(vb) == 2 and va == pytest.approx(vb, rel=1e-5)  # evaluation split across ranks
     # only rank 0 wrote: one metrics file, one set of checkpoints
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]

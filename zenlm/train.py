@@ -434,7 +434,7 @@ class Trainer:
         self.main = self.dist.main
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._seed_everything(config.seed + self.dist.rank)
+        self._seed_everything(config.seed)  # the same initial weights on every rank (FSDP shards them as they are)
 
         self.tokenizer = self._tokenizer()
         self.model_config = self._model_config()
@@ -461,6 +461,7 @@ class Trainer:
                                         self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config.optim, config.max_steps))
         self.forward = torch.compile(self.wrapped) if config.compile else self.wrapped
+        self._seed_everything(config.seed + self.dist.rank)  # dropout differs across ranks
 
         self.step = 0
         self.best_loss = math.inf
