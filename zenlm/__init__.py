@@ -1,6 +1,6 @@
 """zenlm: build, train, run and sell your own transformer language models."""
 from .config import PRESETS, TransformerConfig
-from .model import KVCache, LMOutput, TransformerLM, TransformerModel, TransformerOutput, pool
+from .model import KVCache, LMOutput, TransformerLM, TransformerModel, TransformerOutput, fast_cpu, pool
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -37,4 +37,4 @@ def embed(texts, model, **options):
 
 
 __all__ = ["TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",
-           "Tokenizer", "PRESETS", "pool", "load", "load_tokenizer", "embed", "__version__"]
+           "Tokenizer", "PRESETS", "pool", "fast_cpu", "load", "load_tokenizer", "embed", "__version__"]

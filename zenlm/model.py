@@ -127,6 +127,72 @@ class KVCache:
             self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
 
 
+# --------------------------------------------------------------------------- linear layers
+# On CPU, torch sends fp32 matmuls to MKL, which on some CPUs (AMD EPYC here) reaches
+# well below the oneDNN kernels torch already ships; bf16 already goes to oneDNN.
+# fast_cpu() routes fp32 Linear layers (forward and both backward products) through
+# oneDNN: same math, results equal to float rounding. Off by default: it is opt-in state.
+_FAST_CPU = {"enabled": False}
+
+
+def fast_cpu(enabled: bool = True) -> bool:
+    """Opt in (or out) to oneDNN for zenlm's fp32 Linear layers on CPU; returns the new setting.
+
+    Affects only zenlm modules (no torch flags change). Inputs under autocast, other
+    dtypes or devices, and code being compiled keep the default ``F.linear`` path.
+    """
+    _FAST_CPU["enabled"] = bool(enabled) and torch.backends.mkldnn.is_available()
+    return _FAST_CPU["enabled"]
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.size(0))
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with oneDNN for y, dL/dx = g W and dL/dW = gᵀ x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.size(-1))
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad, weight.t(), None)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.mkldnn._linear_pointwise(grad2.t(), x.reshape(-1, x.size(-1)).t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear``, through oneDNN for fp32 CPU tensors once ``fast_cpu()`` is on."""
+    if (_FAST_CPU["enabled"] and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return _onednn(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) that takes the ``fast_cpu()`` path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 # --------------------------------------------------------------------------- attention
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
               is_causal: bool = False, dropout: float = 0.0, need_weights: bool = False
@@ -164,11 +230,11 @@ class Attention(nn.Module):
         self.cross = cross
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if cross:
-            self.q = nn.Linear(config.hidden_size, q_dim, bias=config.bias)
-            self.kv = nn.Linear(config.hidden_size, 2 * kv_dim, bias=config.bias)
+            self.q = Linear(config.hidden_size, q_dim, bias=config.bias)
+            self.kv = Linear(config.hidden_size, 2 * kv_dim, bias=config.bias)
         else:
-            self.qkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.bias)
-        self.out = nn.Linear(q_dim, config.hidden_size, bias=config.bias)
+            self.qkv = Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.bias)
+        self.out = Linear(q_dim, config.hidden_size, bias=config.bias)
         self.dropout = config.attention_dropout
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -211,8 +277,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.activation in ("swiglu", "geglu")
         width = config.intermediate_size * (2 if self.gated else 1)
-        self.fc_in = nn.Linear(config.hidden_size, width, bias=config.bias)
-        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+        self.fc_in = Linear(config.hidden_size, width, bias=config.bias)
+        self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
                     "silu": nn.SiLU(), "swiglu": nn.SiLU(), "geglu": nn.GELU()}[config.activation]
 
@@ -537,12 +603,12 @@ class TransformerLM(TransformerModel):
     def __init__(self, config: TransformerConfig):
         super().__init__(config)
         if config.mlm_transform:
-            self.mlm_dense = nn.Linear(config.hidden_size, config.hidden_size)
+            self.mlm_dense = Linear(config.hidden_size, config.hidden_size)
             self.mlm_act = MLP(config.replace(activation="gelu" if config.activation in ("swiglu", "geglu")
                                               else config.activation)).act
             self.mlm_norm = make_norm(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
             self._init_weights(self.lm_head)
         if config.lm_head_bias:
             self.lm_head_bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -551,7 +617,7 @@ class TransformerLM(TransformerModel):
         if self.config.mlm_transform:
             hidden = self.mlm_norm(self.mlm_act(self.mlm_dense(hidden)))
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight, self.lm_head_bias if self.config.lm_head_bias else None)
+        return linear(hidden, weight, self.lm_head_bias if self.config.lm_head_bias else None)
 
     def generate(self, prompt, tokenizer=None, **options):
         """Text in, text out (ids in, ids out); options as in ``zenlm.generate.GenerationConfig``."""

@@ -1,0 +1,316 @@
+"""zenlm vs Hugging Face BART on the seed-base shape: forward latency and training throughput.
+
+Both models are built locally with random weights and the identical shape and flavour
+(vocab 10000, d 768, ffn 3072, 8 heads, 6+6 layers, 512 positions, post-LN, GELU,
+learned positions with BART's offset of 2, embedding LayerNorm, tied output
+projection plus a logits bias, no dropout), zenlm's weights are copied into the HF
+model and the outputs compared, so both sides do the same arithmetic. Then, in one
+process and on the same threads, it measures
+
+* forward latency of the backbone (``TransformerModel`` vs ``BartModel``) on a
+  (1, 512) source and a (1, 512) target, under ``torch.inference_mode``;
+* training throughput of the LM (``TransformerLM`` vs ``BartForConditionalGeneration``):
+  forward + cross-entropy + backward + AdamW step on 8x128 source and 8x128 target
+  tokens; tokens/s counts source + target tokens;
+
+in fp32 and under bf16 autocast, and prints the zenlm/HF ratios and MFU against the
+machine's matmul peak measured here (fp32 through torch's default MKL path and through
+oneDNN, bf16). FLOPs count encoder parameters against source tokens and decoder
+parameters (with the output projection) against target tokens, plus the attention
+products. It also prints the fp32-vs-bf16 loss difference on a fixed batch.
+
+The two models are timed alternately (zenlm step, HF step, ...) and the median is
+reported, so load from other processes on a shared machine hits both sides alike.
+
+    python benchmarks/bench_model.py                  # everything, 2 threads
+    python benchmarks/bench_model.py --quick          # fewer repetitions
+    python benchmarks/bench_model.py --no-fast-cpu    # zenlm without zenlm.fast_cpu()
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import zenlm  # noqa: E402
+from zenlm import TransformerConfig, TransformerLM  # noqa: E402
+
+SEQ_FORWARD = 512
+BATCH, SEQ_TRAIN = 8, 128
+
+
+# --------------------------------------------------------------------------- models
+def zen_config() -> TransformerConfig:
+    """seed-base's shape with BART's flavour, so the work matches BartModel's exactly."""
+    return TransformerConfig.from_preset(
+        "seed-base", pre_norm=False, activation="gelu", position="learned", position_offset=2,
+        embedding_norm=True, final_norm=False, tie_word_embeddings=True, lm_head_bias=True,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2)
+
+
+def hf_config(c: TransformerConfig):
+    from transformers import BartConfig
+
+    return BartConfig(
+        vocab_size=c.vocab_size, d_model=c.hidden_size, encoder_layers=c.num_encoder_layers,
+        decoder_layers=c.num_decoder_layers, encoder_attention_heads=c.num_attention_heads,
+        decoder_attention_heads=c.num_attention_heads, encoder_ffn_dim=c.intermediate_size,
+        decoder_ffn_dim=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
+        activation_function="gelu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        scale_embedding=False, pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id, decoder_start_token_id=c.start_token_id, tie_word_embeddings=True,
+        attn_implementation="sdpa")
+
+
+def hf_state_dict(zen: TransformerLM, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """zenlm weights under BART's names (fused q|k|v and k|v split apart)."""
+    c, sd, out = zen.config, zen.state_dict(), {}
+    d = c.hidden_size
+    out[prefix + "shared.weight"] = sd["embed_tokens.weight"]
+    for stack in ("encoder", "decoder"):
+        p, z = f"{prefix}{stack}.", f"{stack}."
+        out[p + "embed_tokens.weight"] = sd["embed_tokens.weight"]
+        out[p + "embed_positions.weight"] = sd[z + "positions.weight"]
+        for s in ("weight", "bias"):
+            out[p + f"layernorm_embedding.{s}"] = sd[z + f"embed_norm.{s}"]
+        n_layers = c.num_encoder_layers if stack == "encoder" else c.num_decoder_layers
+        for i in range(n_layers):
+            hp, zp = f"{p}layers.{i}.", f"{z}layers.{i}."
+            for s in ("weight", "bias"):
+                q, k, v = sd[zp + f"attn.qkv.{s}"].split(d)
+                out[hp + f"self_attn.q_proj.{s}"], out[hp + f"self_attn.k_proj.{s}"] = q, k
+                out[hp + f"self_attn.v_proj.{s}"] = v
+                out[hp + f"self_attn.out_proj.{s}"] = sd[zp + f"attn.out.{s}"]
+                out[hp + f"self_attn_layer_norm.{s}"] = sd[zp + f"attn_norm.{s}"]
+                out[hp + f"fc1.{s}"] = sd[zp + f"mlp.fc_in.{s}"]
+                out[hp + f"fc2.{s}"] = sd[zp + f"mlp.fc_out.{s}"]
+                out[hp + f"final_layer_norm.{s}"] = sd[zp + f"mlp_norm.{s}"]
+                if stack == "decoder":
+                    k, v = sd[zp + f"cross_attn.kv.{s}"].split(d)
+                    out[hp + f"encoder_attn.q_proj.{s}"] = sd[zp + f"cross_attn.q.{s}"]
+                    out[hp + f"encoder_attn.k_proj.{s}"], out[hp + f"encoder_attn.v_proj.{s}"] = k, v
+                    out[hp + f"encoder_attn.out_proj.{s}"] = sd[zp + f"cross_attn.out.{s}"]
+                    out[hp + f"encoder_attn_layer_norm.{s}"] = sd[zp + f"cross_norm.{s}"]
+    if prefix:
+        out["lm_head.weight"] = sd["embed_tokens.weight"]
+        out["final_logits_bias"] = sd["lm_head_bias"][None]
+    return {k: v.clone() for k, v in out.items()}
+
+
+def build_models(seed: int = 0):
+    from transformers import BartForConditionalGeneration
+
+    config = zen_config()
+    torch.manual_seed(seed)
+    zen = TransformerLM(config)
+    with torch.no_grad():  # a non-zero logits bias so the copy is really checked
+        zen.lm_head_bias.normal_(0.0, 0.02)
+    hf = BartForConditionalGeneration(hf_config(config))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(zen), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
+    return zen, hf
+
+
+# --------------------------------------------------------------------------- FLOPs
+def flops_per_step(config: TransformerConfig, batch: int, src: int, tgt: int, training: bool,
+                   logits: bool) -> float:
+    """Matmul FLOPs: 2 per weight per token forward (encoder weights x source tokens,
+    decoder weights and the output projection x target tokens) plus QK^T and AV
+    (2*2*T*S*d per layer); training is 3x forward."""
+    d, ffn = config.hidden_size, config.intermediate_size
+    enc_w = config.num_encoder_layers * (4 * d * d + 2 * d * ffn)
+    dec_w = config.num_decoder_layers * (8 * d * d + 2 * d * ffn) + (config.vocab_size * d if logits else 0)
+    attn = 4 * d * (config.num_encoder_layers * src * src + config.num_decoder_layers * (tgt * tgt + tgt * src))
+    forward = batch * (2 * enc_w * src + 2 * dec_w * tgt + attn)
+    return 3 * forward if training else forward
+
+
+# --------------------------------------------------------------------------- timing
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds per call of each fn, calls interleaved so noise hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_time(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_peaks(reps: int) -> dict[str, float]:
+    """Best GFLOP/s of large square-ish matmuls on each path (best over a few shapes)."""
+    shapes = [(1024, 768, 3072), (1024, 3072, 768), (2048, 2048, 2048)]
+    peaks = {"fp32 (torch default / MKL)": 0.0, "fp32 (oneDNN)": 0.0, "bf16 (oneDNN)": 0.0}
+    for m, k, n in shapes:
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        paths = {
+            "fp32 (torch default / MKL)": lambda: torch.mm(x, w.t()),
+            "fp32 (oneDNN)": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+            "bf16 (oneDNN)": lambda: torch.mm(xb, wb.t()),
+        }
+        for name, fn in paths.items():
+            fn()
+            best = min(_time(fn) for _ in range(reps))
+            peaks[name] = max(peaks[name], 2 * m * k * n / best / 1e9)
+    return peaks
+
+
+# --------------------------------------------------------------------------- workloads
+def make_batch(vocab: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, vocab, (BATCH, SEQ_TRAIN), generator=g)
+    labels = torch.randint(3, vocab, (BATCH, SEQ_TRAIN), generator=g)
+    dec = torch.cat([torch.full((BATCH, 1), 2), labels[:, :-1]], dim=1)
+    return src, dec, labels
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def zen_loss(model, src, dec, labels):
+    return model(src, dec, labels=labels).loss
+
+
+def hf_loss(model, src, dec, labels):
+    return model(input_ids=src, decoder_input_ids=dec, labels=labels, use_cache=False).loss
+
+
+def train_step_fn(model, loss_fn, batch, bf16: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(bf16):
+            loss = loss_fn(model, *batch)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def forward_fns(zen, hf, bf16: bool):
+    src = torch.randint(3, zen.config.vocab_size, (1, SEQ_FORWARD), generator=torch.Generator().manual_seed(2))
+    dec = torch.randint(3, zen.config.vocab_size, (1, SEQ_FORWARD), generator=torch.Generator().manual_seed(3))
+    backbone = hf.model  # BartModel
+
+    def zen_fwd():
+        with torch.inference_mode(), autocast(bf16):
+            zenlm.TransformerModel.forward(zen, src, dec)
+
+    def hf_fwd():
+        with torch.inference_mode(), autocast(bf16):
+            backbone(input_ids=src, decoder_input_ids=dec, use_cache=False)
+    return zen_fwd, hf_fwd
+
+
+def check_parity(zen, hf) -> float:
+    """Max |logits difference| between the two models on the training batch (fp32)."""
+    src, dec, labels = make_batch(zen.config.vocab_size)
+    with torch.inference_mode():
+        a = zen(src, dec).logits
+        b = hf(input_ids=src, decoder_input_ids=dec, use_cache=False).logits
+    return float((a - b).abs().max())
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
+    ap.add_argument("--no-fast-cpu", action="store_true", help="time zenlm without zenlm.fast_cpu()")
+    ap.add_argument("--only", choices=("forward", "train"), default=None)
+    ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 7)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, threads={torch.get_num_threads()}")
+    fast = not args.no_fast_cpu and hasattr(zenlm, "fast_cpu")
+    if fast:
+        zenlm.fast_cpu()
+    print(f"zenlm fast_cpu(): {'on' if fast else 'off'}")
+
+    peaks = measure_peaks(reps=3 if args.quick else 6)
+    for name, gflops in peaks.items():
+        print(f"peak matmul {name:28s} {gflops:7.1f} GFLOP/s")
+    peak = {False: max(peaks["fp32 (torch default / MKL)"], peaks["fp32 (oneDNN)"]), True: peaks["bf16 (oneDNN)"]}
+
+    zen, hf = build_models()
+    import transformers
+
+    print(f"transformers {transformers.__version__}; parameters zenlm {zen.num_parameters():,} "
+          f"HF {sum(p.numel() for p in hf.parameters()):,}")
+    print(f"parity: max |logits zenlm - HF| = {check_parity(zen, hf):.2e} (fp32, same weights)")
+
+    src, dec, labels = make_batch(zen.config.vocab_size)
+    with torch.no_grad():
+        losses = {}
+        for bf16 in (False, True):
+            with autocast(bf16):
+                losses[bf16] = (float(zen_loss(zen, src, dec, labels)), float(hf_loss(hf, src, dec, labels)))
+    print(f"loss on a fixed batch: zenlm fp32 {losses[False][0]:.6f} bf16 {losses[True][0]:.6f} "
+          f"(|diff| {abs(losses[False][0] - losses[True][0]):.2e}); "
+          f"HF fp32 {losses[False][1]:.6f} bf16 {losses[True][1]:.6f} "
+          f"(|diff| {abs(losses[False][1] - losses[True][1]):.2e})")
+
+    precisions = {"fp32": [False], "bf16": [True], "both": [False, True]}[args.precision]
+    rows = []
+    for bf16 in precisions:
+        label = "bf16 autocast" if bf16 else "fp32"
+        if args.only in (None, "forward"):
+            zf, hfwd = forward_fns(zen, hf, bf16)
+            t = alternate({"zenlm": zf, "hf": hfwd}, warmup=2, reps=reps)
+            flops = flops_per_step(zen.config, 1, SEQ_FORWARD, SEQ_FORWARD, training=False, logits=False)
+            rows.append((f"forward latency (1,512)+(1,512) {label}", t, "s", flops, peak[bf16], False))
+        if args.only in (None, "train"):
+            batch = make_batch(zen.config.vocab_size)
+            zen.train(), hf.train()
+            fns = {"zenlm": train_step_fn(zen, zen_loss, batch, bf16), "hf": train_step_fn(hf, hf_loss, batch, bf16)}
+            t = alternate(fns, warmup=2, reps=max(3, reps - 2))
+            zen.eval(), hf.eval()
+            flops = flops_per_step(zen.config, BATCH, SEQ_TRAIN, SEQ_TRAIN, training=True, logits=True)
+            rows.append((f"training step 8x128+8x128 AdamW {label}", t, "tok/s", flops, peak[bf16], True))
+
+    print()
+    print(f"{'measurement':48s} {'zenlm':>10s} {'HF BART':>10s} {'zenlm/HF':>9s} {'MFU zenlm':>10s} {'MFU HF':>8s}")
+    for name, t, unit, flops, pk, is_train in rows:
+        if is_train:
+            tokens = 2 * BATCH * SEQ_TRAIN
+            z, h, ratio = tokens / t["zenlm"], tokens / t["hf"], t["hf"] / t["zenlm"]
+            zs, hs = f"{z:,.0f}", f"{h:,.0f}"
+        else:
+            ratio = t["hf"] / t["zenlm"]
+            zs, hs = f"{t['zenlm']:.3f}", f"{t['hf']:.3f}"
+        mfu_z = flops / t["zenlm"] / 1e9 / pk
+        mfu_h = flops / t["hf"] / 1e9 / pk
+        print(f"{name + ' (' + unit + ')':48s} {zs:>10s} {hs:>10s} {ratio:8.2f}x {mfu_z:9.1%} {mfu_h:7.1%}")
+    print("\nratio = HF time / zenlm time (>1: zenlm faster); MFU against the best measured peak of the "
+          "precision used (fp32: max of MKL and oneDNN paths).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""zenlm.fast_cpu(): the oneDNN route for fp32 Linear layers must match the plain F.linear path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zenlm
+from zenlm import TransformerConfig, TransformerLM
+from zenlm.model import Linear, linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def fast():
+    assert zenlm.fast_cpu() is True
+    yield
+    zenlm.fast_cpu(False)
+
+
+def _grads(fn, *tensors):
+    out = fn(*tensors)
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    grads = [t.grad.clone() for t in tensors if t is not None and t.requires_grad]
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear_forward_and_backward(fast, bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    out_fast, grads_fast = _grads(linear, x, w, b)
+    zenlm.fast_cpu(False)
+    out_plain, grads_plain = _grads(F.linear, x, w, b)
+    torch.testing.assert_close(out_fast, out_plain, rtol=0, atol=1e-5)
+    assert len(grads_fast) == len(grads_plain) == (3 if bias else 2)
+    for a, b_ in zip(grads_fast, grads_plain):
+        torch.testing.assert_close(a, b_, rtol=0, atol=1e-5)
+
+
+def test_fast_path_is_really_taken_and_off_by_default():
+    assert zenlm.fast_cpu(False) is False
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    layer = Linear(8, 4)
+    x = torch.randn(2, 8)
+    try:
+        torch.ops.mkldnn._linear_pointwise = lambda *a: calls.append(1) or original(*a)
+        layer(x)
+        assert calls == []  # default: F.linear
+        zenlm.fast_cpu()
+        layer(x)
+        assert calls == [1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps its own (bf16) path
+            assert layer(x).dtype == torch.bfloat16
+        assert calls == [1]
+        layer.double()(x.double())  # fp64: plain path
+        assert calls == [1]
+    finally:
+        torch.ops.mkldnn._linear_pointwise = original
+        zenlm.fast_cpu(False)
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny-seq2seq", dict(pre_norm=False, embedding_norm=True, final_norm=False, lm_head_bias=True,
+                          position_offset=2)),
+    ("tiny", dict(tie_word_embeddings=False)),
+])
+def test_model_loss_logits_and_grads_match_plain_path(preset, overrides):
+    torch.manual_seed(0)
+    config = TransformerConfig.from_preset(preset, **overrides)
+    model = TransformerLM(config)
+    ids = torch.randint(3, config.vocab_size, (2, 12))
+    labels = torch.randint(3, config.vocab_size, (2, 12))
+
+    def run():
+        out = model(ids, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out.logits.detach(), out.loss.detach(), grads
+
+    zenlm.fast_cpu(False)
+    logits_plain, loss_plain, grads_plain = run()
+    zenlm.fast_cpu()
+    try:
+        logits_fast, loss_fast, grads_fast = run()
+    finally:
+        zenlm.fast_cpu(False)
+    torch.testing.assert_close(logits_fast, logits_plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss_fast, loss_plain, rtol=0, atol=1e-5)
+    assert grads_fast.keys() == grads_plain.keys() and len(grads_plain) == len(list(model.parameters()))
+    for name in grads_plain:
+        torch.testing.assert_close(grads_fast[name], grads_plain[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_state_dict_keys_unchanged_by_linear_subclass():
+    config = TransformerConfig.from_preset("tiny-seq2seq")
+    keys = set(TransformerLM(config).state_dict())
+    assert "encoder.layers.0.attn.qkv.weight" in keys and "decoder.layers.0.cross_attn.kv.bias" in keys
+    assert all(isinstance(m, torch.nn.Linear) for n, m in TransformerLM(config).named_modules() if n.endswith("qkv"))
