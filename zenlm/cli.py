@@ -161,13 +161,12 @@ def add_generate(sub) -> None:
 def run_generate(args) -> None:
     import os
 
-    from . import load
+    from . import load, load_tokenizer
     from .generate import Generator
-    from .tokenizer import Tokenizer
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"no model folder at {args.model}")
-    model, tokenizer = load(args.model), Tokenizer.load(args.model)
+    model, tokenizer = load(args.model), load_tokenizer(args.model)
     options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                    no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
