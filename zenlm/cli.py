@@ -488,9 +488,210 @@ def run_evaluate_retrieval(args) -> None:
         print(scores)
 
 
+# --------------------------------------------------------------------------- applications (translate, chat, finetune)
+def _load_app_model(path: str, adapter: Optional[str] = None):
+    import os
+
+    from . import load_tokenizer
+    from .lora import load_with_adapter
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model folder at {path}")
+    return load_with_adapter(path, adapter), load_tokenizer(path)
+
+
+def _translation_options(p) -> None:
+    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy); default 4")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 2 x source length + 10")
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--source-lang", default=None, help="checked against the pair the model records")
+    p.add_argument("--target-lang", default=None, help="checked against the pair the model records")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to load onto the model")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _translation_kwargs(args) -> dict:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return dict(beam=args.beam, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                length_penalty=args.length_penalty, source_lang=args.source_lang, target_lang=args.target_lang)
+
+
+def add_translate(sub) -> None:
+    p = sub.add_parser("translate", help="translate text or a file with a translation model (beam search)",
+                       description='zenlm translate MODEL "text" ... | --input FILE --output FILE')
+    p.add_argument("model", help="a model folder (encoder-decoder, or decoder-only trained on pairs)")
+    p.add_argument("text", nargs="*", help="sentences to translate (one output line each)")
+    p.add_argument("--input", default=None, help="a file, one sentence per line")
+    p.add_argument("--output", default=None, help="where --input's translations go (written when all are done)")
+    _translation_options(p)
+    p.set_defaults(func=run_translate)
+
+
+def run_translate(args) -> None:
+    from .tasks.translate import translate, translate_file
+
+    if bool(args.text) == bool(args.input):
+        raise ValueError("give either sentences to translate or --input FILE (with --output FILE)")
+    if args.input and not args.output:
+        raise ValueError("--input needs --output FILE")
+    if args.output and not args.input:
+        raise ValueError("--output needs --input FILE")
+    model, tokenizer = _load_app_model(args.model, args.adapter)
+    options = _translation_kwargs(args)
+    if args.input:
+        n = translate_file(model, tokenizer, args.input, args.output, progress=True, **options)
+        print(f"translated {n} lines -> {args.output}", file=sys.stderr)
+        return
+    for line in translate(model, tokenizer, args.text, **options):
+        print(line)
+
+
+def _add_evaluate_translation(esub) -> None:
+    t = esub.add_parser("translation", help="sacrebleu BLEU and chrF of a model on a test set",
+                        description="zenlm evaluate translation MODEL --src FILE --ref FILE")
+    t.add_argument("model", help="a model folder")
+    t.add_argument("--src", required=True, help="source sentences, one per line (.gz read too)")
+    t.add_argument("--ref", required=True, help="reference translations, line-aligned with --src")
+    t.add_argument("--tokenize", default=None, help="sacrebleu tokenizer; default zh for Chinese output, else 13a")
+    t.add_argument("--output", default=None, help="also write the translations here")
+    t.add_argument("--limit", type=int, default=None, help="only the first N lines")
+    t.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _translation_options(t)
+    t.set_defaults(func=run_evaluate_translation)
+
+
+def run_evaluate_translation(args) -> None:
+    import json
+    import time
+
+    from .tasks.translate import evaluate_files
+
+    model, tokenizer = _load_app_model(args.model, args.adapter)
+    start = time.perf_counter()
+    result = evaluate_files(model, tokenizer, args.src, args.ref, output_path=args.output, tokenize=args.tokenize,
+                            limit=args.limit, progress=not args.json, **_translation_kwargs(args))
+    result.pop("hypotheses")
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(result["bleu_text"])
+    print(f"BLEU signature: {result['bleu_signature']}")
+    print(result["chrf_text"])
+    print(f"chrF signature: {result['chrf_signature']}")
+    print(f"{result['sentences']} sentences in {result['seconds']}s")
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="an interactive chat with a model in the terminal (streams replies)",
+                       description="zenlm chat MODEL; commands: /reset, /system TEXT, /exit")
+    p.add_argument("model", help="a model folder (decoder-only or encoder-decoder) with the chat role tokens")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to load onto the model")
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(args) -> None:
+    from .tasks.chat import ChatSession, run_terminal
+
+    model, tokenizer = _load_app_model(args.model, args.adapter)
+    options = dict(do_sample=args.temperature > 0, temperature=max(args.temperature, 0.0), top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens, options=options)
+    run_terminal(session)
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model folder on new data: LoRA adapters or all weights",
+                       description="zenlm finetune BASE DATA --method lora|full [--config FILE.yaml] "
+                                   "[--key.sub VALUE ...]")
+    p.add_argument("base", help="the model folder to start from")
+    p.add_argument("data", help="training file or folder (.tsv pairs, chat .jsonl, .jsonl, or text)")
+    p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--config", default=None, help="a YAML with `zenlm train` keys and a lora: section")
+    p.add_argument("--valid", default=None, help="validation file (default: the last 10%% of DATA)")
+    p.add_argument("--out", default=None, help="output folder (default runs/finetune-BASE-METHOD)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key.sub VALUE, e.g. --max_steps 200 --lora.rank 4")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args) -> None:
+    import json
+    import logging
+
+    from .tasks.finetune import finetune
+    from .train import parse_overrides
+
+    # the options may also come after DATA, where argparse.REMAINDER has swallowed them
+    late = argparse.ArgumentParser(add_help=False)
+    for flag in ("--method", "--config", "--valid", "--out"):
+        late.add_argument(flag, default=getattr(args, flag[2:]))
+    known, rest = late.parse_known_args(args.overrides)
+    if known.method not in ("lora", "full"):
+        raise ValueError(f"--method must be lora or full, got {known.method!r}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summary = finetune(args.base, args.data, known.method, known.config, parse_overrides(rest), known.out,
+                       known.valid)
+    print(json.dumps(summary))
+
+
+def add_prepare(sub) -> None:
+    from .tasks.prepare import PREPARERS
+
+    p = sub.add_parser("prepare", help="turn a shared data set into the files a recipe trains on",
+                       description="zenlm prepare NAME --out DIR (reads ../shared/data in place)")
+    p.add_argument("name", choices=sorted(PREPARERS))
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_prepare)
+
+
+def run_prepare(args) -> None:
+    import json
+
+    from .tasks.prepare import prepare
+
+    print(json.dumps(prepare(args.name, args.out)))
+
+
+# --------------------------------------------------------------------------- quantize
+def add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="store a model's weights as int8 or int4 (safetensors)",
+                       description="zenlm quantize MODEL --int8|--int4|--dynamic OUT")
+    p.add_argument("model", help="a model folder (zenlm or Hugging Face)")
+    p.add_argument("out", help="folder for the quantized model")
+    scheme = p.add_mutually_exclusive_group(required=True)
+    scheme.add_argument("--int8", dest="scheme", action="store_const", const="int8",
+                        help="weight-only int8, one scale per output channel (~4x smaller)")
+    scheme.add_argument("--int4", dest="scheme", action="store_const", const="int4",
+                        help="weight-only int4, one scale per group of columns (~8x smaller)")
+    scheme.add_argument("--dynamic", dest="scheme", action="store_const", const="dynamic",
+                        help="int8 weights and int8 activations at run time (integer matmuls; faster on CPU)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per scale (int4 default 64)")
+    p.add_argument("--keep-embeddings", action="store_true", help="leave the token embedding table in float")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args) -> None:
+    from .quantize import quantize_folder
+
+    r = quantize_folder(args.model, args.out, args.scheme, args.group_size, not args.keep_embeddings)
+    print(f"{r['scheme']}: {_bytes(r['source_bytes'])} -> {_bytes(r['quantized_bytes'])} "
+          f"({r['ratio']:.2f}x smaller), written to {r['out']}")
+
+
 # --------------------------------------------------------------------------- main
 COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert,
-                            add_index, add_search, add_ask, add_evaluate, add_serve, add_keys, add_plans, add_billing]
+                            add_index, add_search, add_ask, add_evaluate, add_serve, add_keys, add_plans, add_billing,
+                            add_translate, add_chat, add_finetune, add_prepare]
 
 
 def build_parser() -> argparse.ArgumentParser:
