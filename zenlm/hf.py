@@ -549,6 +549,9 @@ class TensorFiles:
             raise ValueError(f"{path}: cannot read tensor {name!r} (truncated file?): {e}") from None
 
 
+_LEGACY_NORM = re.compile(r"(?<=LayerNorm\.)(weight|bias)$")
+
+
 def _resolve(files: TensorFiles, family: Family, name: str) -> Optional[str]:
     """The stored name of an HF tensor: as written, without the head model's prefix (a bare
     backbone checkpoint such as MiniLM's BertModel), or a tied copy of it."""
@@ -556,6 +559,9 @@ def _resolve(files: TensorFiles, family: Family, name: str) -> Optional[str]:
         for stored in (candidate, _strip(family, candidate)):
             if stored in files.where:
                 return stored
+            legacy = _LEGACY_NORM.sub(lambda m: {"weight": "gamma", "bias": "beta"}[m.group(1)], stored)
+            if legacy in files.where:  # early BERT checkpoints (TF ports) name LayerNorm gamma/beta
+                return legacy
     return None
 
 
@@ -609,9 +615,11 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
             used.add(stored)
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         state[ours] = tensor.to(dtype).contiguous()
-    head = {_resolve(files, family, s) for name in HEAD_PARAMS if name in family.weights
-            for s in _sources(family, name)[0]}
-    left = [n for n in files.where if n not in used and n not in head
+    # head tensors a bare backbone does not take, and tied copies of tensors already read, are expected leftovers
+    known = {_resolve(files, family, s) for name in HEAD_PARAMS if name in family.weights
+             for s in _sources(family, name)[0]}
+    known |= {_resolve(files, family, a) for alts in family.aliases.values() for a in alts}
+    left = [n for n in files.where if n not in used and n not in known
             and not any(re.fullmatch(p, n) for p in family.ignore)]
     if left:
         log.warning("%s: %d tensor(s) have no place in zenlm's %s model and were not loaded: %s",
@@ -647,11 +655,15 @@ def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
     family = family_of(hf_config, directory / CONFIG_NAME)
     files = TensorFiles(directory)
     config = config_from_hf(hf_config, set(files.where), directory / CONFIG_NAME)
-    with torch.device("meta"):
-        expected = {n: t.shape for n, t in cls(config).state_dict().items()}
-    state = state_from_hf(files, family, config, expected, dtype or torch.float32)
     with _skip_init():
         model = cls(config)
+    expected = {n: t.shape for n, t in model.state_dict(keep_vars=True).items()}
+    threads = torch.get_num_threads()
+    try:  # copies are memory-bound: one thread is as fast, and never waits on a busy sibling
+        torch.set_num_threads(1)
+        state = state_from_hf(files, family, config, expected, dtype or torch.float32)
+    finally:
+        torch.set_num_threads(threads)
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model = model.to(dtype)

@@ -180,3 +180,30 @@ def test_importing_hf_weights_never_imports_transformers_or_the_hub(gpt2_folder)
             "print([m for m in ('transformers', 'huggingface_hub', 'requests') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_legacy_layernorm_gamma_beta_names_load(tmp_path):
+    """Early BERT checkpoints (TF ports) call LayerNorm weight/bias gamma/beta."""
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=4, intermediate_size=48)).eval()
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in tensors.items()}
+    assert any(k.endswith("gamma") for k in renamed)
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, 120, (2, 7))
+    with torch.no_grad():
+        assert_close_where(zenlm.load(tmp_path)(ids).last_hidden_state, hf(ids).last_hidden_state, torch.ones_like(ids))
+
+
+def test_tensors_with_no_place_are_reported_not_dropped_silently(gpt2_folder, tmp_path, caplog):
+    _, folder = gpt2_folder
+    copy_config(folder, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["score.weight"] = torch.zeros(2, 32)  # a classification head zenlm has no place for
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="zenlm.hf"):
+        zenlm.load(tmp_path)
+    assert "1 tensor(s) have no place" in caplog.text and "score.weight" in caplog.text

@@ -90,3 +90,26 @@ def test_minilm_embeddings_match_sentence_transformers():
     cosine = (ours * expected).sum(-1)
     assert len(texts) == 200 and len(set(texts)) > 150
     assert cosine.min() >= 0.99999, f"worst cosine {cosine.min():.7f} at {texts[int(cosine.argmin())]!r}"
+
+
+def test_minilm_through_zenlm_and_back_to_transformers(tmp_path):
+    """convert from-hf then to-hf: transformers' AutoModel loads the result with every tensor of
+    the original bit-exact (the pooler, unused for sentence embeddings, is dropped on import)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from zenlm.cli import main
+
+    assert main(["convert", "from-hf", str(minilm_dir()), str(tmp_path / "zenlm")]) == 0
+    assert main(["convert", "to-hf", str(tmp_path / "zenlm"), str(tmp_path / "hf")]) == 0
+    original = load_file(minilm_dir() / "model.safetensors")
+    again = load_file(tmp_path / "hf" / "model.safetensors")
+    kept = {k for k in original if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+    assert kept == set(again)
+    for key in kept:
+        assert torch.equal(original[key], again[key]), key
+    model = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf")(["A man is eating food."], return_tensors="pt")
+    reference = AutoModel.from_pretrained(minilm_dir()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).last_hidden_state, reference(**ids).last_hidden_state, atol=0, rtol=0)
