@@ -112,6 +112,10 @@ def load_model(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = Non
     config = TransformerConfig.load(directory / CONFIG_NAME)
     tensors = load_weights(directory / WEIGHTS_NAME)
     model = cls(config)
+    if config.extra.get("quantization"):  # integer weights: build the quantized layout first (zenlm.quantize)
+        from .quantize import prepare_quantized
+
+        model = prepare_quantized(model, config.extra["quantization"])
     if strict is None:
         strict = cls is not TransformerModel
     load_state(model, tensors, directory / WEIGHTS_NAME, strict=strict)
