@@ -19,12 +19,14 @@ maximum fits in what is left of the plan's included tokens this month, else it i
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -149,6 +151,9 @@ class Billing:
     def __init__(self, engine: Engine, hardware_micros_per_hour: int = 0, instance_id: Optional[str] = None,
                  lease_s: float = 60.0):
         self.engine = engine
+        # SQLite allows one writer: queue this process's threads on a lock rather than in SQLite's
+        # busy handler, which sleeps in steps of up to 100 ms. Other processes still wait in SQLite.
+        self._lock = threading.RLock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         self.hardware_micros_per_hour = int(hardware_micros_per_hour)
         self.instance_id = instance_id or secrets.token_hex(8)
         self.lease_s = lease_s
@@ -156,6 +161,18 @@ class Billing:
     @classmethod
     def open(cls, url: Optional[str] = None, **kwargs) -> "Billing":
         return cls(store.open_database(url), **kwargs)
+
+    @contextlib.contextmanager
+    def _begin(self):
+        """One write transaction."""
+        with self._lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _connect(self):
+        """A read (on SQLite it also takes the write lock, so it queues here rather than in SQLite)."""
+        with self._lock, self.engine.connect() as conn:
+            yield conn
 
     # ------------------------------------------------------------------ plans
     def create_plan(self, name: str, prices: dict[str, tuple[int, int]], included_tokens: int = 0,
@@ -176,7 +193,7 @@ class Billing:
                 raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
         values = dict(included_tokens=included_tokens, monthly_budget_micros=monthly_budget_micros,
                       requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             row = conn.execute(select(plans.c.id).where(plans.c.name == name)).first()
             if row is not None and not replace:
                 raise ValueError(f"plan {name!r} exists already (use replace to change it)")
@@ -199,7 +216,7 @@ class Billing:
                     row.tokens_per_minute)
 
     def get_plan(self, name: str) -> Plan:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             row = conn.execute(select(plans).where(plans.c.name == name)).first()
             if row is None:
                 known = [r.name for r in conn.execute(select(plans.c.name).order_by(plans.c.name))]
@@ -207,7 +224,7 @@ class Billing:
             return self._plan_from_row(conn, row)
 
     def list_plans(self) -> list[Plan]:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [self._plan_from_row(conn, r) for r in conn.execute(select(plans).order_by(plans.c.name))]
 
     # ------------------------------------------------------------------ keys
@@ -221,7 +238,7 @@ class Billing:
         plan_obj = self.get_plan(plan)
         now = int(time.time())
         expires = None if expires_in_days is None else now + int(expires_in_days * 86400)
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             store.insert_ignore(conn, customers, name=customer, created_at=now)
             customer_id = conn.execute(select(customers.c.id).where(customers.c.name == customer)).scalar_one()
             plan_id = conn.execute(select(plans.c.id).where(plans.c.name == plan_obj.name)).scalar_one()
@@ -239,13 +256,13 @@ class Billing:
              .join(plans, plans.c.id == api_keys.c.plan_id).order_by(api_keys.c.id))
         if customer is not None:
             q = q.where(customers.c.name == customer)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def revoke_key(self, prefix: str) -> dict:
         """Revoke by the visible prefix (or the whole key); takes effect on the next request."""
         prefix = prefix[:len(KEY_PREFIX) + 8]
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             done = conn.execute(update(api_keys).where(api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None))
                                 .values(revoked_at=int(time.time()))).rowcount
         if not done:
@@ -259,7 +276,7 @@ class Billing:
         if not key:
             raise InvalidKey("no API key: send it as 'Authorization: Bearer <key>'")
         prefix = key[:len(KEY_PREFIX) + 8]
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             row = conn.execute(select(api_keys, customers.c.name.label("customer"), plans.c.name.label("plan_name"))
                                .join(customers, customers.c.id == api_keys.c.customer_id)
                                .join(plans, plans.c.id == api_keys.c.plan_id)
@@ -285,7 +302,7 @@ class Billing:
         return f"idem:{key.key_id}:{idempotency_key[:150]}"
 
     def stored_response(self, ledger_id: str) -> Optional[dict]:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             text = conn.execute(select(usage_ledger.c.response).where(usage_ledger.c.id == ledger_id)).scalar()
         return None if text is None else json.loads(text)
 
@@ -304,7 +321,7 @@ class Billing:
                    "x-ratelimit-limit-tokens": str(plan.tokens_per_minute),
                    "x-ratelimit-reset-requests": f"{reset}s", "x-ratelimit-reset-tokens": f"{reset}s"}
         try:
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 store.insert_ignore(conn, rate_windows, key_id=key.key_id, window=window, requests=0, tokens=0)
                 w = rate_windows.c
                 ok = conn.execute(update(rate_windows).where(
@@ -364,7 +381,7 @@ class Billing:
         if response is not None and "usage" in response and isinstance(response["usage"], dict):
             response["usage"]["cost_micros"] = charge
         try:
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 held = conn.execute(delete(reservations).where(reservations.c.id == res.id)).rowcount
                 conn.execute(usage_ledger.insert().values(
                     id=res.id, request_id=request_id, key_id=key.key_id, customer_id=key.customer_id,
@@ -396,7 +413,7 @@ class Billing:
 
     def release(self, res: Reservation) -> None:
         """Give a reservation back unused (the request failed or its client left before any token)."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._release_row(conn, res.id)
 
     @staticmethod
@@ -415,13 +432,13 @@ class Billing:
 
     def renew_leases(self) -> None:
         """Keep this process's in-flight reservations alive (called every few seconds)."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(update(reservations).where(reservations.c.instance_id == self.instance_id)
                          .values(lease_until=time.time() + self.lease_s))
 
     def sweep(self) -> int:
         """Give back reservations whose server died (lease expired); returns how many."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             ids = list(conn.execute(select(reservations.c.id).where(reservations.c.lease_until < time.time())).scalars())
             freed = sum(self._release_row(conn, i) for i in ids)
             conn.execute(delete(rate_windows).where(rate_windows.c.window < time.time() - 3600))
@@ -431,7 +448,7 @@ class Billing:
     def key_month(self, prefix: str, month: Optional[str] = None) -> dict:
         """Spent, reserved and used this month for one key (for tests and the admin API)."""
         month = month or month_of(time.time())
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             row = conn.execute(select(key_months).join(api_keys, api_keys.c.id == key_months.c.key_id)
                                .where(api_keys.c.prefix == prefix, key_months.c.month == month)).first()
         return dict(row._mapping) if row is not None else dict(spent_micros=0, reserved_micros=0, free_tokens_used=0,
@@ -441,7 +458,7 @@ class Billing:
         q = select(usage_ledger).order_by(usage_ledger.c.created_at)
         if month:
             q = q.where(usage_ledger.c.month == check_month(month))
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def report(self, month: str, by: str = "customer") -> dict:
@@ -458,7 +475,7 @@ class Billing:
                     func.sum(u.compute_cost_micros).label("compute_cost_micros"))
              .select_from(usage_ledger.join(customers, customers.c.id == u.customer_id))
              .where(u.month == month).group_by(group).order_by(group))
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = [{k: (int(v) if k != "group" else str(v)) for k, v in r._mapping.items()} for r in conn.execute(q)]
         for r in rows:
             r["margin_micros"] = r["revenue_micros"] - r["compute_cost_micros"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import random
 import secrets
 import threading
 import time
@@ -98,7 +99,7 @@ class EngineRequest:
         self.text = ""  # visible text so far (stop strings cut)
         self._decoder = None
         self._safe = ""
-        self.generator: Optional[torch.Generator] = None
+        self.generator: Optional[random.Random] = None  # this request's own sampling RNG (its seed)
 
     def cancel(self) -> None:
         """The client went away: stop decoding at the next step and free the slot."""
@@ -200,22 +201,40 @@ class BatchEngine:
             self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch_size:
-            with self._wake:
-                if not self.waiting:
-                    return
+        """Prefill every waiting request that fits, together (left-padded), and merge them into the batch."""
+        reqs = []
+        with self._wake:
+            while self.waiting and len(self.running) + len(reqs) < self.max_batch_size:
                 req = self.waiting.popleft()
-            if req.cancelled:
-                self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
-                continue
-            req.started = time.perf_counter()
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-            cache = KVCache(len(req.prompt_ids) + 1)
+                if req.cancelled:
+                    self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
+                else:
+                    reqs.append(req)
+        if not reqs:
+            return
+        start = time.perf_counter()
+        for req in reqs:
+            req.started = start
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.zeros((len(reqs), width), dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.bool)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - len(r.prompt_ids):] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = KVCache(width + 1)
+        if bool(mask.all()):
             hidden = self.model.decode(ids, cache=cache, name="input_ids")[0]
-            logits = self.model.logits(hidden[:, -1]).float()
-            self._merge(req, cache)
-            req.compute_s += time.perf_counter() - req.started
-            self._take([req], logits)
+        else:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            hidden = self.model.decode(ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                       name="input_ids")[0]
+        logits = self.model.logits(hidden[:, -1]).float()
+        self._merge(reqs, cache, mask)
+        share = (time.perf_counter() - start) / len(reqs)
+        for req in reqs:
+            req.compute_s += share
+        self._take(reqs, logits)
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -234,21 +253,19 @@ class BatchEngine:
     # ------------------------------------------------------------------ tokens
     def _take(self, reqs: list[EngineRequest], logits: torch.Tensor, step_start: Optional[float] = None) -> None:
         """Pick each row's next token, tell its client, and drop rows that are done."""
-        tokens = []
-        for i, req in enumerate(reqs):
-            tokens.append(self._pick(req, logits[i:i + 1]))
+        tokens, logprobs, tops = self._pick(reqs, logits)
         if step_start is not None:  # the batch shares the step's time
             share = (time.perf_counter() - step_start) / max(1, len(reqs))
             for req in reqs:
                 req.compute_s += share
             if self.on_step is not None:
                 self.on_step(len(reqs), time.perf_counter() - step_start)
-        for req, (tok, lp, top) in zip(reqs, tokens):
+        for req, tok, lp, top in zip(reqs, tokens, logprobs, tops):
             self._advance(req, tok, lp, top)
-        # the newest row's pending token was set by _merge's placeholder; fill in every row's latest token
+        # every row's latest token is what the next step feeds it (new rows got a placeholder in _merge)
         index = {id(r): i for i, r in enumerate(self.running)}
-        for req, (tok, _, _) in zip(reqs, tokens):
-            self.pending[index[id(req)]] = tok
+        rows = torch.tensor([index[id(r)] for r in reqs], dtype=torch.long, device=self.device)
+        self.pending[rows] = torch.tensor(tokens, dtype=torch.long, device=self.device)
         keep = [i for i, r in enumerate(self.running) if r.finish_reason is None and not r.cancelled]
         for r in self.running:
             if r.finish_reason is None and r.cancelled:
@@ -257,25 +274,49 @@ class BatchEngine:
         if len(keep) < len(self.running):
             self._select(keep)
 
-    def _pick(self, req: EngineRequest, logits: torch.Tensor) -> tuple[int, Optional[float], Optional[list]]:
-        config, params = req.config, req.params
-        scores = apply_presence_frequency(logits, req.token_ids, params.presence_penalty, params.frequency_penalty)
-        if config.sampling:
-            scores = process_scores(scores, [req.prompt_ids + req.token_ids], len(req.token_ids), config, [])
-            if req.generator is None:
-                req.generator = torch.Generator(device=self.device)
-                req.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-            tok = int(torch.multinomial(scores.softmax(dim=-1), 1, generator=req.generator))
-        else:
-            tok = int(scores.argmax(dim=-1))
-        lp = top = None
-        if params.logprobs:
-            logp = logits.log_softmax(dim=-1)[0]
-            lp = float(logp[tok])
-            if params.top_logprobs:
-                values, ids = logp.topk(params.top_logprobs)
-                top = list(zip(ids.tolist(), values.tolist()))
-        return tok, lp, top
+    def _pick(self, reqs: list[EngineRequest], logits: torch.Tensor) -> tuple[list[int], list, list]:
+        """Next tokens for all rows at once. Rows that sample share one call of ``zenlm.generate``'s
+        rules per distinct (temperature, top_p), then draw by inverse CDF with their own seeded RNG,
+        so a row's tokens never depend on who else is in the batch."""
+        scores = logits
+        for i, req in enumerate(reqs):
+            p = req.params
+            if p.presence_penalty or p.frequency_penalty:
+                scores = scores.clone() if scores is logits else scores
+                scores[i] = apply_presence_frequency(scores[i:i + 1], req.token_ids, p.presence_penalty,
+                                                     p.frequency_penalty)[0]
+        tokens = scores.argmax(dim=-1)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(reqs):
+            if req.config.sampling:
+                groups.setdefault((req.config.temperature, req.config.top_p), []).append(i)
+        for rows in groups.values():
+            index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+            config = reqs[rows[0]].config
+            warped = process_scores(scores[index], [[] for _ in rows], 0, config, [])
+            cdf = warped.softmax(dim=-1).cumsum(dim=-1)
+            draws = []
+            for i in rows:
+                req = reqs[i]
+                if req.generator is None:
+                    req.generator = random.Random(req.params.seed if req.params.seed is not None
+                                                  else secrets.randbits(63))
+                draws.append(req.generator.random())
+            u = torch.tensor(draws, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+            tokens[index] = torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.size(1) - 1)
+        token_list = tokens.tolist()
+        lps: list = [None] * len(reqs)
+        tops: list = [None] * len(reqs)
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs]
+        if want:
+            logp = logits[want].log_softmax(dim=-1)
+            for j, i in enumerate(want):
+                lps[i] = float(logp[j, token_list[i]])
+                k = reqs[i].params.top_logprobs
+                if k:
+                    values, ids = logp[j].topk(k)
+                    tops[i] = list(zip(ids.tolist(), values.tolist()))
+        return token_list, lps, tops
 
     def _advance(self, req: EngineRequest, tok: int, lp, top) -> None:
         if req.first_token is None:
@@ -310,39 +351,37 @@ class BatchEngine:
             log.debug("request %s listener failed", req.id, exc_info=True)
 
     # ------------------------------------------------------------------ the batch cache
-    def _merge(self, req: EngineRequest, cache: KVCache) -> None:
-        """Add a prefilled row to the batch. Rows are right-aligned in the cache: every row's newest
+    def _merge(self, reqs: list[EngineRequest], cache: KVCache, mask: torch.Tensor) -> None:
+        """Add prefilled rows to the batch. Rows are right-aligned in the cache: every row's newest
         token sits in the last column, older columns of shorter rows are masked padding."""
-        n = cache.length
-        pos = torch.tensor([n], dtype=torch.long, device=self.device)
-        placeholder = torch.zeros(1, dtype=torch.long, device=self.device)
+        positions = mask.sum(dim=1)
+        placeholder = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         if self.cache is None:
-            self.cache, self.running = cache, [req]
-            self.mask = torch.ones((1, n), dtype=torch.bool, device=self.device)
-            self.positions, self.pending = pos, placeholder
+            self.cache, self.running = cache, list(reqs)
+            self.mask, self.positions, self.pending = mask, positions, placeholder
             return
-        old = self.cache.length
+        old, n = self.cache.length, cache.length
         width = max(old, n)
         room = width + 64  # columns for the next steps before the cache must grow
         keys, values = [], []
         for k_old, v_old, k_new, v_new in zip(self.cache.keys, self.cache.values, cache.keys, cache.values):
             b, h, _, d = k_old.shape
-            k = k_old.new_zeros((b + 1, h, room, d))
-            v = v_old.new_zeros((b + 1, h, room, d))
+            k = k_old.new_zeros((b + len(reqs), h, room, d))
+            v = v_old.new_zeros((b + len(reqs), h, room, d))
             k[:b, :, width - old:width] = k_old[:, :, :old]
             v[:b, :, width - old:width] = v_old[:, :, :old]
-            k[b, :, width - n:width] = k_new[0, :, :n]
-            v[b, :, width - n:width] = v_new[0, :, :n]
+            k[b:, :, width - n:width] = k_new[:, :, :n]
+            v[b:, :, width - n:width] = v_new[:, :, :n]
             keys.append(k)
             values.append(v)
-        mask = torch.zeros((len(self.running) + 1, width), dtype=torch.bool, device=self.device)
-        mask[:-1, width - old:] = self.mask
-        mask[-1, width - n:] = True
+        merged = torch.zeros((len(self.running) + len(reqs), width), dtype=torch.bool, device=self.device)
+        merged[:len(self.running), width - old:] = self.mask
+        merged[len(self.running):, width - n:] = mask
         self.cache.keys, self.cache.values, self.cache.length = keys, values, width
-        self.mask = mask
-        self.positions = torch.cat([self.positions, pos])
+        self.mask = merged
+        self.positions = torch.cat([self.positions, positions])
         self.pending = torch.cat([self.pending, placeholder])
-        self.running.append(req)
+        self.running.extend(reqs)
 
     def _select(self, keep: list[int]) -> None:
         """Keep only these rows, then cut the columns no remaining row uses."""
