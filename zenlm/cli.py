@@ -586,6 +586,24 @@ def run_evaluate_translation(args) -> None:
     print(f"{result['sentences']} sentences in {result['seconds']}s")
 
 
+def _add_evaluate_chat(esub) -> None:
+    c = esub.add_parser("chat", help="perplexity of a model on the assistant replies of a chat JSONL file")
+    c.add_argument("model", help="a model folder")
+    c.add_argument("--data", required=True, help="chat JSONL ({'messages': [...]} per line)")
+    c.add_argument("--adapter", default=None, help="a LoRA adapter folder to load onto the model")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.set_defaults(func=run_evaluate_chat)
+
+
+def run_evaluate_chat(args) -> None:
+    import json
+
+    from .tasks.chat import chat_perplexity
+
+    model, tokenizer = _load_app_model(args.model, args.adapter)
+    print(json.dumps(chat_perplexity(model, tokenizer, args.data, args.batch_size)))
+
+
 def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="an interactive chat with a model in the terminal (streams replies)",
                        description="zenlm chat MODEL; commands: /reset, /system TEXT, /exit")
