@@ -84,3 +84,43 @@ def test_zenlm_chat_over_a_pipe(tmp_path, family):
     assert proc.stdout.count("bot> ") == 3
     assert "(system prompt set)" in proc.stdout and "(conversation reset)" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
+def test_chat_perplexity_matches_a_direct_computation(tmp_path, family):
+    import json
+    import math
+
+    from zenlm.tasks.chat import chat_perplexity
+
+    path = save_tiny(tmp_path / "m", family)
+    model, tok = load(path), load_tokenizer(path)
+    convs = [[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"},
+              {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "How are you?"},
+              {"role": "assistant", "content": "Fine, thanks."}],
+             [{"role": "user", "content": "Two dogs?"}, {"role": "assistant", "content": "In the snow."}],
+             [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "too long for the window"}]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    result = chat_perplexity(model, tok, data, batch_size=2)
+    assert result["conversations"] == 2 and result["skipped"]["too_long"] == 1
+    # direct: log-probabilities of the reply tokens, one conversation at a time, no padding
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for conv in convs[:2]:
+            ids, mask = encode_chat(tok, conv)
+            if family == "decoder-only":
+                logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+                for t in range(1, len(ids)):
+                    if mask[t]:
+                        nll -= float(logp[t - 1, ids[t]])
+                        n += 1
+            else:
+                start = max(i for i, m in enumerate(mask) if m and not mask[i - 1])
+                src, tgt = ids[:start], ids[start:]
+                dec = [model.config.start_token_id] + tgt[:-1]
+                logp = model(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([dec])).logits[0].log_softmax(-1)
+                nll -= sum(float(logp[i, t]) for i, t in enumerate(tgt))
+                n += len(tgt)
+    assert result["tokens"] == n
+    assert result["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)

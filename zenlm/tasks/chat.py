@@ -123,6 +123,72 @@ class ChatSession:
         return "".join(self.send(text))
 
 
+def chat_perplexity(model, tokenizer: Tokenizer, path, batch_size: int = 16) -> dict:
+    """Perplexity of the assistant replies of a chat JSONL file (token-weighted, the loss the
+    ``chat`` objective trains). Decoder-only models are scored on every reply in context;
+    encoder-decoder models on the last reply given the conversation before it, as they train.
+    Conversations longer than the context window are skipped and counted, never cut."""
+    import json
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from ..model import IGNORE_INDEX
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    config, window = model.config, model.config.max_position_embeddings
+    rows, skipped = [], {"too_long": 0, "no_reply": 0}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path} line {n + 1} is not a JSON object with 'messages'") from None
+        ids, mask = encode_chat(tokenizer, messages)
+        if not any(mask):
+            skipped["no_reply"] += 1
+            continue
+        if config.is_encoder_decoder:
+            last = max(i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+            source, target = ids[:last], ids[last:len(mask) - mask[::-1].index(1)]
+            if len(source) > window or len(target) > window:
+                skipped["too_long"] += 1
+                continue
+            rows.append((source, target))
+        else:
+            if len(ids) > window:
+                skipped["too_long"] += 1
+                continue
+            rows.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]))
+    if not rows:
+        raise ValueError(f"{path}: no conversation with an assistant reply fits the context window of {window}")
+    pad = config.pad_token_id
+    total, count = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width_a = max(len(a) for a, _ in chunk)
+            width_b = max(len(b) for _, b in chunk)
+            ids = torch.tensor([a + [pad] * (width_a - len(a)) for a, _ in chunk])
+            attn = torch.tensor([[1] * len(a) + [0] * (width_a - len(a)) for a, _ in chunk])
+            if config.is_encoder_decoder:
+                labels = torch.tensor([b + [IGNORE_INDEX] * (width_b - len(b)) for _, b in chunk])
+            else:
+                labels = torch.tensor([b + [IGNORE_INDEX] * (width_a - len(b)) for _, b in chunk])
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            scored = int((labels[:, 1:] if not config.is_encoder_decoder else labels).ne(IGNORE_INDEX).sum())
+            total += float(loss) * scored
+            count += scored
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(mean), "conversations": len(rows), "tokens": count,
+            "skipped": skipped}
+
+
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 
 
@@ -164,4 +230,4 @@ def run_terminal(session: ChatSession, input_fn=input, write=None) -> None:
             write(f"\nerror: {e}\n")
 
 
-__all__ = ["ChatSession", "fit_history", "run_terminal", "END"]
+__all__ = ["ChatSession", "fit_history", "run_terminal", "chat_perplexity", "END"]

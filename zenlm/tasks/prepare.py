@@ -77,10 +77,10 @@ def multi30k(out: os.PathLike, src: str = "en", tgt: str = "de", root: Path = DA
     return counts
 
 
-def tatoeba(out: os.PathLike, src: str = "en", tgt: str = "zh", root: Path = DATA_ROOT / "tatoeba-zh-en",
-            both_directions: bool = False) -> dict:
+def tatoeba(out: os.PathLike, src: str = "en", tgt: str = "zh", root: Path = DATA_ROOT / "tatoeba-zh-en") -> dict:
     """Tatoeba en-zh (columns English, Chinese, attribution): train.tsv / dev.tsv in the asked
-    direction (or both, each source tagged ``<2zh>``/``<2en>``), dev.{src,tgt} for evaluation."""
+    direction, and dev.{src,tgt} for evaluation. (Tatoeba has no official split; the data
+    README explains the 1,000 pairs held back elsewhere.)"""
     if {src, tgt} != {"en", "zh"}:
         raise ValueError(f"tatoeba-zh-en holds en and zh only, got {src}->{tgt}")
     out = Path(out)
@@ -93,10 +93,7 @@ def tatoeba(out: os.PathLike, src: str = "en", tgt: str = "zh", root: Path = DAT
             if len(cols) < 2:
                 raise ValueError(f"{root / f'{split}.tsv'} line {i + 1} has {len(cols)} column(s), expected 2 or 3")
             pairs.append({"en": cols[0], "zh": cols[1]})
-        if both_directions:
-            rows = _tsv([(f"<2{tgt}> " + p[src], p[tgt]) for p in pairs] + [(f"<2{src}> " + p[tgt], p[src]) for p in pairs])
-        else:
-            rows = _tsv([(p[src], p[tgt]) for p in pairs])
+        rows = _tsv([(p[src], p[tgt]) for p in pairs])
         _write_text(out / f"{split}.tsv", rows)
         counts[split] = len(rows)
         if split == "dev":
@@ -135,6 +132,8 @@ def dailydialog(out: os.PathLike, root: Path = DATA_ROOT / "dailydialog", system
         counts[split] = len(kept)
         counts[f"{split}_dropped"] = len(keyed[split]) - len(kept)
         records = [_dialogue_record(t, system) for t in kept]
+        if split == "train":  # the same dialogues as plain text, for pretraining the base model
+            _write_text(out / "pretrain.txt", ("\n".join(t) + "\n" for t in kept))
         if split == "train" and extra_train:
             records += extra_train
             random.Random(0).shuffle(records)
