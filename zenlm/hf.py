@@ -22,6 +22,7 @@ import logging
 import re
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -587,9 +588,12 @@ def _skip_init() -> Iterator[None]:
 
 
 def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig, expected: dict[str, torch.Size],
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Our tensors (name -> tensor with the ``expected`` shape) read through the family's map."""
-    state, used = {}, set()
+                  dtype: torch.dtype = torch.float32, workers: int = 1) -> dict[str, torch.Tensor]:
+    """Our tensors (name -> tensor with the ``expected`` shape) read through the family's map.
+
+    Plain renames stay memory-mapped views of the file (no copy, as in transformers); fused
+    and transposed tensors are copied, by ``workers`` threads at once."""
+    pending, used = {}, set()
     for ours, shape in expected.items():
         sources, template = _sources(family, ours)
         sizes = _part_sizes(len(sources), shape[0], config) if len(sources) > 1 else [shape[0]]
@@ -613,8 +617,7 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
                 tensor = tensor[0]
             parts.append(tensor)
             used.add(stored)
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        state[ours] = tensor.to(dtype).contiguous()
+        pending[ours] = parts
     # head tensors a bare backbone does not take, and tied copies of tensors already read, are expected leftovers
     known = {_resolve(files, family, s) for name in HEAD_PARAMS if name in family.weights
              for s in _sources(family, name)[0]}
@@ -624,7 +627,13 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
     if left:
         log.warning("%s: %d tensor(s) have no place in zenlm's %s model and were not loaded: %s",
                     files.directory, len(left), family.model_type, ", ".join(sorted(left)[:8]))
-    return state
+
+    def build(parts: list[torch.Tensor]) -> torch.Tensor:
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return tensor.to(dtype).contiguous()
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # copies release the GIL; first-touch page faults dominate
+        return dict(zip(pending, pool.map(build, pending.values())))
 
 
 def is_hf_folder(path: PathLike) -> bool:
@@ -659,9 +668,9 @@ def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
         model = cls(config)
     expected = {n: t.shape for n, t in model.state_dict(keep_vars=True).items()}
     threads = torch.get_num_threads()
-    try:  # copies are memory-bound: one thread is as fast, and never waits on a busy sibling
+    try:  # one thread per copy, as many copies at once as torch has threads
         torch.set_num_threads(1)
-        state = state_from_hf(files, family, config, expected, dtype or torch.float32)
+        state = state_from_hf(files, family, config, expected, dtype or torch.float32, workers=threads)
     finally:
         torch.set_num_threads(threads)
     model.load_state_dict(state, strict=True, assign=True)
