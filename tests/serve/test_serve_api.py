@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 
 import numpy as np
@@ -154,8 +155,9 @@ def post(running, path, body=None, key=None, raw=None, headers=None):
     h = {"Authorization": f"Bearer {key}"} if key else {}
     h.update(headers or {})
     if raw is not None:
-        return httpx.post(running.base_url + path, content=raw, headers={**h, "content-type": "application/json"})
-    return httpx.post(running.base_url + path, json=body, headers=h)
+        return httpx.post(running.base_url + path, content=raw, headers={**h, "content-type": "application/json"},
+                          timeout=60)
+    return httpx.post(running.base_url + path, json=body, headers=h, timeout=60)
 
 
 def assert_error(resp, status, type_=None, code=None):
@@ -277,25 +279,32 @@ def test_idempotency_key_charges_once(running):
 def test_disconnect_frees_the_slot_and_bills_only_what_was_sent(running):
     key = running.key()
     engine = running.app.app.state.server.catalog.get("tiny").engine
-    with httpx.stream("POST", running.base_url + "/chat/completions",
-                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 110,
-                            "stream": True}, headers={"Authorization": f"Bearer {key}"}) as resp:
-        lines = resp.iter_lines()
-        for _ in range(6):
-            next(lines)
-    deadline = time.time() + 10
-    while engine.batch_size and time.time() < deadline:
-        time.sleep(0.02)
-    assert engine.batch_size == 0
-    key_id = running.billing.authenticate(key).key_id
-    while time.time() < deadline:
-        rows = [r for r in running.billing.ledger() if r["key_id"] == key_id]
-        if rows:
-            break
-        time.sleep(0.05)
-    assert rows[0]["status"] == "disconnected" and rows[0]["completion_tokens"] < 110
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 1.0}
+    # a seed whose reply runs the full 60 tokens (a random model may otherwise stop early)
+    seed = next(s for s in range(50) if post(running, "/chat/completions", {**body, "seed": s}, running.key())
+                .json()["choices"][0]["finish_reason"] == "length")
+    original = engine.on_step
+    engine.on_step = lambda rows, dt: (original(rows, dt), time.sleep(0.03))  # ~2 s for the whole reply
+    try:
+        with httpx.stream("POST", running.base_url + "/chat/completions", json={**body, "seed": seed, "stream": True},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60) as resp:
+            lines = resp.iter_lines()
+            for _ in range(6):
+                next(lines)
+        deadline = time.time() + 10
+        while engine.batch_size and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.batch_size == 0
+        key_id = running.billing.authenticate(key).key_id
+        rows = []
+        while not rows and time.time() < deadline:
+            rows = [r for r in running.billing.ledger() if r["key_id"] == key_id]
+            time.sleep(0.05)
+    finally:
+        engine.on_step = original
+    assert rows[0]["status"] == "disconnected" and 0 < rows[0]["completion_tokens"] < 60
     month = running.billing.key_month(key[:11])
-    assert month["reserved_micros"] == 0 and month["spent_micros"] == rows[0]["revenue_micros"]
+    assert month["reserved_micros"] == 0 and month["spent_micros"] == rows[0]["revenue_micros"] > 0
 
 
 def test_health_metrics_and_openapi(running):
