@@ -568,21 +568,31 @@ def _resolve(files: TensorFiles, family: Family, name: str) -> Optional[str]:
 
 # --------------------------------------------------------------------------- import
 _INIT_LOCK = threading.Lock()
+_SKIPPING = threading.local()
 
 
 @contextmanager
 def _skip_init() -> Iterator[None]:
     """Build modules without random initialisation: every weight is replaced by the
     checkpoint's right after (transformers' from_pretrained does the same); for a
-    BART-base-sized model this is most of the load time."""
+    BART-base-sized model this is most of the load time. Only this thread skips:
+    a model built meanwhile on another thread is initialised as usual."""
     names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_", "constant_")
+
+    def skipping(original):
+        def init(tensor, *args, **kwargs):
+            return tensor if getattr(_SKIPPING, "on", False) else original(tensor, *args, **kwargs)
+        return init
+
     with _INIT_LOCK:
         saved = {n: getattr(torch.nn.init, n) for n in names}
         try:
             for n in names:
-                setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+                setattr(torch.nn.init, n, skipping(saved[n]))
+            _SKIPPING.on = True
             yield
         finally:
+            _SKIPPING.on = False
             for n, fn in saved.items():
                 setattr(torch.nn.init, n, fn)
 
