@@ -706,10 +706,34 @@ def run_quantize(args) -> None:
           f"({r['ratio']:.2f}x smaller), written to {r['out']}")
 
 
+# --------------------------------------------------------------------------- explain
+def add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="attention heatmaps, translation alignment and gradient x input attributions",
+                       description="zenlm explain MODEL \"text\" [--target TRANSLATION] --out DIR")
+    p.add_argument("model", help="a model folder")
+    p.add_argument("text", help="the input (the source sentence for a translation model)")
+    p.add_argument("--target", default=None, help="encoder-decoder: the translation to align (default: greedy)")
+    p.add_argument("--out", default="runs/explain", help="folder for the PNGs and index.html")
+    p.set_defaults(func=run_explain)
+
+
+def run_explain(args) -> None:
+    from .explain import explain, write_report
+
+    model, tokenizer = _load_app_model(args.model)
+    expl = explain(model, tokenizer, args.text, target=args.target)
+    index = write_report(expl, args.out)
+    if expl.extra.get("target") is not None:
+        print(f"target: {expl.extra['target']}")
+    if expl.predicted is not None:
+        print(f"predicted next token: {expl.predicted!r}")
+    print(f"report: {index}")
+
+
 # --------------------------------------------------------------------------- main
 COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert,
                             add_index, add_search, add_ask, add_evaluate, add_serve, add_keys, add_plans, add_billing,
-                            add_translate, add_chat, add_finetune, add_prepare, add_quantize]
+                            add_translate, add_chat, add_finetune, add_prepare, add_quantize, add_explain]
 
 
 def build_parser() -> argparse.ArgumentParser:
