@@ -197,6 +197,14 @@ def test_incremental_add_update_delete_persist(tmp_path, embedder):
     gone = index.delete(["d3", "nope"])
     assert (gone.deleted, gone.missing) == (1, ["nope"])
     assert "d3" not in {h.id for h in index.search("stock market", k=10, mode="hybrid")}
+    # the in-place FAISS/BM25 updates give what a fresh build of the same documents gives
+    final = [index.get(i) for i in index.ids()]
+    fresh = Index.build(tmp_path / "fresh", final, embedder)
+    for q in ("volcanic flight", "stock market", TEXTS[2]):
+        for mode in ("bm25", "dense", "hybrid"):
+            assert ([(h.id, round(h.score, 5)) for h in index.search(q, k=6, mode=mode)] ==
+                    [(h.id, round(h.score, 5)) for h in fresh.search(q, k=6, mode=mode)])
+    fresh.close()
     index.close()
     with Index.open(tmp_path / "ix", embedder) as again:
         assert len(again) == 6 and sorted(again.ids()) == ["d0", "d1", "d2", "d4", "d5", "d6"]

@@ -13,6 +13,7 @@ and norms) and its warmup + decay schedule.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -38,6 +39,7 @@ class ContrastiveConfig:
     scale: float = 20.0  # inverse temperature on cosine similarities
     grad_clip: float = 1.0
     seed: int = 0
+    precision: str = "fp32"  # or "bf16": autocast the forward passes (weights and optimizer stay fp32)
 
     def validate(self, pairs: int) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -45,6 +47,8 @@ class ContrastiveConfig:
                              f"got epochs={self.epochs}, batch_size={self.batch_size}")
         if pairs < 2:
             raise ValueError(f"contrastive training needs at least 2 (query, passage) pairs, got {pairs}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not self.lr > 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"need lr > 0 and warmup_ratio in [0, 1), got lr={self.lr}, "
                              f"warmup_ratio={self.warmup_ratio}")
@@ -83,6 +87,8 @@ def contrastive_finetune(embedder: Embedder, pairs: Sequence[tuple[str, str]],
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="contrastive fine-tuning", unit="step")
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.precision == "bf16"
+                else contextlib.nullcontext())
     losses, start = [], time.perf_counter()
     try:
         for _ in range(config.epochs):
@@ -92,11 +98,12 @@ def contrastive_finetune(embedder: Embedder, pairs: Sequence[tuple[str, str]],
                 batch = [pairs[i] for i in order[s * config.batch_size:(s + 1) * config.batch_size]]
                 if len(batch) < 2:
                     continue
-                q = _embed(embedder, [b[0] for b in batch])
-                p = _embed(embedder, [b[1] for b in batch])
+                with autocast:
+                    q = _embed(embedder, [b[0] for b in batch])
+                    p = _embed(embedder, [b[1] for b in batch])
                 texts = [b[1] for b in batch]
                 same = torch.tensor([[a == b for b in texts] for a in texts])
-                loss = ranking_loss(q, p, config.scale, same)
+                loss = ranking_loss(q.float(), p.float(), config.scale, same)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip:

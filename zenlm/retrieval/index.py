@@ -131,7 +131,7 @@ class Index:
         if (directory / DB_NAME).exists():
             raise ValueError(f"an index already exists at {directory}; open it to add documents")
         directory.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(directory / DB_NAME)
+        db = sqlite3.connect(directory / DB_NAME, check_same_thread=False)
         with db:
             db.executescript(SCHEMA)
             model = embedder.identity() if embedder is not None else None
@@ -153,7 +153,7 @@ class Index:
         directory = Path(directory)
         if not (directory / DB_NAME).is_file():
             raise FileNotFoundError(f"no index at {directory} (missing {DB_NAME})")
-        db = sqlite3.connect(directory / DB_NAME)
+        db = sqlite3.connect(directory / DB_NAME, check_same_thread=False)
         index = cls(directory, db)
         if embedder is not None:
             if index.model is None:
@@ -260,34 +260,42 @@ class Index:
             vectors = self.embedder.encode([d.content for d in docs], batch_size=batch_size,
                                            show_progress=show_progress)
         changes = Changes()
+        removed, added = [], []
         with self.db:
             for i, d in enumerate(docs):
-                cur = self.db.execute("DELETE FROM documents WHERE id = ?", (d.id,))
-                if cur.rowcount:
+                old = self.db.execute("SELECT row FROM documents WHERE id = ?", (d.id,)).fetchone()
+                if old is not None:
+                    self.db.execute("DELETE FROM documents WHERE row = ?", old)
+                    removed.append(old[0])
                     changes.updated += 1
                 else:
                     changes.added += 1
                 blob = None if vectors is None else vectors[i].tobytes()
-                self.db.execute("INSERT INTO documents (id, title, text, metadata, vector) VALUES (?, ?, ?, ?, ?)",
-                                (d.id, d.title, d.text, json.dumps(d.metadata, ensure_ascii=False), blob))
+                cur = self.db.execute("INSERT INTO documents (id, title, text, metadata, vector) VALUES (?, ?, ?, ?, ?)",
+                                      (d.id, d.title, d.text, json.dumps(d.metadata, ensure_ascii=False), blob))
+                added.append(cur.lastrowid)
             self._bump()
-        self._write_derived()
+        self._write_derived(removed, added, vectors)
         return changes
 
     def delete(self, ids: Sequence[str]) -> Changes:
         if isinstance(ids, str):
             ids = [ids]
         changes = Changes()
+        removed = []
         with self.db:
             for doc_id in ids:
-                if self.db.execute("DELETE FROM documents WHERE id = ?", (doc_id,)).rowcount:
-                    changes.deleted += 1
-                else:
+                old = self.db.execute("SELECT row FROM documents WHERE id = ?", (doc_id,)).fetchone()
+                if old is None:
                     changes.missing.append(doc_id)
+                    continue
+                self.db.execute("DELETE FROM documents WHERE row = ?", old)
+                removed.append(old[0])
+                changes.deleted += 1
             if changes.deleted:
                 self._bump()
         if changes.deleted:
-            self._write_derived()
+            self._write_derived(removed)
         return changes
 
     def _bump(self) -> None:
@@ -343,8 +351,23 @@ class Index:
         retriever.index(self._tokenize(texts), show_progress=False)
         return retriever, np.asarray(rows, dtype=np.int64)
 
-    def _write_derived(self) -> None:
-        """Rebuild the FAISS and BM25 files for the current generation, then swap the manifest."""
+    def _update_dense(self, removed: Sequence[int], added: Sequence[int], vectors: Optional[np.ndarray]) -> None:
+        """Apply a change to the in-memory FAISS index: exact indexes take removals and
+        additions in place, HNSW takes additions; anything else (HNSW removals, the first
+        load, crossing the size at which ``auto`` switches to HNSW) rebuilds from SQLite."""
+        kind = self._dense_kind(len(self))
+        if self._dense is None or vectors is None and added or self.dense_kind != kind or (removed and kind == "hnsw"):
+            self._dense = self._build_dense()
+            return
+        if removed:
+            self._dense.remove_ids(np.asarray(removed, dtype=np.int64))
+        if len(added):
+            self._dense.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(added, dtype=np.int64))
+
+    def _write_derived(self, removed: Sequence[int] = (), added: Sequence[int] = (),
+                       vectors: Optional[np.ndarray] = None, rebuild: bool = False) -> None:
+        """Bring the FAISS and BM25 indexes up to the current generation, write their files
+        under the generation's names, then swap the manifest and remove the old files."""
         import faiss
 
         g = self.generation
@@ -358,7 +381,9 @@ class Index:
             np.save(bm25_dir / "rows.npy", self._bm25_rows)
             manifest["bm25"] = bm25_dir.name
         if self.model is not None:
-            self._dense = self._build_dense()
+            if rebuild:
+                self._dense = None
+            self._update_dense(removed, added, vectors)
             name = f"dense-{g}.faiss"
             atomic_write(self.directory / name, lambda tmp: faiss.write_index(self._dense, tmp))
             manifest["dense"] = name
@@ -381,7 +406,7 @@ class Index:
             log.warning("index %s: files of generation %s do not match the documents (generation %d), "
                         "probably after an interrupted update; rebuilding them from the document store",
                         self.directory, manifest.get("generation"), self.generation)
-            self._write_derived()
+            self._write_derived(rebuild=True)
             return
         if manifest.get("bm25"):
             bm25_dir = self.directory / manifest["bm25"]
