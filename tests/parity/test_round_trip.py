@@ -95,14 +95,25 @@ HF_MODELS = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         intermediate_size=48)),
+    "llama-bias": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
 }
 
 
 @pytest.mark.parametrize("name", list(HF_MODELS))
 def test_hf_through_zenlm_and_back_keeps_every_tensor(name, tmp_path):
+    """Also covers settings the family tests leave out: Llama with biases and tied embeddings, one K/V head."""
     torch.manual_seed(0)
-    HF_MODELS[name]().save_pretrained(tmp_path / "hf")
+    hf = HF_MODELS[name]().eval()
+    hf.save_pretrained(tmp_path / "hf")
     convert_from_hf(tmp_path / "hf", tmp_path / "zenlm")
+    ids = torch.randint(3, 110, (2, 9))
+    ours = zenlm.load(tmp_path / "zenlm")
+    seq2seq = ours.config.is_encoder_decoder
+    with torch.no_grad():  # the imported model computes what the original does
+        ref = hf(input_ids=ids, decoder_input_ids=ids) if seq2seq else hf(input_ids=ids)
+        assert_close_where(ours(ids, ids if seq2seq else None).logits, ref.logits, torch.ones_like(ids))
     convert_to_hf(tmp_path / "zenlm", tmp_path / "again")
     before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert before.keys() == after.keys()
