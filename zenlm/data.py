@@ -414,7 +414,7 @@ def build_shards(paths: Sequence[str], tokenizer: Tokenizer, config: DataConfig,
     options = {"format": fmt, "text_field": config.text_field, "source_field": config.source_field,
                "target_field": config.target_field, "messages_field": config.messages_field,
                "max_source_len": config.max_source_len, "max_target_len": config.max_target_len,
-               "max_len": config.seq_len + 1,
+               "max_len": config.seq_len,
                "dtype": "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"}
     tokenizer_json = tokenizer.backend.to_str()
     key = _fingerprint(files, tokenizer_json, options)

@@ -93,6 +93,7 @@ class TrainConfig:
     target_loss: Optional[float] = None  # stop once the validation loss reaches this (time-to-quality runs)
     precision: str = "auto"  # auto = bf16 autocast where the device supports it, else fp32
     compile: bool = False
+    fast_cpu: bool = False  # route fp32 Linear layers through oneDNN on CPU (zenlm.fast_cpu)
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # ddp | fsdp, used when launched by torchrun
     device: str = "auto"
@@ -431,6 +432,10 @@ class Trainer:
         self.device = torch.device(wanted)
         if config.threads:
             torch.set_num_threads(config.threads)
+        if config.fast_cpu and self.device.type == "cpu":
+            from .model import fast_cpu
+
+            fast_cpu(True)
         self.main = self.dist.main
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -445,9 +450,19 @@ class Trainer:
                                             progress=config.progress and self.main)
         if self.main:
             self._barrier()
-        window = config.data.seq_len + (1 if config.data.objective == "causal" else 0)
-        need = max(window, config.data.max_source_len, config.data.max_target_len) if not config.data.is_stream \
-            else window
+        d, family = config.data, self.model_config.family
+        allowed = {"causal": ("decoder-only",), "masked": ("encoder-only",), "denoise": ("encoder-decoder",),
+                   "seq2seq": ("encoder-decoder", "decoder-only"), "chat": ("encoder-decoder", "decoder-only")}
+        if family not in allowed[d.objective]:
+            raise ValueError(f"data.objective={d.objective!r} needs a {' or '.join(allowed[d.objective])} model; "
+                             f"the model is {family} (num_encoder_layers={self.model_config.num_encoder_layers}, "
+                             f"num_decoder_layers={self.model_config.num_decoder_layers})")
+        window = d.seq_len + (1 if d.objective == "causal" else 0)
+        if d.objective == "seq2seq":
+            need = d.max_source_len + d.max_target_len if family == "decoder-only" else \
+                max(d.max_source_len, d.max_target_len)
+        else:
+            need = window
         if need > self.model_config.max_position_embeddings:
             raise ValueError(f"data needs {need} positions (data.seq_len / max_source_len / max_target_len) but "
                              f"model.max_position_embeddings is {self.model_config.max_position_embeddings}")
@@ -637,7 +652,9 @@ class Trainer:
                     record = {"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50)),
                               "elapsed_s": round(time.perf_counter() - start_time, 3)}
                     self._log(log, record)
-                    bar.write(f"step {self.step}: val loss {val:.4f}, ppl {record['val_ppl']:.2f}") if self.main else None
+                    if self.main:
+                        message = f"step {self.step}: val loss {val:.4f}, ppl {record['val_ppl']:.2f}"
+                        bar.write(message) if c.progress else logger.info(message)
                     if val < self.best_loss - c.early_stopping_min_delta:
                         self.bad_evals = 0
                     else:
