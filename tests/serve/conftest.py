@@ -81,7 +81,7 @@ class Running:
 
 
 def start_server(tmp_path: Path, models: list, embeddings: list = (), database: str | None = None,
-                 **config) -> Running:
+                 port: int | None = None, **config) -> Running:
     """A real uvicorn server for an app over the given model folders, in a thread of this process."""
     import uvicorn
 
@@ -95,7 +95,7 @@ def start_server(tmp_path: Path, models: list, embeddings: list = (), database: 
     billing = app.app.state.server.billing
     billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, included_tokens=0, monthly_budget_micros=10 ** 9,
                         requests_per_minute=100_000, tokens_per_minute=10 ** 9, replace=True)
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

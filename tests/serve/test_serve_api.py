@@ -347,3 +347,24 @@ def test_admin_api_needs_the_admin_token(running):
     assert globex["margin_micros"] == globex["revenue_micros"] - globex["compute_cost_micros"]
     revoked = httpx.delete(running.url + f"/admin/keys/{created['prefix']}", headers=admin).json()
     assert revoked["revoked_at"] is not None
+
+
+def test_demo_setup_prints_a_curl_line_that_works(tmp_path, model_dir):
+    import shlex
+    import subprocess
+
+    from zenlm.serve import ServeConfig, demo_setup
+
+    from .conftest import free_port, start_server
+
+    db, port = str(tmp_path / "demo.sqlite3"), free_port()
+    info = demo_setup(ServeConfig(models=[str(model_dir)], database=db), port=port)
+    assert info["url"] == f"http://127.0.0.1:{port}/" and info["model"] == "tiny"
+    demo = start_server(tmp_path, [model_dir], database=db, port=port)
+    try:
+        out = subprocess.run(shlex.split(info["curl"]) + ["-s"], capture_output=True, text=True, timeout=60)
+        body = json.loads(out.stdout)
+        assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] > 0
+        assert body["usage"]["cost_micros"] == 0  # the demo plan's included tokens cover it
+    finally:
+        demo.stop()

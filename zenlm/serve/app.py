@@ -735,6 +735,28 @@ def build_server(config: ServeConfig):
     return create_app(catalog, billing, config)
 
 
+def demo_setup(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, customer: str = "demo",
+               plan: str = "demo", model: Optional[str] = None) -> dict:
+    """Make a demo plan (1.00 / 2.00 per million prompt / completion tokens, 100,000 included tokens,
+    a 10.00 monthly budget) if it is missing, and a fresh key for ``customer`` on it. Returns the
+    key, the playground URL and a curl line that works against ``serve(config, host, port)``."""
+    import shlex
+
+    billing = Billing.open(config.database)
+    if plan not in {p.name for p in billing.list_plans()}:
+        billing.create_plan(plan, {"*": (1_000_000, 2_000_000)}, included_tokens=100_000,
+                            monthly_budget_micros=10_000_000, requests_per_minute=120, tokens_per_minute=200_000)
+    key, _ = billing.create_key(customer, plan)
+    if model is None and config.models:
+        spec = config.models[0]
+        model = spec.partition("=")[0] if "=" in spec and not Path(spec).is_dir() else Path(spec).resolve().name
+    url = f"http://{host}:{port}"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+    curl = (f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    return {"key": key, "url": url + "/", "curl": curl, "model": model}
+
+
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the server until interrupted."""
     import uvicorn
