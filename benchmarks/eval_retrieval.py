@@ -62,82 +62,91 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--sets", default="scifact,nfcorpus,cranfield")
-    ap.add_argument("--skip-precisions", action="store_true")
+    ap.add_argument("--base", default="scifact,nfcorpus,cranfield", help="sets for BM25 / MiniLM / hybrid")
+    ap.add_argument("--tuned", default="scifact,nfcorpus,cranfield",
+                    help="sets for the model fine-tuned on SciFact train ('' = no fine-tuning)")
+    ap.add_argument("--precisions", default="bf16,int8", help="SciFact dense runs at these precisions ('' = none)")
     ap.add_argument("--others-precision", choices=("fp32", "bf16"), default="fp32",
-                    help="precision of every encoder run except dense MiniLM on SciFact (always fp32); "
-                         "bf16 is ~2-4x faster when the CPU is short")
+                    help="precision of every encoder run except dense MiniLM on SciFact (always fp32) and the "
+                         "--precisions runs; bf16 is ~2-4x faster when the CPU is short")
+    ap.add_argument("--results", default="results.json", help="file name inside --out (run stages in parallel)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     results: dict = {}
+    split = lambda value: [v for v in value.split(",") if v]  # noqa: E731
 
     def record(name: str, system: str, scores, seconds: float) -> None:
         results.setdefault(name, {})[system] = {**scores.means, "queries": scores.queries, "seconds": seconds}
         print(f"{name:10s} {system:28s} {scores}  [{seconds:.0f}s]", flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))  # partial results survive a stop
+        (out / args.results).write_text(json.dumps(results, indent=2))  # partial results survive a stop
 
-    base = Embedder.load(minilm_path(), name="all-MiniLM-L6-v2")
-    other = Embedder.load(minilm_path(), name="all-MiniLM-L6-v2", precision=args.others_precision)
     data = {}
-    for name in args.sets.split(","):
+    for name in dict.fromkeys(split(args.base) + split(args.tuned) + ["scifact"]):
         corpus_path, queries_path, qrels_path, fmt = SETS[name]
         docs, skipped = read_documents([corpus_path])
         assert not skipped, skipped
         data[name] = (docs, read_queries(queries_path), read_qrels(qrels_path, fmt))
+    tag = "" if args.others_precision == "fp32" else f" ({args.others_precision})"
 
-    for name, (docs, queries, qrels) in data.items():
+    for name in split(args.base):
+        docs, queries, qrels = data[name]
+        precision = "fp32" if name == "scifact" else args.others_precision
+        embedder = Embedder.load(minilm_path(), name="all-MiniLM-L6-v2", precision=precision)
         start = time.perf_counter()
-        index = get_index(out / f"{name}-minilm", docs, base if name == "scifact" else other)
+        index = get_index(out / (f"{name}-minilm" + ("" if precision == "fp32" else f"-{precision}")), docs, embedder)
         built = time.perf_counter() - start
         print(f"{name}: {len(index)} documents ready in {built:.0f}s", flush=True)
         for mode in ("bm25", "dense", "hybrid"):
             t = time.perf_counter()
             scores, _ = evaluate_index(index, queries, qrels, mode)
-            tag = "" if name == "scifact" or args.others_precision == "fp32" else f" ({args.others_precision})"
-            record(name, {"bm25": "BM25", "dense": "dense MiniLM", "hybrid": "hybrid BM25+MiniLM"}[mode]
-                   + ("" if mode == "bm25" else tag), scores,
-                   time.perf_counter() - t + (built if mode == "dense" else 0))
+            suffix = "" if mode == "bm25" or precision == "fp32" else f" ({precision})"
+            record(name, {"bm25": "BM25", "dense": "dense MiniLM", "hybrid": "hybrid BM25+MiniLM"}[mode] + suffix,
+                   scores, time.perf_counter() - t + (built if mode == "dense" else 0))
         index.close()
 
-    if "scifact" in data:
+    if split(args.tuned):
         docs, queries, _ = data["scifact"]
-        train = read_qrels(DATA / "scifact" / "qrels" / "train.tsv")
-        pairs = training_pairs(train, queries, {d.id: d for d in docs})
-        tuned = Embedder.load(minilm_path(), name="all-MiniLM-L6-v2", precision=args.others_precision)
-        print(f"fine-tuning on {len(pairs)} SciFact train pairs, {args.epochs} epoch(s)", flush=True)
-        config = ContrastiveConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                   precision=args.others_precision)
-        stats = contrastive_finetune(tuned, pairs, config, show_progress=True)
-        print(f"fine-tuning: {stats}", flush=True)
-        results["finetune"] = {**stats, "pairs": len(pairs), "epochs": args.epochs, "lr": args.lr,
-                               "batch_size": args.batch_size, "precision": args.others_precision}
-        tuned_dir = out / "minilm-scifact-tuned"
-        shutil.rmtree(tuned_dir, ignore_errors=True)
-        tuned.save(tuned_dir)
+        tuned_dir = out / f"minilm-scifact-tuned-e{args.epochs}-{args.others_precision}"
+        if (tuned_dir / "embedder.json").is_file():
+            tuned = Embedder.load(tuned_dir, precision=args.others_precision)
+            print(f"reusing the fine-tuned model in {tuned_dir}", flush=True)
+        else:
+            train = read_qrels(DATA / "scifact" / "qrels" / "train.tsv")
+            pairs = training_pairs(train, queries, {d.id: d for d in docs})
+            tuned = Embedder.load(minilm_path(), precision=args.others_precision)
+            print(f"fine-tuning on {len(pairs)} SciFact train pairs, {args.epochs} epoch(s)", flush=True)
+            config = ContrastiveConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       precision=args.others_precision)
+            stats = contrastive_finetune(tuned, pairs, config, show_progress=True)
+            print(f"fine-tuning: {stats}", flush=True)
+            results["finetune"] = {**stats, "pairs": len(pairs), "epochs": args.epochs, "lr": args.lr,
+                                   "batch_size": args.batch_size, "precision": args.others_precision}
+            tuned.save(tuned_dir)
         tuned.name = "all-MiniLM-L6-v2 + SciFact MNRL"
-        for name, (docs, queries, qrels) in data.items():
+        for name in split(args.tuned):
+            docs, queries, qrels = data[name]
             t = time.perf_counter()
-            index = get_index(out / f"{name}-tuned", docs, tuned)
+            index = get_index(out / f"{name}-tuned-e{args.epochs}-{args.others_precision}", docs, tuned)
             built = time.perf_counter() - t
-            tag = "" if args.others_precision == "fp32" else f" ({args.others_precision})"
             for mode, system in (("dense", "dense fine-tuned" + tag), ("hybrid", "hybrid BM25+fine-tuned" + tag)):
                 t = time.perf_counter()
                 scores, _ = evaluate_index(index, queries, qrels, mode)
                 record(name, system, scores, time.perf_counter() - t + (built if mode == "dense" else 0))
             index.close()
 
-    if "scifact" in data and not args.skip_precisions:
-        docs, queries, qrels = data["scifact"]
-        for precision in ("bf16", "int8"):
-            low = Embedder.load(minilm_path(), precision=precision, name="all-MiniLM-L6-v2")
-            t = time.perf_counter()
-            ix = get_index(out / f"scifact-minilm-{precision}", docs, low)
-            scores, _ = evaluate_index(ix, queries, qrels, "dense")
-            record("scifact", f"dense MiniLM {precision}", scores, time.perf_counter() - t)
-            ix.close()
+    docs, queries, qrels = data["scifact"]
+    for precision in split(args.precisions):
+        low = Embedder.load(minilm_path(), precision=precision, name="all-MiniLM-L6-v2")
+        t = time.perf_counter()
+        ix = get_index(out / f"scifact-minilm-{precision}", docs, low)
+        for mode in ("dense", "hybrid"):
+            scores, _ = evaluate_index(ix, queries, qrels, mode)
+            label = "dense MiniLM" if mode == "dense" else "hybrid BM25+MiniLM"
+            record("scifact", f"{label} ({precision})", scores, time.perf_counter() - t)
+        ix.close()
 
     print("\n| set | system | nDCG@10 | Recall@100 | MRR@10 | queries |\n|---|---|---|---|---|---|")
     for name, systems in results.items():
@@ -146,7 +155,7 @@ def main() -> None:
         for system, r in systems.items():
             print(f"| {name} | {system} | {r['nDCG@10']:.4f} | {r['Recall@100']:.4f} | {r['MRR@10']:.4f} | "
                   f"{r['queries']} |")
-    print(f"\nwritten {out / 'results.json'}", file=sys.stderr)
+    print(f"\nwritten {out / args.results}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,9 @@ def test_bm25_only_index(tmp_path):
     with pytest.raises(ValueError, match="without a model"):
         index.search("chess", mode="dense")
     assert index.search("the of and", k=3, mode="bm25") == []  # stop-words only: no match, no error
+    index.close()
+    assert main(["search", str(tmp_path / "ix"), "chess endgames"]) == 0  # the CLI falls back to bm25
+    assert main(["search", str(tmp_path / "ix"), "chess", "--mode", "dense"]) == 2
 
 
 def test_interrupted_build_and_update_leave_previous_index(tmp_path, embedder):

@@ -416,7 +416,8 @@ def add_search(sub) -> None:
     p.add_argument("dir")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--mode", choices=("bm25", "dense", "hybrid"), default="hybrid")
+    p.add_argument("--mode", choices=("bm25", "dense", "hybrid"), default=None,
+                   help="default: hybrid, or bm25 for an index built without a model")
     p.add_argument("--model", default=None, help="default: the model folder the index was built with")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
     p.set_defaults(func=run_search)
@@ -428,7 +429,7 @@ def run_search(args) -> None:
     from .retrieval.index import Index
 
     with Index.open(args.dir, args.model) as index:
-        hits = index.search(args.query, k=args.k, mode=args.mode)
+        hits = index.search(args.query, k=args.k, mode=args.mode or ("hybrid" if index.model else "bm25"))
     for rank, h in enumerate(hits, 1):
         if args.json:
             print(json.dumps({"rank": rank, "id": h.id, "score": h.score, "title": h.title, "text": h.text},
@@ -444,7 +445,8 @@ def add_ask(sub) -> None:
     p.add_argument("model", help="generator model folder (decoder-only or encoder-decoder)")
     p.add_argument("question")
     p.add_argument("-k", type=int, default=3, help="passages to put in the prompt")
-    p.add_argument("--mode", choices=("bm25", "dense", "hybrid"), default="hybrid")
+    p.add_argument("--mode", choices=("bm25", "dense", "hybrid"), default=None,
+                   help="default: hybrid, or bm25 for an index built without a model")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--embed-model", default=None, help="default: the model the index was built with")
     p.set_defaults(func=run_ask)
@@ -457,7 +459,8 @@ def run_ask(args) -> None:
 
     generator = load(args.model)
     with Index.open(args.dir, args.embed_model) as index:
-        answer = ask(index, generator, args.question, k=args.k, mode=args.mode, tokenizer=load_tokenizer(args.model),
+        mode = args.mode or ("hybrid" if index.model else "bm25")
+        answer = ask(index, generator, args.question, k=args.k, mode=mode, tokenizer=load_tokenizer(args.model),
                      max_new_tokens=args.max_new_tokens)
     print(answer.text)
     print(f"sources: {', '.join(answer.citations)}" + (f" (named in the answer: {', '.join(answer.cited)})"
