@@ -469,15 +469,20 @@ class TensorFiles:
         self._open: dict[Path, Any] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         d = self.directory
+        self.source = d  # the file a missing tensor should have been in: the weights file or the shard index
         if (d / "model.safetensors").exists():
-            self._add_safetensors(d / "model.safetensors")
+            self.source = d / "model.safetensors"
+            self._add_safetensors(self.source)
         elif (d / "model.safetensors.index.json").exists():
-            for shard in self._shards(d / "model.safetensors.index.json"):
+            self.source = d / "model.safetensors.index.json"
+            for shard in self._shards(self.source):
                 self._add_safetensors(shard)
         elif (d / "pytorch_model.bin").exists():
-            self._add_bin(d / "pytorch_model.bin")
+            self.source = d / "pytorch_model.bin"
+            self._add_bin(self.source)
         elif (d / "pytorch_model.bin.index.json").exists():
-            for shard in self._shards(d / "pytorch_model.bin.index.json"):
+            self.source = d / "pytorch_model.bin.index.json"
+            for shard in self._shards(self.source):
                 self._add_bin(shard)
         else:
             raise FileNotFoundError(f"{d} has no weights: expected model.safetensors, model.safetensors.index.json, "
@@ -530,9 +535,6 @@ class TensorFiles:
         except Exception as e:
             raise ValueError(f"{path}: refused to load (only plain tensors are read from .bin files, "
                              f"with torch.load(weights_only=True)): {str(e).splitlines()[0]}") from None
-
-    def files(self) -> str:
-        return ", ".join(sorted({str(p) for p in self.where.values()})) or str(self.directory)
 
     def shape(self, name: str) -> tuple[int, ...]:
         path = self.where[name]
@@ -611,7 +613,7 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
         for source, rows in zip(sources, sizes):
             stored = _resolve(files, family, source)
             if stored is None:
-                raise ValueError(f"{files.files()}: missing tensor {source!r} (needed for {ours})")
+                raise ValueError(f"{files.source}: missing tensor {source!r} (needed for {ours})")
             want = (rows, *shape[1:])
             if template in family.transposed:
                 want = want[::-1]
