@@ -733,10 +733,59 @@ def run_explain(args) -> None:
     print(f"report: {index}")
 
 
+# --------------------------------------------------------------------------- estimate
+def _count(text: str) -> float:
+    """A count written as 1.3e11, 132e9, 110M, 3.3B or 1,000,000."""
+    t = text.strip().replace(",", "").replace("_", "")
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}.get(t[-1:].lower(), 1.0)
+    try:
+        return float(t[:-1] if scale != 1.0 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def add_estimate(sub) -> None:
+    p = sub.add_parser("estimate", help="training FLOPs, wall time, energy and cost of a run",
+                       description="zenlm estimate --preset NAME|--params N --tokens T --hardware cpu|a100|h100|custom")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--preset", help="a preset name (counts attention FLOPs too)")
+    what.add_argument("--params", type=_count, help="parameter count, e.g. 110M (6N FLOPs per token)")
+    p.add_argument("--tokens", type=_count, help="training tokens, e.g. 132e9 (= tokens per epoch x epochs)")
+    p.add_argument("--hardware", default="cpu", help="cpu (this machine, calibrated) | a100 | h100 | custom")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation in (0, 1]")
+    p.add_argument("--price-per-hour", type=float, default=None, help="USD per device-hour")
+    p.add_argument("--peak-flops", type=_count, default=None, help="peak FLOP/s per device (custom hardware)")
+    p.add_argument("--watts", type=float, default=None, help="power per device")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention term")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine's trainer throughput first (about a minute) and cache it")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for --calibrate")
+    p.set_defaults(func=run_estimate)
+
+
+def run_estimate(args) -> None:
+    from .estimate import calibrate, estimate
+
+    if args.calibrate:
+        cal = calibrate(threads=args.threads)
+        print(f"calibrated: {cal['tokens_per_s']:,.0f} tokens/s, MFU {cal['mfu']:.1%} of a measured "
+              f"{cal['peak_flops'] / 1e9:,.0f} GFLOP/s peak (cached)")
+        if args.tokens is None:
+            return
+    if args.tokens is None:
+        raise ValueError("--tokens is required (e.g. --tokens 132e9)")
+    if args.preset is None and args.params is None:
+        raise ValueError("give --preset NAME or --params N")
+    print(estimate(args.tokens, preset=args.preset, params=args.params, hardware=args.hardware, mfu=args.mfu,
+                   price_per_hour=args.price_per_hour, peak_flops=args.peak_flops, watts=args.watts,
+                   devices=args.devices, seq_len=args.seq_len).summary())
+
+
 # --------------------------------------------------------------------------- main
 COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert,
                             add_index, add_search, add_ask, add_evaluate, add_serve, add_keys, add_plans, add_billing,
-                            add_translate, add_chat, add_finetune, add_prepare, add_quantize, add_explain]
+                            add_translate, add_chat, add_finetune, add_prepare, add_quantize, add_explain, add_estimate]
 
 
 def build_parser() -> argparse.ArgumentParser:
