@@ -124,3 +124,33 @@ def test_chat_perplexity_matches_a_direct_computation(tmp_path, family):
                 n += len(tgt)
     assert result["tokens"] == n
     assert result["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
+def test_inference_prompt_is_what_training_feeds(tmp_path, family):
+    """The chat objective's batches (zenlm.data) and ChatSession build the same token layout."""
+    import json
+
+    from zenlm.data import DataConfig, load_datasets
+
+    path = save_tiny(tmp_path / "m", family)
+    model, tok = load(path), load_tokenizer(path)
+    conv = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "How are you?"},
+            {"role": "assistant", "content": "Fine."}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": conv}) + "\n")
+    config = DataConfig(train=[str(data)], valid=[str(data)], format="chat", objective="chat", seq_len=96,
+                        max_source_len=96, max_target_len=96, cache_dir=str(tmp_path / "cache"))
+    batch = load_datasets(config, tok, family, seed=0, progress=False).valid.batch([0])
+    session = ChatSession(model, tok, system="Be kind.", max_new_tokens=8)
+    session.history = conv[1:3]
+    _, prompt = session.prompt("How are you?")
+    reply = tok.encode("Fine.<|end|>")
+    if family == "encoder-decoder":  # source = conversation up to the reply, target = reply + <|end|>
+        assert batch["input_ids"][0].tolist() == prompt
+        assert batch["labels"][0].tolist() == reply
+    else:  # one sequence; the inference prompt is its prefix, the reply is what carries loss
+        ids = batch["input_ids"][0].tolist()
+        assert ids == prompt + reply
+        assert [t for t in batch["labels"][0].tolist()[len(prompt):]] == reply
