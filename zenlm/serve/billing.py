@@ -43,6 +43,7 @@ from .store import api_keys, customers, key_months, plan_prices, plans, rate_win
 MICROS = 1_000_000
 KEY_PREFIX = "zk-"
 WINDOW_S = 60
+LIMIT = 2 ** 53  # the largest price, budget or count stored: well inside a 64-bit column
 
 
 # --------------------------------------------------------------------------- money
@@ -185,12 +186,16 @@ class Billing:
         if not prices:
             raise ValueError("a plan needs at least one price (model -> prompt, completion per million tokens)")
         for model, (p, c) in prices.items():
-            if not isinstance(p, int) or not isinstance(c, int) or p < 0 or c < 0:
-                raise ValueError(f"prices for {model!r} must be integer micros >= 0, got {(p, c)!r}")
-        for what, value, low in (("included_tokens", included_tokens, 0), ("monthly_budget_micros", monthly_budget_micros, 0),
-                                 ("requests_per_minute", requests_per_minute, 1), ("tokens_per_minute", tokens_per_minute, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+            if not isinstance(p, int) or not isinstance(c, int) or not (0 <= p <= LIMIT and 0 <= c <= LIMIT):
+                raise ValueError(f"prices for {model!r} must be integer micros in [0, {LIMIT}], got {(p, c)!r}")
+            if not isinstance(model, str) or not 1 <= len(model) <= 128:
+                raise ValueError(f"model names in prices must be 1-128 characters, got {model!r}")
+        for what, value, low, high in (("included_tokens", included_tokens, 0, LIMIT),
+                                       ("monthly_budget_micros", monthly_budget_micros, 0, LIMIT),
+                                       ("requests_per_minute", requests_per_minute, 1, 2 ** 31 - 1),
+                                       ("tokens_per_minute", tokens_per_minute, 1, LIMIT)):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
         values = dict(included_tokens=included_tokens, monthly_budget_micros=monthly_budget_micros,
                       requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
         with self._begin() as conn:
@@ -233,8 +238,8 @@ class Billing:
         time it is ever visible — and the stored record."""
         if not customer or len(customer) > 128:
             raise ValueError(f"customer name must be 1-128 characters, got {customer!r}")
-        if expires_in_days is not None and not expires_in_days > 0:
-            raise ValueError(f"expires_in_days must be > 0, got {expires_in_days!r}")
+        if expires_in_days is not None and not 0 < expires_in_days <= 36_500:
+            raise ValueError(f"expires_in_days must be in (0, 36500], got {expires_in_days!r}")
         plan_obj = self.get_plan(plan)
         now = int(time.time())
         expires = None if expires_in_days is None else now + int(expires_in_days * 86400)

@@ -13,6 +13,9 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+BIG = 2 ** 53  # limits stored numbers: far beyond any real price or count, inside a 64-bit column
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -338,17 +341,17 @@ class HealthResponse(Response):
 class ModelPrice(Request):
     """Prices per million tokens in micro-units (1 currency unit = 1,000,000 micros)."""
 
-    prompt_micros_per_million: int = Field(ge=0)
-    completion_micros_per_million: int = Field(ge=0)
+    prompt_micros_per_million: int = Field(ge=0, le=BIG)
+    completion_micros_per_million: int = Field(ge=0, le=BIG)
 
 
 class PlanIn(Request):
     name: str = Field(min_length=1, max_length=64)
     prices: dict[str, ModelPrice] = Field(description="per model id; '*' applies to models not listed")
-    included_tokens: int = Field(0, ge=0)
-    monthly_budget_micros: int = Field(0, ge=0)
-    requests_per_minute: int = Field(60, ge=1)
-    tokens_per_minute: int = Field(100_000, ge=1)
+    included_tokens: int = Field(0, ge=0, le=BIG)
+    monthly_budget_micros: int = Field(0, ge=0, le=BIG)
+    requests_per_minute: int = Field(60, ge=1, le=2 ** 31 - 1)
+    tokens_per_minute: int = Field(100_000, ge=1, le=BIG)
 
 
 class PlanOut(PlanIn):
@@ -363,7 +366,7 @@ class PlanList(Response):
 class KeyIn(Request):
     customer: str = Field(min_length=1, max_length=128)
     plan: str = Field(min_length=1, max_length=64)
-    expires_in_days: Optional[float] = Field(None, gt=0)
+    expires_in_days: Optional[float] = Field(None, gt=0, le=36_500)
 
 
 class KeyOut(Response):
