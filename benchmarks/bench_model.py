@@ -198,31 +198,43 @@ def hf_loss(model, src, dec, labels):
     return model(input_ids=src, decoder_input_ids=dec, labels=labels, use_cache=False).loss
 
 
-def train_step_fn(model, loss_fn, batch, bf16: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def train_step_fn(model, loss_fn, batch, bf16: bool, fused: bool, fast: bool | None = None):
+    """One AdamW step; ``fast`` sets zenlm.fast_cpu() for the duration (None: leave as is)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast(bf16):
-            loss = loss_fn(model, *batch)
-        loss.backward()
-        opt.step()
+        previous = zenlm.model._FAST_CPU["enabled"]
+        if fast is not None:
+            zenlm.fast_cpu(fast)
+        try:
+            opt.zero_grad(set_to_none=True)
+            with autocast(bf16):
+                loss = loss_fn(model, *batch)
+            loss.backward()
+            opt.step()
+        finally:
+            zenlm.fast_cpu(previous)
     return step
 
 
-def forward_fns(zen, hf, bf16: bool):
+def forward_fns(zen, hf, bf16: bool, fast: bool):
     src = torch.randint(3, zen.config.vocab_size, (1, SEQ_FORWARD), generator=torch.Generator().manual_seed(2))
     dec = torch.randint(3, zen.config.vocab_size, (1, SEQ_FORWARD), generator=torch.Generator().manual_seed(3))
     backbone = hf.model  # BartModel
 
-    def zen_fwd():
-        with torch.inference_mode(), autocast(bf16):
-            zenlm.TransformerModel.forward(zen, src, dec)
+    def zen_fwd(fast=fast):
+        previous = zenlm.model._FAST_CPU["enabled"]
+        zenlm.fast_cpu(fast)
+        try:
+            with torch.inference_mode(), autocast(bf16):
+                zenlm.TransformerModel.forward(zen, src, dec)
+        finally:
+            zenlm.fast_cpu(previous)
 
     def hf_fwd():
         with torch.inference_mode(), autocast(bf16):
             backbone(input_ids=src, decoder_input_ids=dec, use_cache=False)
-    return zen_fwd, hf_fwd
+    return zen_fwd, hf_fwd, lambda: zen_fwd(False)
 
 
 def check_parity(zen, hf) -> float:
@@ -241,6 +253,11 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (noisier)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     ap.add_argument("--no-fast-cpu", action="store_true", help="time zenlm without zenlm.fast_cpu()")
+    ap.add_argument("--plain", action="store_true",
+                    help="also time zenlm without fast_cpu() (to see what the oneDNN route brings)")
+    ap.add_argument("--optimizer", choices=("fused", "default"), default="fused",
+                    help="AdamW implementation, the same for both models (fused: torch's fused CPU kernel, "
+                         "what zenlm's trainer uses; default: torch's per-tensor loop)")
     ap.add_argument("--only", choices=("forward", "train"), default=None)
     ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     args = ap.parse_args(argv)
@@ -249,10 +266,9 @@ def main(argv=None) -> None:
     reps = args.reps or (3 if args.quick else 7)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, threads={torch.get_num_threads()}")
-    fast = not args.no_fast_cpu and hasattr(zenlm, "fast_cpu")
-    if fast:
-        zenlm.fast_cpu()
-    print(f"zenlm fast_cpu(): {'on' if fast else 'off'}")
+    fast = zenlm.fast_cpu(not args.no_fast_cpu)
+    zenlm.fast_cpu(False)
+    print(f"zenlm fast_cpu(): {'on' if fast else 'off'}; AdamW: {args.optimizer} (both models)")
 
     peaks = measure_peaks(reps=3 if args.quick else 6)
     for name, gflops in peaks.items():
@@ -282,32 +298,40 @@ def main(argv=None) -> None:
     for bf16 in precisions:
         label = "bf16 autocast" if bf16 else "fp32"
         if args.only in (None, "forward"):
-            zf, hfwd = forward_fns(zen, hf, bf16)
-            t = alternate({"zenlm": zf, "hf": hfwd}, warmup=2, reps=reps)
+            zf, hfwd, plain = forward_fns(zen, hf, bf16, fast)
+            fns = {"zenlm": zf, "hf": hfwd, **({"zenlm plain": plain} if args.plain else {})}
+            t = alternate(fns, warmup=2, reps=reps)
             flops = flops_per_step(zen.config, 1, SEQ_FORWARD, SEQ_FORWARD, training=False, logits=False)
             rows.append((f"forward latency (1,512)+(1,512) {label}", t, "s", flops, peak[bf16], False))
         if args.only in (None, "train"):
             batch = make_batch(zen.config.vocab_size)
             zen.train(), hf.train()
-            fns = {"zenlm": train_step_fn(zen, zen_loss, batch, bf16), "hf": train_step_fn(hf, hf_loss, batch, bf16)}
+            fused = args.optimizer == "fused"
+            fns = {"zenlm": train_step_fn(zen, zen_loss, batch, bf16, fused, fast),
+                   "hf": train_step_fn(hf, hf_loss, batch, bf16, fused)}
+            if args.plain:
+                fns["zenlm plain"] = train_step_fn(zen, zen_loss, batch, bf16, fused, False)
             t = alternate(fns, warmup=2, reps=max(3, reps - 2))
             zen.eval(), hf.eval()
             flops = flops_per_step(zen.config, BATCH, SEQ_TRAIN, SEQ_TRAIN, training=True, logits=True)
             rows.append((f"training step 8x128+8x128 AdamW {label}", t, "tok/s", flops, peak[bf16], True))
 
     print()
-    print(f"{'measurement':48s} {'zenlm':>10s} {'HF BART':>10s} {'zenlm/HF':>9s} {'MFU zenlm':>10s} {'MFU HF':>8s}")
+    extra = f" {'plain':>10s} {'plain/HF':>9s}" if args.plain else ""
+    print(f"{'measurement':50s} {'zenlm':>10s} {'HF BART':>10s} {'zenlm/HF':>9s} {'MFU zenlm':>10s} {'MFU HF':>8s}"
+          + extra)
+    tokens = 2 * BATCH * SEQ_TRAIN
+
+    def show(seconds: float, is_train: bool) -> str:
+        return f"{tokens / seconds:,.0f}" if is_train else f"{seconds:.3f}"
+
     for name, t, unit, flops, pk, is_train in rows:
-        if is_train:
-            tokens = 2 * BATCH * SEQ_TRAIN
-            z, h, ratio = tokens / t["zenlm"], tokens / t["hf"], t["hf"] / t["zenlm"]
-            zs, hs = f"{z:,.0f}", f"{h:,.0f}"
-        else:
-            ratio = t["hf"] / t["zenlm"]
-            zs, hs = f"{t['zenlm']:.3f}", f"{t['hf']:.3f}"
-        mfu_z = flops / t["zenlm"] / 1e9 / pk
-        mfu_h = flops / t["hf"] / 1e9 / pk
-        print(f"{name + ' (' + unit + ')':48s} {zs:>10s} {hs:>10s} {ratio:8.2f}x {mfu_z:9.1%} {mfu_h:7.1%}")
+        mfu = {k: flops / v / 1e9 / pk for k, v in t.items()}
+        line = (f"{name + ' (' + unit + ')':50s} {show(t['zenlm'], is_train):>10s} {show(t['hf'], is_train):>10s} "
+                f"{t['hf'] / t['zenlm']:8.2f}x {mfu['zenlm']:9.1%} {mfu['hf']:7.1%}")
+        if "zenlm plain" in t:
+            line += f" {show(t['zenlm plain'], is_train):>10s} {t['hf'] / t['zenlm plain']:8.2f}x"
+        print(line)
     print("\nratio = HF time / zenlm time (>1: zenlm faster); MFU against the best measured peak of the "
           "precision used (fp32: max of MKL and oneDNN paths).")
 

@@ -103,3 +103,25 @@ def test_state_dict_keys_unchanged_by_linear_subclass():
     keys = set(TransformerLM(config).state_dict())
     assert "encoder.layers.0.attn.qkv.weight" in keys and "decoder.layers.0.cross_attn.kv.bias" in keys
     assert all(isinstance(m, torch.nn.Linear) for n, m in TransformerLM(config).named_modules() if n.endswith("qkv"))
+
+
+def test_bf16_inference_weight_cache_matches_autocast_and_follows_updates():
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = layer(x)
+        zenlm.fast_cpu()
+        try:
+            cached = layer(x)
+            assert hasattr(layer.weight, "_zenlm_bf16")
+            layer.weight.mul_(2)  # an in-place update must invalidate the cached bf16 copy
+            updated = layer(x)
+        finally:
+            zenlm.fast_cpu(False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh context: autocast's own cache
+        expected = layer(x)
+    assert cached.dtype == updated.dtype == torch.bfloat16
+    torch.testing.assert_close(cached, plain, rtol=0, atol=0)
+    torch.testing.assert_close(updated, expected, rtol=0, atol=0)
+    assert not torch.equal(updated, cached)

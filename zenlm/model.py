@@ -174,8 +174,25 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _bf16_copy(t: torch.Tensor) -> torch.Tensor:
+    """t cast to bf16, kept on the tensor until it changes (in-place updates bump ``_version``),
+    so repeated bf16-autocast inference does not re-cast every weight on every call."""
+    key = (t._version, t.data_ptr())
+    cached = getattr(t, "_zenlm_bf16", None)
+    if cached is None or cached[0] != key:
+        cached = (key, t.detach().to(torch.bfloat16))
+        t._zenlm_bf16 = cached
+    return cached[1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear``, through oneDNN for fp32 CPU tensors once ``fast_cpu()`` is on."""
+    """``F.linear``, through oneDNN for fp32 CPU tensors once ``fast_cpu()`` is on; under bf16
+    autocast without autograd (inference) it reuses cached bf16 weights: the same casts autocast makes."""
+    if (_FAST_CPU["enabled"] and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling()):
+        return F.linear(x.to(torch.bfloat16), _bf16_copy(weight), None if bias is None else _bf16_copy(bias))
     if (_FAST_CPU["enabled"] and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.numel() > 0
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
@@ -467,6 +484,10 @@ class TransformerModel(nn.Module):
             return position_ids
         return torch.arange(past, past + ids.size(1), device=ids.device)[None].expand(ids.size(0), -1)
 
+    def _token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        return x * self.embed_scale if self.embed_scale != 1.0 else x  # skip a no-op pass (and its backward)
+
     # ---------------------------------------------------------------- the two halves
     def encode(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
@@ -478,7 +499,7 @@ class TransformerModel(nn.Module):
                                            int(token_type_ids.max()) >= max(self.config.type_vocab_size, 1)):
             raise ValueError(f"token_type_ids must match input_ids' shape {tuple(input_ids.shape)} and lie in "
                              f"[0, type_vocab_size={self.config.type_vocab_size})")
-        x = self.embed_tokens(input_ids) * self.embed_scale
+        x = self._token_embeddings(input_ids)
         hidden, attn, _ = self.encoder(x, self._positions(input_ids, 0, position_ids), mask, token_type_ids,
                                        need_weights=output_attentions)
         return hidden, attn
@@ -493,7 +514,7 @@ class TransformerModel(nn.Module):
         self._check_ids(name, decoder_input_ids, past)
         mask = self._check_mask(name.replace("input_ids", "attention_mask"), attention_mask,
                                 decoder_input_ids.size(0), (decoder_input_ids.size(1) + past,))
-        x = self.embed_tokens(decoder_input_ids) * self.embed_scale
+        x = self._token_embeddings(decoder_input_ids)
         return self.decoder(x, self._positions(decoder_input_ids, past, position_ids), mask, token_type_ids,
                             memory, memory_mask, cache, output_attentions)
 
