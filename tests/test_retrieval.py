@@ -106,7 +106,10 @@ def test_embedder_precisions_and_truncation(tokenizer, caplog):
         assert (out * ref).sum(1).min() > floor, precision
     int8 = Embedder(model, tokenizer, precision="int8").model
     assert any("quantized" in type(m).__module__ for m in int8.modules())
-    assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)  # base untouched
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantized = {n for n, m in int8.named_modules() if "quantized" in type(m).__module__}
+    assert set(linears) <= quantized  # every Linear, zenlm's subclass included
+    assert all(isinstance(m.weight, torch.nn.Parameter) for n, m in model.named_modules() if n in linears)
     e = Embedder(model, tokenizer, max_length=8)
     with caplog.at_level("WARNING"):
         e.encode(TEXTS[:3])

@@ -126,14 +126,25 @@ class Embedder:
             import copy
 
             return copy.deepcopy(model).to(torch.bfloat16).eval()
+        import copy
         import warnings
 
+        model = copy.deepcopy(model)
+        # torch's dynamic quantisation swaps only modules whose type is exactly nn.Linear;
+        # zenlm's Linear subclass (same parameters, a faster forward) is turned back into one
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear) and type(child) is not torch.nn.Linear:
+                    plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                    plain.weight, plain.bias = child.weight, child.bias
+                    setattr(parent, name, plain)
         with warnings.catch_warnings():  # torch marks its eager quantisation API deprecated; it still works
             warnings.simplefilter("ignore")
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
             # per-channel weight scales: per-tensor ones cost MiniLM several points of cosine
-            return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8).eval()
+            return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                                    inplace=True).eval()
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], precision: str = "fp32", batch_size: int = 32,
