@@ -224,6 +224,8 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with keys, plans, budgets and a usage ledger")
     p.add_argument("models", nargs="*", metavar="MODEL_DIR", help="model folders to serve (NAME=DIR to rename)")
     p.add_argument("--embeddings", action="append", default=[], metavar="DIR", help="an embedding model folder")
+    p.add_argument("--index", action="append", default=[], metavar="DIR",
+                   help="a search index folder (zenlm index build) for /v1/search and the playground")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _database_arg(p)
@@ -243,7 +245,7 @@ def run_serve(args) -> None:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
-    config = ServeConfig(models=args.models, embeddings=args.embeddings, database=args.database,
+    config = ServeConfig(models=args.models, embeddings=args.embeddings, indexes=args.index, database=args.database,
                          admin_token=args.admin_token or os.environ.get("ZENLM_ADMIN_TOKEN"),
                          hardware_price_per_hour=args.hardware_price, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, lease_s=args.lease)
