@@ -10,9 +10,29 @@ import numpy as np
 import openai
 
 try:  # the openai client brings one of the two
-    import httpx2 as httpx
+    import httpx2 as _httpx
 except ImportError:  # pragma: no cover
-    import httpx
+    import httpx as _httpx
+
+
+class httpx:  # noqa: N801 - the library with a timeout that suits a loaded 2-core machine
+    HTTPError = _httpx.HTTPError
+
+    @staticmethod
+    def get(*args, **kwargs):
+        return _httpx.get(*args, **{"timeout": 60, **kwargs})
+
+    @staticmethod
+    def post(*args, **kwargs):
+        return _httpx.post(*args, **{"timeout": 60, **kwargs})
+
+    @staticmethod
+    def delete(*args, **kwargs):
+        return _httpx.delete(*args, **{"timeout": 60, **kwargs})
+
+    @staticmethod
+    def stream(*args, **kwargs):
+        return _httpx.stream(*args, **{"timeout": 60, **kwargs})
 import pytest
 import torch
 
@@ -368,3 +388,34 @@ def test_demo_setup_prints_a_curl_line_that_works(tmp_path, model_dir):
         assert body["usage"]["cost_micros"] == 0  # the demo plan's included tokens cover it
     finally:
         demo.stop()
+
+
+def test_search_route_returns_what_the_index_returns(tmp_path, model_dir):
+    pytest.importorskip("faiss", reason="the retrieval extra is not installed")
+    from zenlm.retrieval.corpora import Document
+    from zenlm.retrieval.embed import Embedder
+    from zenlm.retrieval.index import Index
+
+    from .conftest import start_server
+
+    docs = [Document(f"d{i}", text, title=f"doc {i}") for i, text in enumerate([
+        "the quick brown fox jumps over the lazy dog", "serving models with continuous batching",
+        "a ledger row is written exactly once", "budgets hold under concurrency", "hello world program"])]
+    Index.build(tmp_path / "idx", docs, Embedder.load(model_dir)).close()
+    running = start_server(tmp_path, [model_dir], indexes=[f"docs={tmp_path / 'idx'}"])
+    try:
+        key = running.key()
+        assert "docs" in [m["id"] for m in httpx.get(running.base_url + "/models").json()["data"]]
+        reference = Index.open(tmp_path / "idx")
+        for mode in ("bm25", "dense", "hybrid"):
+            r = post(running, "/search", {"model": "docs", "query": "ledger written once", "k": 3, "mode": mode}, key)
+            assert r.status_code == 200, r.text
+            want = reference.search("ledger written once", 3, mode)
+            assert [h["id"] for h in r.json()["data"]] == [h.id for h in want]
+            assert [h["score"] for h in r.json()["data"]] == pytest.approx([h.score for h in want], abs=1e-5)
+            assert r.json()["usage"]["prompt_tokens"] == 3
+        assert_error(post(running, "/search", {"model": "docs", "query": ""}, key), 400)
+        assert_error(post(running, "/search", {"model": "tiny", "query": "x"}, key), 400)
+        assert len([row for row in running.billing.ledger() if row["route"] == "/v1/search"]) == 3
+    finally:
+        running.stop()

@@ -60,7 +60,7 @@ def test_64_streaming_clients_ledger_equals_what_they_received(tmp_path, model_d
         assert sum(r["revenue_micros"] for r in rows) == sum(u.cost_micros for _, u in received)
         month = running.billing.key_month(key[:11])
         assert month["reserved_micros"] == 0 and month["spent_micros"] == sum(r["revenue_micros"] for r in rows)
-        metrics = httpx.get(running.url + "/metrics").text
+        metrics = httpx.get(running.url + "/metrics", timeout=60).text
         batch_counts = [line for line in metrics.splitlines() if line.startswith('zenlm_batch_size_bucket{le="8.0"')]
         total = [line for line in metrics.splitlines() if line.startswith("zenlm_batch_size_count")]
         assert float(batch_counts[0].split()[-1]) < float(total[0].split()[-1])  # some steps had > 8 rows
@@ -194,9 +194,10 @@ def test_two_server_processes_on_one_postgres_share_a_budget(model_dir):
         assert month["spent_micros"] == sum(b["usage"]["cost_micros"] for b in ok) <= 6 * 65 + 20
         assert len(billing.ledger()) == len(ok)
         # keys are shared too: revoked through one server's admin API, refused by the other
-        httpx.delete(f"http://127.0.0.1:{ports[0]}/admin/keys/{key[:11]}", headers={"Authorization": f"Bearer {ADMIN}"})
+        httpx.delete(f"http://127.0.0.1:{ports[0]}/admin/keys/{key[:11]}", headers={"Authorization": f"Bearer {ADMIN}"},
+                     timeout=60)
         r = httpx.post(f"http://127.0.0.1:{ports[1]}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                       json={"model": "tiny", "messages": CHAT, "max_tokens": 1})
+                       json={"model": "tiny", "messages": CHAT, "max_tokens": 1}, timeout=60)
         assert r.status_code == 401
     finally:
         for p in procs:

@@ -43,6 +43,7 @@ class ServeConfig:
 
     models: list[str] = field(default_factory=list)  # folders (or NAME=DIR) of generating/translating models
     embeddings: list[str] = field(default_factory=list)  # folders of embedding models
+    indexes: list[str] = field(default_factory=list)  # search index folders (zenlm index build)
     database: Optional[str] = None  # SQLite path or postgresql:// URL; default $ZENLM_DATABASE_URL or ./zenlm.sqlite3
     admin_token: Optional[str] = None  # guards /admin/*; none = admin API off
     hardware_price_per_hour: str = "0"  # the operator's cost of this machine, currency units per hour
@@ -143,7 +144,8 @@ class _BodyTooLarge(Exception):
 
 
 def _route_label(path: str) -> str:
-    for known in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/translations", "/v1/models"):
+    for known in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/translations", "/v1/search",
+                  "/v1/models"):
         if path.startswith(known):
             return known
     return "/admin" if path.startswith("/admin/") else "other"
@@ -644,6 +646,29 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
             request, res, Usage(prompt_tokens, completion, 0, compute_ms), "/v1/translations", payload)
         return JSONResponse(payload, headers=res.headers)
 
+    @app.post("/v1/search", response_model=P.SearchResponse, responses=responses)
+    async def search(body: P.SearchRequest, request: Request):
+        key = await server.authenticate(request)
+        served = catalog.get(body.model, "search")
+        tokens = len(body.query.split())  # metered in words: the index may be BM25-only, with no tokenizer
+        res, stored = await server.begin(request, key, served.id, tokens, 0)
+        if stored is not None:
+            return JSONResponse(stored)
+        try:
+            start = time.perf_counter()
+            hits = await run_in_threadpool(_user_error, served.index.search, body.query, body.k, body.mode)
+            compute_ms = int(1000 * (time.perf_counter() - start)) + 1
+        except BaseException:
+            await run_in_threadpool(billing.release, res)
+            raise
+        response = P.SearchResponse(model=served.id, usage=P.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+                                    data=[P.SearchHit(index=i, id=h.id, score=h.score, title=h.title, text=h.text)
+                                          for i, h in enumerate(hits)])
+        payload = response.model_dump()
+        payload["usage"]["cost_micros"] = await server.settle(request, res, Usage(tokens, 0, 0, compute_ms),
+                                                              "/v1/search", payload)
+        return JSONResponse(payload, headers=res.headers)
+
     # -------------------------------------------------------------- admin
     @app.get("/admin/plans", response_model=P.PlanList, responses=responses)
     async def admin_plans(request: Request):
@@ -721,15 +746,17 @@ async def _housekeeping(billing: Billing, lease_s: float) -> None:
 # --------------------------------------------------------------------------- building and running
 def build_server(config: ServeConfig):
     """Load the models and open the database; returns the ASGI app."""
-    from .catalog import load_embedder, load_generator
+    from .catalog import load_embedder, load_generator, load_index
 
-    if not config.models and not config.embeddings:
+    if not config.models and not config.embeddings and not config.indexes:
         raise ValueError("nothing to serve: give at least one model folder (or --embeddings DIR)")
     catalog = ModelCatalog()
     for spec in config.models:
         catalog.add(load_generator(spec, config.max_batch_size, config.max_queue))
     for spec in config.embeddings:
         catalog.add(load_embedder(spec))
+    for spec in config.indexes:
+        catalog.add(load_index(spec))
     billing = Billing.open(config.database, hardware_micros_per_hour=to_micros(config.hardware_price_per_hour),
                            lease_s=config.lease_s)
     return create_app(catalog, billing, config)

@@ -25,17 +25,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServedModel:
     id: str
-    kind: str  # "generate" | "translate" | "embed"
+    kind: str  # "generate" | "translate" | "embed" | "search"
     model: torch.nn.Module
     tokenizer: object
     path: str
     engine: Optional[object] = None  # BatchEngine for "generate"
     embedder: Optional[object] = None  # retrieval.Embedder for "embed"
+    index: Optional[object] = None  # retrieval.Index for "search"
     lock: threading.Lock = field(default_factory=threading.Lock)  # serialises unbatched work (translation)
 
     @property
-    def context_length(self) -> int:
-        return self.model.config.max_position_embeddings
+    def context_length(self) -> Optional[int]:
+        return None if self.model is None else self.model.config.max_position_embeddings
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -102,7 +103,7 @@ class ModelCatalog:
                                 param="model")
         if kind is not None and m.kind != kind and not (kind == "embed" and m.kind == "generate"):
             routes = {"generate": "/v1/completions and /v1/chat/completions", "translate": "/v1/translations",
-                      "embed": "/v1/embeddings"}
+                      "embed": "/v1/embeddings", "search": "/v1/search"}
             raise InvalidRequest(f"the model {model_id!r} serves {routes[m.kind]}, not this route", param="model")
         return m
 
@@ -150,6 +151,15 @@ def load_embedder(spec: str) -> ServedModel:
     name, path = _name_and_path(spec)
     embedder = Embedder.load(path, name=name)
     return ServedModel(name, "embed", embedder.model, embedder.tokenizer, str(path), embedder=embedder)
+
+
+def load_index(spec: str) -> ServedModel:
+    """A search index (``zenlm index build``) from ``DIR`` or ``NAME=DIR``; dense search loads the
+    embedding model the index records."""
+    from ..retrieval.index import Index
+
+    name, path = _name_and_path(spec)
+    return ServedModel(name, "search", None, None, str(path), index=Index.open(path))
 
 
 def tokenize_inputs(served: ServedModel, inputs: Sequence) -> list[list[int]]:

@@ -314,6 +314,29 @@ class TranslationResponse(Response):
     usage: UsageInfo
 
 
+# --------------------------------------------------------------------------- search (zenlm's own)
+class SearchRequest(Request):
+    model: str = Field(description="the served index's name")
+    query: str = Field(min_length=1, max_length=4096)
+    k: int = Field(5, ge=1, le=100)
+    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+
+
+class SearchHit(Response):
+    index: int
+    id: str
+    score: float
+    title: str = ""
+    text: str
+
+
+class SearchResponse(Response):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[SearchHit]
+    usage: EmbeddingUsage
+
+
 # --------------------------------------------------------------------------- models, health
 class ModelCard(Response):
     id: str
