@@ -784,10 +784,54 @@ def run_estimate(args) -> None:
                    devices=args.devices, seq_len=args.seq_len).summary())
 
 
+# --------------------------------------------------------------------------- distill
+def add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="train a smaller student on a teacher's soft targets",
+                       description="zenlm distill --teacher DIR --student-config PRESET DATA... "
+                                   "[--set hidden_size=64 ...] [--train.key VALUE ...]")
+    p.add_argument("data", nargs="+", help="training text files or folders (pairs for a seq2seq teacher)")
+    p.add_argument("--teacher", required=True, help="the teacher model folder")
+    p.add_argument("--student-config", required=True, help="a preset name or a config.json / model folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="student config override, e.g. --set hidden_size=64 --set num_decoder_layers=2")
+    p.add_argument("--out", default="runs/distill")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft-target KL term (rest: labels)")
+    p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state relation loss")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args) -> None:
+    import json
+    import logging
+
+    from .distill import DistillConfig, distill
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    train = {"max_steps": args.steps, "batch_size": args.batch_size, "optim.lr": args.lr,
+             "optim.min_lr": args.lr / 10, "threads": args.threads}
+    summary = distill(args.teacher, args.student_config, args.data, args.out, overrides,
+                      DistillConfig(args.temperature, args.alpha, args.hidden_weight), train)
+    print(json.dumps(summary))
+
+
 # --------------------------------------------------------------------------- main
 COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert,
                             add_index, add_search, add_ask, add_evaluate, add_serve, add_keys, add_plans, add_billing,
-                            add_translate, add_chat, add_finetune, add_prepare, add_quantize, add_explain, add_estimate]
+                            add_translate, add_chat, add_finetune, add_prepare, add_quantize, add_explain, add_estimate, add_distill]
 
 
 def build_parser() -> argparse.ArgumentParser:
