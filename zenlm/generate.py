@@ -545,12 +545,10 @@ class Generator:
         alive = list(range(n))  # slot of each row still decoding
         gens = [Generation([], logprobs=[] if config.logprobs else None, finish_reason="running") for _ in range(n)]
         stop_set = set(stop_ids)
-        device = state.cache.keys[0].device if state.cache.keys else None
         generator = None
-        if config.sampling:
-            device = self.model.embed_tokens.weight.device
-            generator = torch.Generator(device=device)
-            generator.manual_seed(config.seed if config.seed is not None else torch.seed() % (2 ** 63))
+        if config.sampling:  # without a seed, draw one from torch's global generator (so manual_seed governs)
+            generator = torch.Generator(device=self.model.embed_tokens.weight.device)
+            generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2 ** 62, ())))
         rules = (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
                  or config.min_new_tokens or config.sampling)
         logits = state.prefill()
