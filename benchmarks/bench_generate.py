@@ -16,6 +16,7 @@ It also reports time-to-first-token and tokens/s of zenlm (and transformers) for
     python benchmarks/bench_generate.py --int8              # also CTranslate2 int8 vs zenlm dynamic-int8 linears
     python benchmarks/bench_generate.py --onednn            # also zenlm with zenlm.fast_cpu() (oneDNN linears)
     python benchmarks/bench_generate.py --reps 5 --threads 2
+    python benchmarks/bench_generate.py --threads 1 --cpu-time   # on a busy, shared machine
 """
 from __future__ import annotations
 
@@ -71,17 +72,21 @@ def sources():
 
 
 # --------------------------------------------------------------------------- engines (one per process)
+CLOCK = {"clock": time.perf_counter}
+
+
 def time_cells(run, reps: int, cells) -> dict:
     src = sources()
     out = {}
+    clock = CLOCK["clock"]
     for batch, beams in cells:
         ids = src[:batch]
         tokens = run(ids, beams)  # warm-up, and the tokens to compare
         times = []
         for _ in range(reps):
-            start = time.perf_counter()
+            start = clock()
             run(ids, beams)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         out[f"{batch}x{beams}"] = dict(tokens_per_s=batch * NEW_TOKENS / statistics.median(times),
                                        best_tokens_per_s=batch * NEW_TOKENS / min(times), tokens=tokens)
     return out
@@ -190,9 +195,10 @@ def decoder_only(reps: int) -> dict:
 
 
 def _timed(fn) -> float:
-    start = time.perf_counter()
+    clock = CLOCK["clock"]
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 # --------------------------------------------------------------------------- driver
@@ -200,6 +206,8 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK["clock"] = time.process_time
     folder = Path(args.folder)
     cells = [tuple(map(int, c.split("x"))) for c in args.cells.split(",")]
     if args.engine in ("zenlm", "zenlm-onednn"):
@@ -219,6 +227,7 @@ def spawn(engine: str, folder: Path, args, int8: bool = False) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--child", "--engine", engine, "--folder", str(folder), "--result", result,
            "--threads", str(args.threads), "--reps", str(args.reps), "--cells", args.cells] + (["--int8"] if int8 else [])
+    cmd += ["--cpu-time"] if args.cpu_time else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  {engine}{' int8' if int8 else ''} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
@@ -234,6 +243,9 @@ def main() -> None:
     ap.add_argument("--cells", default=",".join(f"{b}x{k}" for b, k in CELLS), help="batch x beams, e.g. 1x1,16x4")
     ap.add_argument("--no-decoder-only", action="store_true")
     ap.add_argument("--onednn", action="store_true", help="also zenlm with zenlm.fast_cpu() (oneDNN fp32 linears)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by process CPU time instead of wall time: with --threads 1 this is robust to other "
+                         "processes sharing the machine (wall time then only inflates)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -247,7 +259,8 @@ def main() -> None:
     import torch
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-          f"{args.threads} threads, median of {args.reps} runs after a warm-up")
+          f"{args.threads} threads, median of {args.reps} runs after a warm-up, "
+          f"{'process CPU time' if args.cpu_time else 'wall time'}; load average {os.getloadavg()[0]:.1f}")
     print(f"BART shape d512 6+6 layers ffn2048 vocab{VOCAB}; source {SRC_LEN} tokens; exactly {NEW_TOKENS} new tokens")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "bart"

@@ -266,6 +266,10 @@ def test_python_convenience_returns_strings_and_ids(tokenizer):
     model.calls = 0
     assert generate(model, ["hello", "hi"], tokenizer=tokenizer, max_new_tokens=20) == ["the mat", "the mat"]
     model.calls = 0
+    import zenlm
+
+    assert zenlm.generate(model, "hello", tokenizer=tokenizer, max_new_tokens=20) == "the mat"  # the module is callable
+    model.calls = 0
     ids = generate(model, [5, 6], max_new_tokens=3)
     assert isinstance(ids, list) and all(isinstance(t, int) for t in ids) and len(ids) == 3
 

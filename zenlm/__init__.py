@@ -2,6 +2,7 @@
 from .config import PRESETS, TransformerConfig
 from .model import KVCache, LMOutput, TransformerLM, TransformerModel, TransformerOutput, fast_cpu, pool
 from .tokenizer import Tokenizer
+from . import generate  # a module you can call: zenlm.generate(model, prompt, tokenizer=tok)
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,4 @@ def embed(texts, model, **options):
 
 
 __all__ = ["TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",
-           "Tokenizer", "PRESETS", "pool", "fast_cpu", "load", "load_tokenizer", "embed", "__version__"]
+           "Tokenizer", "PRESETS", "pool", "fast_cpu", "load", "load_tokenizer", "embed", "generate", "__version__"]
