@@ -127,7 +127,9 @@ def calibrate(model: Optional[dict] = None, steps: int = 40, batch_size: int = 8
             "log_interval": max(1, steps // 8), "precision": "fp32", "threads": threads, "plot": False,
             "progress": False, "checkpoint_interval": 0, "optim": {"warmup_steps": 0}})
         trainer = Trainer(config)
+        cpu_start = time.process_time()
         trainer.train()
+        cpu_seconds = time.process_time() - cpu_start
         records = [r for r in trainer.history if "mfu" in r][1:]
     if not records:
         raise ValueError(f"calibration needs more steps to measure throughput (got steps={steps})")
@@ -136,6 +138,9 @@ def calibrate(model: Optional[dict] = None, steps: int = 40, batch_size: int = 8
               "mfu": statistics.median(r["mfu"] for r in records),
               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
               "flops_per_token": trainer.flops_per_token, "model": model, "batch_size": batch_size,
+              # FLOPs per second of this process's CPU time: on a shared machine wall time depends on
+              # what else runs, CPU time much less, so this rate predicts CPU-seconds robustly
+              "flops_per_cpu_second": steps * batch_size * (seq_len + 1) * trainer.flops_per_token / cpu_seconds,
               "seq_len": seq_len, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if save:
         path = cache_dir() / CALIBRATION_FILE

@@ -89,18 +89,27 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: Optional[int] =
     return q.contiguous(), (scales.half() if bits == 4 else scales).contiguous()
 
 
+_NIBBLES: dict = {}
+
+
+def _nibble_table(device) -> torch.Tensor:
+    """(256, 2) float32: byte -> (low nibble, high nibble) as signed values in [-8, 7]."""
+    if device not in _NIBBLES:
+        b = torch.arange(256)
+        low, high = b & 0x0F, b >> 4
+        _NIBBLES[device] = torch.stack([torch.where(low > 7, low - 16, low),
+                                        torch.where(high > 7, high - 16, high)], dim=-1).float().to(device)
+    return _NIBBLES[device]
+
+
 def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
                       ) -> torch.Tensor:
     """Inverse of ``quantize_weight`` (up to rounding)."""
-    if bits == 4:
-        low = (q & 0x0F).to(torch.int8)
-        high = (q >> 4).to(torch.int8)
-        low = torch.where(low > 7, low - 16, low)
-        high = torch.where(high > 7, high - 16, high)
-        q = torch.stack([low, high], dim=-1).reshape(q.size(0), -1)
+    if bits == 4:  # one table lookup turns each byte into its two signed nibbles
+        q = _nibble_table(q.device)[q.long()].reshape(q.size(0), -1)
     rows, cols = q.shape
     groups = scales.size(1)
-    w = q.reshape(rows, groups, cols // groups).float() * scales.float()[..., None]
+    w = q.reshape(rows, groups, cols // groups).float() * scales.float()[..., None]  # no-op cast for int4
     return w.reshape(rows, cols).to(dtype)
 
 

@@ -1,0 +1,133 @@
+"""Quantization in one run: size on disk, tokens/s and validation perplexity of fp32 vs int8
+(weight-only), dynamic int8 (integer matmuls) and int4 (weight-only, groups of 64).
+
+    .venv/bin/python benchmarks/bench_quantize.py MODEL_DIR [--threads 1]
+
+MODEL_DIR: a decoder-only zenlm checkpoint trained on tinyshakespeare (e.g. the best folder of
+`zenlm train recipes/shakespeare-char.yaml`). Validation text: the last 10% of
+../shared/data/tinyshakespeare/input.txt (the split the trainer holds out), scored in
+non-overlapping windows of the model's context. Speed: prompt processing (batch 8 x context)
+and greedy decoding (batch 1, 64 new tokens), best of 3, same threads for every variant.
+"""
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import zenlm
+from zenlm.quantize import quantize_model
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, window: int, max_windows: int) -> float:
+    n = min((len(ids) - 1) // window, max_windows)
+    rows = torch.stack([ids[i * window:(i + 1) * window + 1] for i in range(n)])
+    total, count = 0.0, 0
+    for batch in rows.split(32):
+        loss = model(batch, labels=batch).loss
+        total += float(loss) * batch.numel() - float(loss) * batch.size(0)
+        count += batch.numel() - batch.size(0)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def speed(model, vocab: int, window: int) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (8, window), generator=gen)
+    best_fwd = best_dec = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        model(prompt)
+        best_fwd = min(best_fwd, time.perf_counter() - t)
+        t = time.perf_counter()
+        model.generate(prompt[0, :8].tolist(), max_new_tokens=48, eos_token_id=[])
+        best_dec = min(best_dec, time.perf_counter() - t)
+    return prompt.numel() / best_fwd, 48 / best_dec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-windows", type=int, default=400)
+    p.add_argument("--also-preset", default=None,
+                   help="also time a random-weight model of this preset shape (size and speed only)")
+    p.add_argument("--translation", default=None, help="also a translation model folder: BLEU per variant")
+    p.add_argument("--src", help="source sentences for --translation (one per line)")
+    p.add_argument("--ref", help="reference translations for --translation")
+    p.add_argument("--limit", type=int, default=200, help="sentences to translate for BLEU")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.translation:
+        bleu_table(args)
+    fp32 = zenlm.load(args.model)
+    tok = zenlm.load_tokenizer(args.model)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    valid = torch.tensor(tok.encode(text[int(len(text) * 0.9):]))
+    window = fp32.config.max_position_embeddings - 1
+    print(f"model {args.model}: {fp32.num_parameters():,} parameters, context {window}; "
+          f"{args.threads} thread(s); validation {len(valid):,} tokens (<= {args.max_windows} windows)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in ("fp32", "int8", "dynamic", "int4"):
+            model = fp32 if scheme == "fp32" else quantize_model(fp32, scheme)
+            folder = Path(tmp) / scheme
+            model.save_pretrained(folder)
+            loaded = zenlm.load(folder)  # measure what comes back from disk
+            size = os.path.getsize(folder / "model.safetensors")
+            ppl = perplexity(loaded, valid, window, args.max_windows)
+            fwd, dec = speed(loaded, fp32.config.vocab_size, window)
+            rows.append((scheme, size, ppl, fwd, dec))
+    table(rows)
+    if args.also_preset:
+        torch.manual_seed(0)
+        big = zenlm.TransformerLM(zenlm.TransformerConfig.from_preset(args.also_preset)).eval()
+        print(f"\n{args.also_preset} shape, random weights ({big.num_parameters():,} parameters): size and speed "
+              f"only (perplexity of random weights means nothing); prompt batch 8 x 64")
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for scheme in ("fp32", "int8", "dynamic", "int4"):
+                model = big if scheme == "fp32" else quantize_model(big, scheme)
+                model.save_pretrained(Path(tmp) / scheme)
+                size = os.path.getsize(Path(tmp) / scheme / "model.safetensors")
+                fwd, dec = speed(model, big.config.vocab_size, 64)
+                rows.append((scheme, size, float("nan"), fwd, dec))
+                del model
+        table(rows)
+
+
+def bleu_table(args) -> None:
+    """BLEU (sacrebleu, via zenlm.tasks.translate.evaluate_files) of each variant, greedy decoding."""
+    from zenlm.tasks.translate import evaluate_files
+
+    fp32, tok = zenlm.load(args.translation), zenlm.load_tokenizer(args.translation)
+    print(f"translation model {args.translation}: {fp32.num_parameters():,} parameters; "
+          f"{args.limit} sentences of {args.src}, greedy")
+    base = None
+    for scheme in ("fp32", "int8", "dynamic", "int4"):
+        model = fp32 if scheme == "fp32" else quantize_model(fp32, scheme)
+        t = time.perf_counter()
+        r = evaluate_files(model, tok, args.src, args.ref, limit=args.limit, beam=1)
+        seconds = time.perf_counter() - t
+        base = base if base is not None else r["bleu"]
+        print(f"{scheme:<9} BLEU {r['bleu']:6.2f} ({r['bleu'] - base:+.2f})  {seconds:6.1f} s  {r['bleu_signature']}")
+    print()
+
+
+def table(rows) -> None:
+    base = rows[0]
+    print(f"{'variant':<9} {'size':>10} {'x smaller':>9} {'val ppl':>8} {'Δppl':>7} {'prompt tok/s':>13} "
+          f"{'x fp32':>7} {'decode tok/s':>13} {'x fp32':>7}")
+    for scheme, size, ppl, fwd, dec in rows:
+        print(f"{scheme:<9} {size / 1024:>8.0f} K {base[1] / size:>9.2f} {ppl:>8.3f} {ppl - base[2]:>+7.3f} "
+              f"{fwd:>13,.0f} {fwd / base[3]:>7.2f} {dec:>13,.1f} {dec / base[4]:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
