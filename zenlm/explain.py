@@ -148,7 +148,9 @@ def _token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
     out = []
     for i in ids:
         text = tokenizer.decode([i], skip_special_tokens=False)
-        out.append(text if text.strip() else (tokenizer.id_to_token(i) or str(i)))
+        if not text:
+            text = tokenizer.id_to_token(i) or str(i)
+        out.append(text.replace(" ", "␣").replace("\n", "↵"))  # visible whitespace on the axes
     return out
 
 
