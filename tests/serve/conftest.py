@@ -147,14 +147,19 @@ def fresh_postgres(url: str) -> str:
     return url
 
 
-def spawn_server(model_dir: Path, database: str, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    """`zenlm serve` as its own process; returns once it answers /health."""
-    import urllib.request
-
+def spawn_server(model_dir: Path, database: str, port: int, *extra: str, env: dict | None = None,
+                 wait: bool = True) -> subprocess.Popen:
+    """`zenlm serve` as its own process; returns once it answers /health (or at once with wait=False)."""
     cmd = [sys.executable, "-m", "zenlm.cli", "serve", str(model_dir), "--port", str(port), "--database", database,
            "--admin-token", ADMIN, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return wait_healthy(proc, port) if wait else proc
+
+
+def wait_healthy(proc: subprocess.Popen, port: int) -> subprocess.Popen:
+    import urllib.request
+
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 
 from zenlm.serve.billing import Billing
 
-from .conftest import ADMIN, free_port, fresh_postgres, postgres_url, spawn_server, start_server
+from .conftest import ADMIN, free_port, fresh_postgres, postgres_url, spawn_server, start_server, wait_healthy
 
 CHAT = [{"role": "user", "content": "hello"}]
 
@@ -91,10 +91,12 @@ def test_parallel_http_requests_never_pass_the_budget(tmp_path, model_dir):
             t.join()
         ok = [b for s, b in statuses if s == 200]
         refused = [b for s, b in statuses if s == 429]
-        assert len(ok) + len(refused) == 16 and 1 <= len(ok) <= 4
+        # at most 4 worst cases fit at once; a request that ends early gives back what it did not use,
+        # so more than 4 may succeed in all, but never more money than the budget
+        assert len(ok) + len(refused) == 16 and ok and refused
         assert all(b["error"]["code"] == "insufficient_quota" for b in refused)
         month = running.billing.key_month(key[:11])
-        assert month["spent_micros"] == sum(b["usage"]["cost_micros"] for b in ok) <= 4 * 45 + 10
+        assert month["spent_micros"] == sum(b["usage"]["cost_micros"] for b in ok) <= 4 * (5 + 40) + 10
         assert month["reserved_micros"] == 0
     finally:
         running.stop()
@@ -145,7 +147,10 @@ def test_sigkill_under_load_leaves_a_consistent_ledger(tmp_path, model_dir):
         rows = billing.ledger()
         assert month["reserved_micros"] == 0 and month["free_tokens_reserved"] == 0
         assert month["spent_micros"] == sum(r["revenue_micros"] for r in rows)
-        # every response that completed has its row, with the tokens the client was told
+        # every response that completed has its row, with the tokens the client was told; and rows of
+        # responses that did not complete can only be the few that were settled in the instant before the
+        # kill (at most one in flight per client thread), retrievable again by Idempotency-Key
+        assert len(completed) <= len(rows) <= len(completed) + len(threads)
         by_id = {r["request_id"][4:]: r for r in rows}
         for usage_chunk in completed:
             row = by_id[usage_chunk["id"].split("-", 1)[1]]
@@ -169,7 +174,9 @@ def test_two_server_processes_on_one_postgres_share_a_budget(model_dir):
                         requests_per_minute=10 ** 4, tokens_per_minute=10 ** 7)
     key = billing.create_key("acme", "shared")[0]
     ports = [free_port(), free_port()]
-    procs = [spawn_server(model_dir, url, p) for p in ports]
+    procs = [spawn_server(model_dir, url, p, wait=False) for p in ports]  # both start at once
+    for proc, port in zip(procs, ports):
+        wait_healthy(proc, port)
     try:
         statuses = []
         barrier = threading.Barrier(24)
@@ -187,8 +194,11 @@ def test_two_server_processes_on_one_postgres_share_a_budget(model_dir):
         for t in threads:
             t.join()
         ok = [b for _, s, b in statuses if s == 200]
-        assert {s for _, s, _ in statuses} <= {200, 429} and 1 <= len(ok) <= 6
-        assert len([1 for _, s, _ in statuses if s == 429]) >= 18
+        refused = [b for _, s, b in statuses if s == 429]
+        # both servers admitted work, at most 6 worst cases fit at once, and together they never spent
+        # more than the budget (early finishers give back what they did not use, so more may succeed)
+        assert len(ok) + len(refused) == 24 and ok and refused
+        assert {i for i, s, _ in statuses if s == 200} == {0, 1} or len(ok) < 2
         month = billing.key_month(key[:11])
         assert month["reserved_micros"] == 0
         assert month["spent_micros"] == sum(b["usage"]["cost_micros"] for b in ok) <= 6 * 65 + 20

@@ -397,15 +397,15 @@ class Billing:
                     month=res.month, response=None if response is None else json.dumps(response)))
                 m = key_months.c
                 here = and_(m.key_id == key.key_id, m.month == res.month)
-                if held:  # give back the reservation and count what was used
+                if held:  # give back the reservation and count what was used (rows locked in reserve's order)
+                    w = rate_windows.c
+                    conn.execute(update(rate_windows).where(w.key_id == key.key_id, w.window == res.window).values(
+                        tokens=w.tokens - (res.estimate_tokens - tokens)))
                     conn.execute(update(key_months).where(here).values(
                         spent_micros=m.spent_micros + charge, reserved_micros=m.reserved_micros - res.reserved_micros,
                         free_tokens_used=m.free_tokens_used + free_used,
                         free_tokens_reserved=m.free_tokens_reserved - (res.estimate_tokens if res.free else 0),
                         tokens_used=m.tokens_used + tokens))
-                    w = rate_windows.c
-                    conn.execute(update(rate_windows).where(w.key_id == key.key_id, w.window == res.window).values(
-                        tokens=w.tokens - (res.estimate_tokens - tokens)))
                 else:  # the lease ran out (and was swept) while we ran: count the use all the same
                     conn.execute(update(key_months).where(here).values(
                         spent_micros=m.spent_micros + charge,
@@ -426,13 +426,13 @@ class Billing:
         row = conn.execute(select(reservations).where(reservations.c.id == reservation_id)).first()
         if row is None or not conn.execute(delete(reservations).where(reservations.c.id == reservation_id)).rowcount:
             return False
+        w = rate_windows.c  # the same row order as reserve and settle: rate window, then month
+        conn.execute(update(rate_windows).where(w.key_id == row.key_id, w.window == row.window).values(
+            tokens=w.tokens - row.estimate_tokens))
         m = key_months.c
         conn.execute(update(key_months).where(m.key_id == row.key_id, m.month == row.month).values(
             reserved_micros=m.reserved_micros - row.reserved_micros,
             free_tokens_reserved=m.free_tokens_reserved - row.reserved_free_tokens))
-        w = rate_windows.c
-        conn.execute(update(rate_windows).where(w.key_id == row.key_id, w.window == row.window).values(
-            tokens=w.tokens - row.estimate_tokens))
         return True
 
     def renew_leases(self) -> None:

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..data import encode_chat
 from .errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ class ServedModel:
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """The chat template the trainer uses (``zenlm.data.encode_chat``), with the assistant prompt."""
-        from ..data import encode_chat
-
         messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
                     for m in messages]
         if self.tokenizer.token_to_id("<|assistant|>") is None:  # a tokenizer without role tokens

@@ -143,6 +143,10 @@ class BatchEngine:
     # ------------------------------------------------------------------ control
     def start(self) -> "BatchEngine":
         if self._thread is None:
+            with torch.inference_mode():  # pay torch's first-call costs now, not in the first request
+                cache = KVCache(2)
+                ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+                self.model.logits(self.model.decode(ids, cache=cache, name="input_ids")[0])
             self._thread = threading.Thread(target=self._loop, name="zenlm-engine", daemon=True)
             self._thread.start()
         return self

@@ -158,7 +158,7 @@ def open_database(url: Optional[str] = None, create: bool = True) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         try:
-            engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            engine = create_engine(url, pool_size=10, max_overflow=30, pool_recycle=600)
         except ModuleNotFoundError as e:
             raise ValueError(f"PostgreSQL needs the psycopg driver: pip install 'psycopg[binary]' ({e})") from None
     if create:
