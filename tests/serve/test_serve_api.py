@@ -439,3 +439,36 @@ def test_minilm_embeddings_through_the_server_equal_the_embedder(tmp_path):
         assert r.usage.prompt_tokens == sum(len(ids) for ids in Embedder.load(folder).tokenize(texts))
     finally:
         running.stop()
+
+
+def test_full_queue_is_503_with_retry_after_and_no_charge(tmp_path, model_dir):
+    from .conftest import start_server
+
+    busy = start_server(tmp_path, [model_dir], max_batch_size=1, max_queue=0)
+    try:
+        key = busy.key()
+        engine = busy.app.app.state.server.catalog.get("tiny").engine
+        original = engine.on_step
+        engine.on_step = lambda rows, dt: (original(rows, dt), time.sleep(0.05))  # keep the one slot busy
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
+                "stream": True}
+        try:
+            with httpx.stream("POST", busy.base_url + "/chat/completions", json=body,
+                              headers={"Authorization": f"Bearer {key}"}) as first:
+                lines = first.iter_lines()
+                next(lines)
+                while not engine.batch_size:
+                    time.sleep(0.01)
+                second = post(busy, "/chat/completions", {**body, "stream": False, "max_tokens": 3}, key)
+                err = assert_error(second, 503, "server_error")
+                assert "capacity" in err["message"] and int(second.headers["retry-after"]) >= 1
+        finally:
+            engine.on_step = original
+        deadline = time.time() + 10
+        while busy.billing.key_month(key[:11])["reserved_micros"] and time.time() < deadline:
+            time.sleep(0.05)
+        month = busy.billing.key_month(key[:11])
+        assert month["reserved_micros"] == 0  # the refused request held nothing, the cut stream settled
+        assert [r["status"] for r in busy.billing.ledger()] == ["disconnected"]
+    finally:
+        busy.stop()
