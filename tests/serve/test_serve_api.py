@@ -472,3 +472,28 @@ def test_full_queue_is_503_with_retry_after_and_no_charge(tmp_path, model_dir):
         assert [r["status"] for r in busy.billing.ledger()] == ["disconnected"]
     finally:
         busy.stop()
+
+
+def test_streamed_choices_with_n_equal_the_non_streamed_ones(running):
+    client = running.client(running.key())
+    args = dict(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=10, temperature=1.0,
+                seed=5, n=2)
+    full = client.chat.completions.create(**args)
+    texts = {0: "", 1: ""}
+    usage = None
+    for chunk in client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+        usage = chunk.usage or usage
+    assert [texts[0], texts[1]] == [c.message.content for c in full.choices]
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens  # the prompt is counted once, as OpenAI does
+
+
+def test_an_idempotency_key_is_scoped_to_its_route(running):
+    key = running.key()
+    headers = {"Idempotency-Key": "same-key"}
+    chat = post(running, "/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 2}, key, headers=headers)
+    emb = post(running, "/embeddings", {"model": "tiny", "input": "hi"}, key, headers=headers)
+    assert chat.json()["object"] == "chat.completion" and emb.json()["object"] == "list"

@@ -184,7 +184,7 @@ class Server:
                     ) -> tuple[Reservation, Optional[dict]]:
         """Replay a stored response for a retried Idempotency-Key, else reserve the worst case."""
         idem = request.headers.get("idempotency-key")
-        ledger_id = self.billing.ledger_id(key, request.state.request_id, idem)
+        ledger_id = self.billing.ledger_id(key, request.state.request_id, idem, request.url.path)
         if idem is not None:
             stored = await run_in_threadpool(self.billing.stored_response, ledger_id)
             if stored is not None:

@@ -300,11 +300,12 @@ class Billing:
 
     # ------------------------------------------------------------------ idempotency
     @staticmethod
-    def ledger_id(key: KeyContext, request_id: str, idempotency_key: Optional[str]) -> str:
-        """Retries carry the same Idempotency-Key; scoped by key so customers cannot collide."""
+    def ledger_id(key: KeyContext, request_id: str, idempotency_key: Optional[str], route: str = "") -> str:
+        """Retries carry the same Idempotency-Key; scoped by key and route so that neither another
+        customer nor another kind of request can collide with it."""
         if idempotency_key is None:
             return request_id
-        return f"idem:{key.key_id}:{idempotency_key[:150]}"
+        return f"idem:{key.key_id}:{route}:{idempotency_key[:128]}"
 
     def stored_response(self, ledger_id: str) -> Optional[dict]:
         with self._connect() as conn:
