@@ -73,6 +73,19 @@ def test_batched_prompts_equal_unbatched(family, beams):
 
 
 @pytest.mark.parametrize("family", ["dec", "enc"])
+def test_many_rows_take_the_matmul_attention_path_and_agree(family):
+    """16 rows x 4 heads decode one query per row through two matmuls instead of the fused kernel."""
+    model = build(family)
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (int(n),)).tolist() for n in torch.randint(2, 9, (16,))]
+    batched = Generator(model).generate(prompts, max_new_tokens=6, logprobs=True)
+    for prompt, gen in zip(prompts, batched):
+        alone = Generator(model).generate(prompt, max_new_tokens=6, logprobs=True)[0]
+        assert gen.token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(gen.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["dec", "enc"])
 def test_logprobs_are_the_model_distribution(family):
     model = build(family)
     out = Generator(model).generate(PROMPTS[1], max_new_tokens=6, logprobs=True)[0]
