@@ -172,12 +172,21 @@ def test_chat_and_pairs_objectives_train(tmp_path, family):
         model.update(num_encoder_layers=1, num_decoder_layers=1)
     for objective, fmt, path in (("chat", "chat", chat), ("seq2seq", "pairs", pairs)):
         cfg = run_config(tmp_path, path, **{"model": model, "data.objective": objective, "data.format": fmt,
-                                            "data.seq_len": 40, "data.max_source_len": 40,
-                                            "data.max_target_len": 40, "out_dir": str(tmp_path / objective),
+                                            "data.seq_len": 40, "data.max_source_len": 30,
+                                            "data.max_target_len": 30, "out_dir": str(tmp_path / objective),
                                             "max_steps": 20, "eval_interval": 10, "optim.lr": 1e-2})
         summary = Trainer(TrainConfig.from_dict(cfg)).train()
         seq = losses(Path(cfg["out_dir"]))
         assert len(seq) == 20 and seq[-1][1] < seq[0][1] and math.isfinite(summary["best_val_loss"])
+
+
+def test_objective_must_fit_the_model_family(tmp_path, corpus):
+    cfg = run_config(tmp_path, corpus, **{"data.objective": "denoise"})
+    with pytest.raises(ValueError, match="data.objective='denoise' needs a model that is encoder-decoder; the model is decoder-only"):
+        Trainer(TrainConfig.from_dict(cfg))
+    cfg = run_config(tmp_path, corpus, **{"data.seq_len": 64})
+    with pytest.raises(ValueError, match="data needs 65 positions .* model.max_position_embeddings is 64"):
+        Trainer(TrainConfig.from_dict(cfg))
 
 
 def test_early_stopping_and_target_loss(tmp_path, corpus):

@@ -454,7 +454,7 @@ class Trainer:
         allowed = {"causal": ("decoder-only",), "masked": ("encoder-only",), "denoise": ("encoder-decoder",),
                    "seq2seq": ("encoder-decoder", "decoder-only"), "chat": ("encoder-decoder", "decoder-only")}
         if family not in allowed[d.objective]:
-            raise ValueError(f"data.objective={d.objective!r} needs a {' or '.join(allowed[d.objective])} model; "
+            raise ValueError(f"data.objective={d.objective!r} needs a model that is {' or '.join(allowed[d.objective])}; "
                              f"the model is {family} (num_encoder_layers={self.model_config.num_encoder_layers}, "
                              f"num_decoder_layers={self.model_config.num_decoder_layers})")
         window = d.seq_len + (1 if d.objective == "causal" else 0)
