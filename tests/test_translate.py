@@ -46,7 +46,7 @@ def test_language_pair_is_checked(model_dir):
     with pytest.raises(ValueError, match=r"translates en->de; it was not trained for target language 'fr'"):
         translate(model, load_tokenizer(model_dir), ["hi"], target_lang="fr")
     assert file_language("test_2016_flickr.de") == "de" and file_language("dev.zh.txt") == "zh"
-    assert file_language("input.txt") is None
+    assert file_language("input.txt") is None and file_language("notes.md") is None and file_language("a.py") is None
 
 
 def test_chinese_output_is_scored_with_the_zh_tokenizer():

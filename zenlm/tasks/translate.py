@@ -15,7 +15,6 @@ Chinese output is scored with sacrebleu's ``zh`` tokenizer.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -43,13 +42,24 @@ def check_pair(model, source_lang: Optional[str] = None, target_lang: Optional[s
     return pair
 
 
+# ISO 639-1 codes: only a suffix from this list is read as a language (``notes.md``, ``a.py`` are not)
+ISO_639_1 = set("""aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da
+de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik
+io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms
+mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm
+sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh
+zu""".split()) - {"ts"}  # .ts is TypeScript far more often than Tsonga
+
+
 def file_language(path: os.PathLike) -> Optional[str]:
-    """The language a file's suffix names (``test.de`` → ``de``, ``dev.zh.txt`` → ``zh``), if any."""
+    """The language a file's suffix names (``test.de`` → ``de``, ``dev.zh.txt`` → ``zh``), if any.
+
+    Only ISO 639-1 codes count, so ``.md`` or ``.py`` never trigger the language check."""
     for suffix in reversed(Path(path).suffixes):
         code = suffix[1:].lower()
         if code in ("txt", "gz", "tsv", "raw", "tok"):
             continue
-        return code if re.fullmatch(r"[a-z]{2,3}", code) else None
+        return code if code in ISO_639_1 else None
     return None
 
 
