@@ -328,9 +328,11 @@ class Block(nn.Module):
     def _residual(self, x: torch.Tensor, norm: nn.Module, fn) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.pre_norm:
             h, w = fn(norm(x))
-            return x + self.drop(h), w
-        h, w = fn(x)
-        return norm(x + self.drop(h)), w
+        else:
+            h, w = fn(x)
+        if self.training and self.drop.p:  # (a no-op call skipped: it costs per token when decoding)
+            h = self.drop(h)
+        return (x + h, w) if self.pre_norm else (norm(x + h), w)
 
     def forward(self, x: torch.Tensor, mask, is_causal, rotary, memory, memory_mask, cache, layer, need_weights):
         x, self_w = self._residual(x, self.attn_norm, lambda h: self.attn(
