@@ -164,6 +164,22 @@ def test_translation_route_matches_beam_search(running, seq2seq_dir):
     ref = Generator(model, tok).generate(["hello world", "the dog"], num_beams=2, max_new_tokens=6)
     assert [d["text"] for d in body["data"]] == ref.texts
     assert body["object"] == "translation" and body["usage"]["completion_tokens"] == sum(len(g.token_ids) for g in ref)
+    # greedy translations run in the continuous batch: parallel requests, each exactly what it gets alone
+    texts = ["hello world", "the quick brown fox", "你好世界", "def serve(model):"]
+    results = {}
+
+    def translate(t):
+        results[t] = httpx.post(running.base_url + "/translations", headers={"Authorization": f"Bearer {key}"},
+                                json={"model": "tiny-mt", "input": t, "max_tokens": 8}).json()
+
+    threads = [threading.Thread(target=translate, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    greedy = Generator(model, tok).generate(texts, max_new_tokens=8)
+    assert [results[t]["data"][0]["text"] for t in texts] == greedy.texts
+    assert [results[t]["usage"]["completion_tokens"] for t in texts] == [len(g.token_ids) for g in greedy]
     # a generating model does not translate, and vice versa
     bad = httpx.post(running.base_url + "/translations", headers={"Authorization": f"Bearer {key}"},
                      json={"model": "tiny", "input": "x"})

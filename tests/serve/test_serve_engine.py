@@ -143,3 +143,24 @@ def test_window_is_checked_at_submit(lm):
     engine = BatchEngine(model, tok)
     with pytest.raises(ValueError, match="context window of 128"):
         engine.submit(EngineRequest([5] * 100, SamplingParams(max_tokens=40), Collector()))
+
+
+def test_encoder_decoder_rows_batch_with_their_own_sources(seq2seq_dir):
+    model, tok = zenlm.load(seq2seq_dir), zenlm.load_tokenizer(seq2seq_dir)
+    sizes = []
+    engine = BatchEngine(model, tok, max_batch_size=8, on_step=lambda rows, dt: sizes.append(rows)).start()
+    try:
+        sources = [tok.encode(t) for t in ["hello world", "the quick brown fox jumps over the lazy dog",
+                                           "def serve(model):", "你好世界", "a"]]
+        lengths = [10, 20, 6, 15, 12]
+        stop = [model.config.eos_token_id]
+        params = [SamplingParams(max_tokens=n, temperature=0, stop_token_ids=stop) for n in lengths]
+        outs = run_staggered(engine, sources, params, gap_steps=2)
+        assert max(sizes) >= 2
+        gen = Generator(model, tok)
+        for ids, n, c in zip(sources, lengths, outs):
+            ref = gen.generate([ids], max_new_tokens=n)[0]
+            assert c.tokens == ref.token_ids
+            assert c.text == ref.text
+    finally:
+        engine.stop()

@@ -671,13 +671,21 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
         res, stored = await server.begin(request, key, served.id, prompt_tokens, max_tokens * len(rows))
         if stored is not None:
             return JSONResponse(stored)
+        queue_ms = 0
         try:
-            start = time.perf_counter()
-            out = await run_in_threadpool(_translate, served, rows, body.num_beams, max_tokens)
-            compute_ms = int(1000 * (time.perf_counter() - start)) + 1
+            if body.num_beams == 1 and served.engine is not None:  # greedy: joins the running batch
+                out, queue_ms, compute_ms = await _engine_translate(server, request, served, rows, max_tokens)
+            else:  # beam search: one request at a time through zenlm.generate
+                start = time.perf_counter()
+                out = await run_in_threadpool(_translate, served, rows, body.num_beams, max_tokens)
+                compute_ms = int(1000 * (time.perf_counter() - start)) + 1
         except BaseException:
             await run_in_threadpool(billing.release, res)
             raise
+        if out is None:  # the client left before the translation was sent: nothing to charge
+            await server.settle(request, res, Usage(prompt_tokens, 0, queue_ms, compute_ms, "disconnected"),
+                                "/v1/translations", None, billable=False)
+            return Response(status_code=499)
         completion = sum(len(g.token_ids) for g in out)
         usage = P.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
                             total_tokens=prompt_tokens + completion)
@@ -685,7 +693,7 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
             P.TranslationData(index=i, text=g.text, finish_reason=g.finish_reason) for i, g in enumerate(out)])
         payload = response.model_dump()
         payload["usage"]["cost_micros"] = await server.settle(
-            request, res, Usage(prompt_tokens, completion, 0, compute_ms), "/v1/translations", payload)
+            request, res, Usage(prompt_tokens, completion, queue_ms, compute_ms), "/v1/translations", payload)
         return JSONResponse(payload, headers=res.headers)
 
     @app.post("/v1/search", response_model=P.SearchResponse, responses=responses)
@@ -764,6 +772,44 @@ def _plan_out(plan) -> P.PlanOut:
                      tokens_per_minute=plan.tokens_per_minute,
                      prices={m: P.ModelPrice(prompt_micros_per_million=p, completion_micros_per_million=c)
                              for m, (p, c) in plan.prices.items()})
+
+
+async def _engine_translate(server: Server, request: Request, served: ServedModel, rows: list[list[int]],
+                            max_tokens: int):
+    """Greedy translation of each input as a row of the continuous batch; (generations, queue ms,
+    compute ms), with generations None when the client left first."""
+    from ..generate import Generation
+
+    mailbox = server.mailbox(asyncio.get_running_loop())
+    events: asyncio.Queue = asyncio.Queue()
+    choices = []
+    for i, ids in enumerate(rows):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=[served.model.config.eos_token_id])
+        choice = _Choice(i, ids)
+        choice.request = EngineRequest(ids, params, lambda ev, k=i: mailbox.post(events, (k, ev)),
+                                       request_id=request.state.request_id)
+        choices.append(choice)
+    submitted = []
+    try:
+        for c in choices:
+            served.engine.submit(c.request)
+            submitted.append(c)
+    except BaseException:
+        for c in submitted:
+            c.request.cancel()
+        raise
+    watcher = asyncio.create_task(_watch_disconnect(request, choices))
+    try:
+        while any(c.finish_reason is None for c in choices):
+            k, ev = await events.get()
+            _absorb(choices[k], ev)
+    finally:
+        watcher.cancel()
+    if any(c.finish_reason == "error" for c in choices):
+        raise APIError("the model failed while decoding; nothing was charged", status=500, type="server_error")
+    out = None if any(c.finish_reason == "cancelled" for c in choices) else [
+        Generation([t for t, _, _ in c.tokens], text=c.text, finish_reason=c.finish_reason) for c in choices]
+    return out, _queue_ms(choices), _compute_ms(choices)
 
 
 def _translate(served: ServedModel, rows: list[list[int]], num_beams: int, max_tokens: int):

@@ -138,8 +138,9 @@ def load_generator(spec: str, max_batch_size: int = 32, max_queue: int = 256, on
     if family == "decoder-only":
         engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, on_step=on_step)
         return ServedModel(name, "generate", model, tokenizer, str(path), engine=engine)
-    if family == "encoder-decoder":
-        return ServedModel(name, "translate", model, tokenizer, str(path))
+    if family == "encoder-decoder":  # greedy translations batch continuously; beam search runs alone
+        engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, on_step=on_step)
+        return ServedModel(name, "translate", model, tokenizer, str(path), engine=engine)
     raise ValueError(f"{path} holds an encoder-only model; serve it with --embeddings")
 
 

@@ -120,8 +120,8 @@ class BatchEngine:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 256,
                  on_step: Optional[Callable[[int, float], None]] = None):
-        if model.config.family != "decoder-only":
-            raise ValueError(f"continuous batching serves decoder-only models; this one is {model.config.family}")
+        if model.config.family == "encoder-only":
+            raise ValueError("an encoder-only model cannot generate; serve it for embeddings")
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -129,6 +129,10 @@ class BatchEngine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.on_step = on_step
         self.device = model.embed_tokens.weight.device
+        # encoder-decoder rows carry their source: cross-attention keys/values live in cache.cross,
+        # padded to the longest source in the batch, with this mask over them
+        self.seq2seq = model.config.is_encoder_decoder
+        self.memory_mask: Optional[torch.Tensor] = None
         self.waiting: collections.deque[EngineRequest] = collections.deque()
         self.running: list[EngineRequest] = []
         self.cache: Optional[KVCache] = None
@@ -144,9 +148,10 @@ class BatchEngine:
     def start(self) -> "BatchEngine":
         if self._thread is None:
             with torch.inference_mode():  # pay torch's first-call costs now, not in the first request
-                cache = KVCache(2)
                 ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-                self.model.logits(self.model.decode(ids, cache=cache, name="input_ids")[0])
+                memory = self.model.encode(ids)[0] if self.seq2seq else None
+                self.model.logits(self.model.decode(ids, memory, cache=KVCache(2),
+                                                    name="decoder_input_ids" if self.seq2seq else "input_ids")[0])
             self._thread = threading.Thread(target=self._loop, name="zenlm-engine", daemon=True)
             self._thread.start()
         return self
@@ -171,7 +176,12 @@ class BatchEngine:
         """Queue a request; Overloaded (503) when the queue is full. Bad settings raise ValueError."""
         if not request.prompt_ids:
             raise ValueError("prompt is empty (0 tokens)")
-        if len(request.prompt_ids) + request.params.max_tokens > self.window:
+        if self.seq2seq:
+            if len(request.prompt_ids) > self.window or request.params.max_tokens + 1 > self.window:
+                raise ValueError(f"source of {len(request.prompt_ids)} tokens or max_tokens "
+                                 f"{request.params.max_tokens} (+1 start token) exceeds the context window of "
+                                 f"{self.window} tokens")
+        elif len(request.prompt_ids) + request.params.max_tokens > self.window:
             raise ValueError(f"prompt of {len(request.prompt_ids)} tokens + max_tokens {request.params.max_tokens} "
                              f"exceeds the context window of {self.window} tokens")
         with self._wake:
@@ -200,7 +210,7 @@ class BatchEngine:
                     for req in list(self.running) + list(self.waiting):
                         self._emit(req, TokenEvent("", None, finish_reason="error"))
                     self.running, self.waiting = [], collections.deque()
-                    self.cache = self.mask = self.positions = self.pending = None
+                    self.cache = self.mask = self.positions = self.pending = self.memory_mask = None
         for req in list(self.running) + list(self.waiting):
             self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
 
@@ -219,6 +229,14 @@ class BatchEngine:
         start = time.perf_counter()
         for req in reqs:
             req.started = start
+        if self.seq2seq:
+            logits, cache, mask, memory_mask = self._prefill_seq2seq(reqs)
+            self._merge(reqs, cache, mask, memory_mask)
+            share = (time.perf_counter() - start) / len(reqs)
+            for req in reqs:
+                req.compute_s += share
+            self._take(reqs, logits)
+            return
         width = max(len(r.prompt_ids) for r in reqs)
         ids = torch.zeros((len(reqs), width), dtype=torch.long)
         mask = torch.zeros((len(reqs), width), dtype=torch.bool)
@@ -240,13 +258,38 @@ class BatchEngine:
             req.compute_s += share
         self._take(reqs, logits)
 
+    def _prefill_seq2seq(self, reqs: list[EngineRequest]):
+        """Encode the sources once (right-padded) and run the start token: the cross-attention
+        keys/values land in the cache, where every later step reads them."""
+        width = max(len(r.prompt_ids) for r in reqs)
+        pad = self.model.config.pad_token_id
+        ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+        memory_mask = torch.zeros((len(reqs), width), dtype=torch.bool)
+        for i, r in enumerate(reqs):
+            ids[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            memory_mask[i, :len(r.prompt_ids)] = True
+        ids, memory_mask = ids.to(self.device), memory_mask.to(self.device)
+        padded = not bool(memory_mask.all())
+        memory = self.model.encode(ids, memory_mask if padded else None)[0]
+        start = torch.full((len(reqs), 1), self.model.config.start_token_id, dtype=torch.long, device=self.device)
+        cache = KVCache(2)
+        hidden = self.model.decode(start, memory, memory_mask if padded else None, cache=cache)[0]
+        logits = self.model.logits(hidden[:, -1]).float()
+        return logits, cache, torch.ones((len(reqs), 1), dtype=torch.bool, device=self.device), memory_mask
+
     def _step(self) -> None:
         start = time.perf_counter()
         rows = len(self.running)
         width = self.cache.length
         mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
-        hidden = self.model.decode(self.pending[:, None], attention_mask=None if bool(mask.all()) else mask,
-                                   position_ids=self.positions[:, None], cache=self.cache, name="input_ids")[0]
+        if self.seq2seq:
+            memory_mask = None if bool(self.memory_mask.all()) else self.memory_mask
+            hidden = self.model.decode(self.pending[:, None], None, memory_mask,
+                                       attention_mask=None if bool(mask.all()) else mask,
+                                       position_ids=self.positions[:, None], cache=self.cache)[0]
+        else:
+            hidden = self.model.decode(self.pending[:, None], attention_mask=None if bool(mask.all()) else mask,
+                                       position_ids=self.positions[:, None], cache=self.cache, name="input_ids")[0]
         self.mask = mask
         self.positions = self.positions + 1
         assert self.cache.length == width + 1
@@ -335,7 +378,7 @@ class BatchEngine:
             finish = "stop"
         elif stop_strings and _first_stop(req._safe, stop_strings) is not None:
             finish = "stop"
-        elif len(req.token_ids) >= req.params.max_tokens or len(req.prompt_ids) + len(req.token_ids) >= self.window:
+        elif len(req.token_ids) >= req.params.max_tokens or self._used(req) >= self.window:
             finish = "length"
         if finish is not None:  # flush bytes held back for a character that will never complete
             req._safe = self.tokenizer.decode(req.token_ids)
@@ -344,6 +387,10 @@ class BatchEngine:
         req.text = visible
         req.finish_reason = finish
         self._emit(req, TokenEvent(delta, tok, lp, top, finish_reason=finish))
+
+    def _used(self, req: EngineRequest) -> int:
+        """Decoder positions the row has taken."""
+        return 1 + len(req.token_ids) if self.seq2seq else len(req.prompt_ids) + len(req.token_ids)
 
     @staticmethod
     def _emit(req: EngineRequest, event: TokenEvent) -> None:
@@ -355,7 +402,8 @@ class BatchEngine:
             log.debug("request %s listener failed", req.id, exc_info=True)
 
     # ------------------------------------------------------------------ the batch cache
-    def _merge(self, reqs: list[EngineRequest], cache: KVCache, mask: torch.Tensor) -> None:
+    def _merge(self, reqs: list[EngineRequest], cache: KVCache, mask: torch.Tensor,
+               memory_mask: Optional[torch.Tensor] = None) -> None:
         """Add prefilled rows to the batch. Rows are right-aligned in the cache: every row's newest
         token sits in the last column, older columns of shorter rows are masked padding."""
         positions = mask.sum(dim=1)
@@ -363,7 +411,17 @@ class BatchEngine:
         if self.cache is None:
             self.cache, self.running = cache, list(reqs)
             self.mask, self.positions, self.pending = mask, positions, placeholder
+            self.memory_mask = memory_mask
             return
+        if self.seq2seq:  # sources of different lengths: pad the cross keys/values and their mask
+            s_old, s_new = self.memory_mask.size(1), memory_mask.size(1)
+            s = max(s_old, s_new)
+            grow = lambda t, n: torch.cat([t, t.new_zeros(t.size(0), t.size(1), s - n, t.size(3))], dim=2)
+            self.cache.cross = {i: (torch.cat([grow(k, s_old), grow(cache.cross[i][0], s_new)]),
+                                    torch.cat([grow(v, s_old), grow(cache.cross[i][1], s_new)]))
+                                for i, (k, v) in self.cache.cross.items()}
+            self.memory_mask = torch.cat([torch.nn.functional.pad(self.memory_mask, (0, s - s_old)),
+                                          torch.nn.functional.pad(memory_mask, (0, s - s_new))])
         old, n = self.cache.length, cache.length
         width = max(old, n)
         room = width + 64  # columns for the next steps before the cache must grow
@@ -391,12 +449,14 @@ class BatchEngine:
         """Keep only these rows, then cut the columns no remaining row uses."""
         if not keep:
             self.running, self.cache = [], None
-            self.mask = self.positions = self.pending = None
+            self.mask = self.positions = self.pending = self.memory_mask = None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.cache.reorder(index)
         self.running = [self.running[i] for i in keep]
         self.mask, self.positions, self.pending = self.mask[index], self.positions[index], self.pending[index]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask[index]
         used = int(self.mask.sum(dim=1).max())
         cut = self.mask.size(1) - used
         if cut > 0:
