@@ -116,7 +116,9 @@ class EngineRequest:
 
 # --------------------------------------------------------------------------- the engine
 class BatchEngine:
-    """Decodes every admitted request in one batch over one decoder-only ``TransformerLM``."""
+    """Decodes every admitted request in one batch over one ``TransformerLM``: decoder-only rows hold
+    their prompt in the self-attention cache; encoder-decoder rows hold their encoded source as
+    cross-attention keys/values (computed once at admission, padded to the batch's longest source)."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_queue: int = 256,
                  on_step: Optional[Callable[[int, float], None]] = None):
