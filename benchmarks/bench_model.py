@@ -294,7 +294,22 @@ def main(argv=None) -> None:
           f"(|diff| {abs(losses[False][1] - losses[True][1]):.2e})")
 
     precisions = {"fp32": [False], "bf16": [True], "both": [False, True]}[args.precision]
-    rows = []
+    tokens = 2 * BATCH * SEQ_TRAIN
+    extra = f" {'plain':>10s} {'plain/HF':>9s}" if args.plain else ""
+    print(f"\n{'measurement':50s} {'zenlm':>10s} {'HF BART':>10s} {'zenlm/HF':>9s} {'MFU zenlm':>10s} {'MFU HF':>8s}"
+          + extra, flush=True)
+
+    def show(seconds: float, is_train: bool) -> str:
+        return f"{tokens / seconds:,.0f}" if is_train else f"{seconds:.3f}"
+
+    def report(name: str, t: dict, unit: str, flops: float, pk: float, is_train: bool) -> None:
+        mfu = {k: flops / v / 1e9 / pk for k, v in t.items()}
+        line = (f"{name + ' (' + unit + ')':50s} {show(t['zenlm'], is_train):>10s} {show(t['hf'], is_train):>10s} "
+                f"{t['hf'] / t['zenlm']:8.2f}x {mfu['zenlm']:9.1%} {mfu['hf']:7.1%}")
+        if "zenlm plain" in t:
+            line += f" {show(t['zenlm plain'], is_train):>10s} {t['hf'] / t['zenlm plain']:8.2f}x"
+        print(line, flush=True)
+
     for bf16 in precisions:
         label = "bf16 autocast" if bf16 else "fp32"
         if args.only in (None, "forward"):
@@ -302,7 +317,7 @@ def main(argv=None) -> None:
             fns = {"zenlm": zf, "hf": hfwd, **({"zenlm plain": plain} if args.plain else {})}
             t = alternate(fns, warmup=2, reps=reps)
             flops = flops_per_step(zen.config, 1, SEQ_FORWARD, SEQ_FORWARD, training=False, logits=False)
-            rows.append((f"forward latency (1,512)+(1,512) {label}", t, "s", flops, peak[bf16], False))
+            report(f"forward latency (1,512)+(1,512) {label}", t, "s", flops, peak[bf16], False)
         if args.only in (None, "train"):
             batch = make_batch(zen.config.vocab_size)
             zen.train(), hf.train()
@@ -312,26 +327,11 @@ def main(argv=None) -> None:
             if args.plain:
                 fns["zenlm plain"] = train_step_fn(zen, zen_loss, batch, bf16, fused, False)
             t = alternate(fns, warmup=2, reps=max(3, reps - 2))
+            del fns  # free the optimizer states before the next measurement
             zen.eval(), hf.eval()
             flops = flops_per_step(zen.config, BATCH, SEQ_TRAIN, SEQ_TRAIN, training=True, logits=True)
-            rows.append((f"training step 8x128+8x128 AdamW {label}", t, "tok/s", flops, peak[bf16], True))
+            report(f"training step 8x128+8x128 AdamW {label}", t, "tok/s", flops, peak[bf16], True)
 
-    print()
-    extra = f" {'plain':>10s} {'plain/HF':>9s}" if args.plain else ""
-    print(f"{'measurement':50s} {'zenlm':>10s} {'HF BART':>10s} {'zenlm/HF':>9s} {'MFU zenlm':>10s} {'MFU HF':>8s}"
-          + extra)
-    tokens = 2 * BATCH * SEQ_TRAIN
-
-    def show(seconds: float, is_train: bool) -> str:
-        return f"{tokens / seconds:,.0f}" if is_train else f"{seconds:.3f}"
-
-    for name, t, unit, flops, pk, is_train in rows:
-        mfu = {k: flops / v / 1e9 / pk for k, v in t.items()}
-        line = (f"{name + ' (' + unit + ')':50s} {show(t['zenlm'], is_train):>10s} {show(t['hf'], is_train):>10s} "
-                f"{t['hf'] / t['zenlm']:8.2f}x {mfu['zenlm']:9.1%} {mfu['hf']:7.1%}")
-        if "zenlm plain" in t:
-            line += f" {show(t['zenlm plain'], is_train):>10s} {t['hf'] / t['zenlm plain']:8.2f}x"
-        print(line)
     print("\nratio = HF time / zenlm time (>1: zenlm faster); MFU against the best measured peak of the "
           "precision used (fp32: max of MKL and oneDNN paths).")
 
