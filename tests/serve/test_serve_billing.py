@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from zenlm.serve.billing import Billing, Usage, format_micros, price_micros, to_micros
 from zenlm.serve.errors import Conflict, InsufficientQuota, InvalidKey, RateLimited

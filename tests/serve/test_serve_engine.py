@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 import zenlm
 from zenlm.generate import Generator
