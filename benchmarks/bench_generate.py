@@ -242,6 +242,7 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also int8: CTranslate2 int8 vs zenlm int8 linear layers")
     ap.add_argument("--cells", default=",".join(f"{b}x{k}" for b, k in CELLS), help="batch x beams, e.g. 1x1,16x4")
     ap.add_argument("--no-decoder-only", action="store_true")
+    ap.add_argument("--engines", default="", help="only these, e.g. zenlm,transformers ('zenlm int8' for int8)")
     ap.add_argument("--onednn", action="store_true", help="also zenlm with zenlm.fast_cpu() (oneDNN fp32 linears)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by process CPU time instead of wall time: with --threads 1 this is robust to other "
@@ -274,6 +275,9 @@ def main() -> None:
             print("ctranslate2 not installed (pip install ctranslate2): its columns are skipped")
         if args.int8:
             engines += [("zenlm", True)] + ([("ctranslate2", True)] if ("ctranslate2", False) in engines else [])
+        if args.engines:
+            keep = set(args.engines.split(","))
+            engines = [e for e in engines if e[0] + (" int8" if e[1] else "") in keep]
         results = {}
         for engine, int8 in engines:
             name = engine + (" int8" if int8 else "")
