@@ -74,3 +74,21 @@ def test_bad_input():
         scrub("x", kinds=["SSN"])
     with pytest.raises(ValueError, match="must be a str"):
         find_pii(b"bytes")
+
+
+def test_data_pipeline_scrubs_before_tokenizing(tmp_path):
+    from zenlm import Tokenizer
+    from zenlm.data import DataConfig, build_shards
+
+    raw = "write to ann@example.com or call +44 20 7946 0958 today\n"
+    (tmp_path / "train.txt").write_text(raw * 3)
+    tok = Tokenizer.train([raw, scrub(raw)], kind="char", vocab_size=128)
+    for flag in (False, True):
+        config = DataConfig(train=[str(tmp_path / "train.txt")], scrub_pii=flag, num_workers=1,
+                            cache_dir=str(tmp_path / "cache"))
+        shards = build_shards(config.train, tok, config, progress=False)
+        text = tok.decode(shards.tokens(0, shards.num_tokens).tolist())
+        if flag:
+            assert "ann@example.com" not in text and text.count("<EMAIL>") == 3 and text.count("<PHONE>") == 3
+        else:  # off by default, and the two settings never share cached shards
+            assert text.count("ann@example.com") == 3

@@ -64,6 +64,7 @@ class DataConfig:
     chunk_bytes: int = 4 << 20  # a worker's unit of work
     cache_dir: Optional[str] = None  # default $ZENLM_CACHE or ~/.cache/zenlm, then /shards
     max_bad_fraction: Optional[float] = None  # above this share of bad records tokenization fails
+    scrub_pii: bool = False  # replace e-mails, phones, ID/card numbers, IPs by <EMAIL> etc. (zenlm.privacy)
 
     def validate(self, prefix: str = "data.") -> None:
         def rule(ok: bool, key: str, message: str) -> None:
@@ -206,6 +207,10 @@ def _tokenize_chunk(task: tuple) -> dict:
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
+    if options.get("scrub_pii"):  # personal data never reaches the shards
+        from .privacy import scrub as clean
+    else:
+        clean = lambda t: t  # noqa: E731
     tokens: list[list[int]] = []  # one list per record
     masks: list[list[int]] = []
     rows: list[tuple[int, int]] = []  # (len_a, len_b) per record
@@ -217,7 +222,7 @@ def _tokenize_chunk(task: tuple) -> dict:
         if start == 0 and last_chunk and not text.strip():
             _bad(bad, where, "empty", path, 0)
         else:
-            ids = tok.encode(text) if text else []
+            ids = tok.encode(clean(text)) if text else []
             if last_chunk and eos is not None:
                 ids.append(eos)  # documents (files) end with </s>
             tokens.append(ids)
@@ -251,7 +256,7 @@ def _tokenize_chunk(task: tuple) -> dict:
                 elif not value.strip():
                     _bad(bad, where, "empty", path, offset)
                 else:
-                    texts_a.append(value)
+                    texts_a.append(clean(value))
             elif fmt == "pairs":
                 a, b = record.get(options["source_field"]), record.get(options["target_field"])
                 if not isinstance(a, str) or not isinstance(b, str):
@@ -259,8 +264,8 @@ def _tokenize_chunk(task: tuple) -> dict:
                 elif not a.strip() or not b.strip():
                     _bad(bad, where, "empty", path, offset)
                 else:
-                    texts_a.append((a.strip(), offset))
-                    texts_b.append(b.strip())
+                    texts_a.append((clean(a.strip()), offset))
+                    texts_b.append(clean(b.strip()))
             else:  # chat
                 messages = record.get(options["messages_field"])
                 if not isinstance(messages, list):
@@ -268,7 +273,8 @@ def _tokenize_chunk(task: tuple) -> dict:
                 elif not messages:
                     _bad(bad, where, "empty", path, offset)
                 else:
-                    chats.append((messages, offset))
+                    chats.append(([{**m, "content": clean(m["content"])} if isinstance(m, dict) and isinstance(
+                        m.get("content"), str) else m for m in messages], offset))
         extra = [eos] if eos is not None else []
         if fmt == "jsonl":
             for enc in tok.backend.encode_batch(texts_a, add_special_tokens=False):
@@ -414,7 +420,7 @@ def build_shards(paths: Sequence[str], tokenizer: Tokenizer, config: DataConfig,
     options = {"format": fmt, "text_field": config.text_field, "source_field": config.source_field,
                "target_field": config.target_field, "messages_field": config.messages_field,
                "max_source_len": config.max_source_len, "max_target_len": config.max_target_len,
-               "max_len": config.seq_len,
+               "max_len": config.seq_len, **({"scrub_pii": True} if config.scrub_pii else {}),
                "dtype": "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"}
     tokenizer_json = tokenizer.backend.to_str()
     key = _fingerprint(files, tokenizer_json, options)
