@@ -117,3 +117,41 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(model_dir, tmp_path, capsy
         assert not out.exists()
     proc = zenlm_cli(*cases[1][0])  # and once through a real process
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "line counts differ" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_trained_model_translates(tmp_path):
+    """End to end: the seq2seq objective trains an encoder-decoder on word-substitution pairs,
+    and beam-search translation of unseen sentences scores high sacrebleu BLEU."""
+    import random
+
+    from zenlm.train import TrainConfig, train
+
+    en = "cat dog house tree red blue big small man woman runs sees eats the a water".split()
+    de = "katze hund haus baum rot blau gross klein mann frau läuft sieht isst der ein wasser".split()
+    words = dict(zip(en, de))
+    rng = random.Random(0)
+
+    def pair():
+        ws = [rng.choice(en) for _ in range(rng.randint(3, 6))]
+        return " ".join(ws), " ".join(words[w] for w in ws)
+
+    pairs = [pair() for _ in range(1000)]
+    (tmp_path / "train.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs[:900]), encoding="utf-8")
+    (tmp_path / "valid.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in pairs[900:]), encoding="utf-8")
+    config = TrainConfig.from_dict({
+        "out_dir": str(tmp_path / "run"), "seed": 0, "tokenizer": {"kind": "bpe", "vocab_size": 300},
+        "model": {"num_encoder_layers": 2, "num_decoder_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                  "num_attention_heads": 4, "max_position_embeddings": 32, "extra": PAIR},
+        "data": {"train": [str(tmp_path / "train.tsv")], "valid": [str(tmp_path / "valid.tsv")], "format": "pairs",
+                 "objective": "seq2seq", "seq_len": 32, "max_source_len": 32, "max_target_len": 32,
+                 "cache_dir": str(tmp_path / "cache")},
+        "optim": {"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.0},
+        "max_steps": 250, "batch_size": 32, "eval_interval": 0, "progress": False, "plot": False,
+        "peak_flops": 1e12, "resume": "never"})
+    train(config)
+    model, tok = load(tmp_path / "run" / "best"), load_tokenizer(tmp_path / "run" / "best")
+    test = [pair() for _ in range(50)]  # new random sentences (a few may repeat training ones)
+    hyps = translate(model, tok, [a for a, _ in test], beam=2, target_lang="de")
+    bleu = sacrebleu.corpus_bleu(hyps, [[b for _, b in test]]).score
+    assert bleu >= 60, (bleu, hyps[:3])
