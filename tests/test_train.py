@@ -180,6 +180,27 @@ def test_chat_and_pairs_objectives_train(tmp_path, family):
         assert len(seq) == 20 and seq[-1][1] < seq[0][1] and math.isfinite(summary["best_val_loss"])
 
 
+def test_init_from_fine_tunes_a_saved_model_with_its_tokenizer(tmp_path, corpus):
+    cfg = run_config(tmp_path, corpus, max_steps=4, eval_interval=4)
+    Trainer(TrainConfig.from_dict(cfg)).train()
+    best = Path(cfg["out_dir"]) / "best"
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Speak."},
+                                                     {"role": "assistant", "content": f"Thou art {i}."}]}) + "\n"
+                            for i in range(30)))
+    tuned = run_config(tmp_path, chat, **{"init_from": str(best), "out_dir": str(tmp_path / "tuned"),
+                                          "data.objective": "chat", "data.format": "chat", "data.seq_len": 40,
+                                          "max_steps": 2, "eval_interval": 2})
+    del tuned["model"], tuned["tokenizer"]
+    trainer = Trainer(TrainConfig.from_dict(tuned))
+    saved = load_weights(best / "model.safetensors")
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert trainer.tokenizer.backend.to_str() == zenlm.Tokenizer.load(best).backend.to_str()
+    trainer.train()
+    assert zenlm.load(tmp_path / "tuned" / "best").config == zenlm.load(best).config
+
+
 def test_objective_must_fit_the_model_family(tmp_path, corpus):
     cfg = run_config(tmp_path, corpus, **{"data.objective": "denoise"})
     with pytest.raises(ValueError, match="data.objective='denoise' needs a model that is encoder-decoder; the model is decoder-only"):

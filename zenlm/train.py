@@ -498,6 +498,8 @@ class Trainer:
         spec = self.config.tokenizer
         if spec.path:
             return Tokenizer.load(spec.path)
+        if self.config.resume not in ("auto", "never") and (Path(self.config.resume) / "tokenizer.json").exists():
+            return Tokenizer.load(self.config.resume)
         if self.config.init_from and (Path(self.config.init_from) / "tokenizer.json").exists():
             return Tokenizer.load(self.config.init_from)
         saved = self.out_dir / "tokenizer.json"
@@ -525,7 +527,11 @@ class Trainer:
 
     def _model_config(self) -> TransformerConfig:
         if self.config.init_from:
-            return TransformerConfig.load(self.config.init_from)
+            config = TransformerConfig.load(self.config.init_from)
+            if config.vocab_size < self.tokenizer.vocab_size:
+                raise ValueError(f"init_from model has vocab_size={config.vocab_size}, fewer than the tokenizer's "
+                                 f"{self.tokenizer.vocab_size} tokens")
+            return config
         spec = dict(self.config.model)
         preset = spec.pop("preset", None)
         base = TransformerConfig.from_preset(preset).to_dict() if preset else {}
