@@ -218,13 +218,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 
     q: (B, H, T, D); k, v: (B, H, S, D); mask: bool, True where a query may attend,
     broadcastable to (B, H, T, S). The fused kernel is used unless the weights are
-    wanted; the explicit path is the same formula written out. It is also taken for one
-    query per row over many rows on CPU (incremental decoding of a batch or of beams), where
-    the fused kernel's per-(row, head) overhead makes it several times slower than two matmuls.
+    wanted; the explicit path is the same formula written out.
     """
-    one_query_many_rows = (q.size(2) == 1 and q.size(0) * q.size(1) >= 64 and q.device.type == "cpu"
-                           and dropout == 0.0 and not is_causal)
-    if not need_weights and not one_query_many_rows:
+    if not need_weights:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         return out, None
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
