@@ -31,7 +31,7 @@ import math
 import random
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
