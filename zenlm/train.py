@@ -503,7 +503,8 @@ class Trainer:
         if self.config.init_from and (Path(self.config.init_from) / "tokenizer.json").exists():
             return Tokenizer.load(self.config.init_from)
         saved = self.out_dir / "tokenizer.json"
-        if saved.exists():  # a resumed run keeps the tokenizer its shards and weights were made with
+        resuming = self.config.resume == "auto" and find_latest_checkpoint(self.out_dir) is not None
+        if resuming and saved.exists():  # a resumed run keeps the tokenizer its weights were trained with
             return Tokenizer.load(saved)
         if self.dist.enabled:
             import torch.distributed as dist
