@@ -41,11 +41,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
 
-import zenlm  # noqa: E402
-from zenlm import TransformerConfig, TransformerLM  # noqa: E402
+import zenlm
+from zenlm import TransformerConfig, TransformerLM
 
 SEQ_FORWARD = 512
 BATCH, SEQ_TRAIN = 8, 128
@@ -166,9 +165,9 @@ def measure_peaks(reps: int) -> dict[str, float]:
         x, w = torch.randn(m, k), torch.randn(n, k)
         xb, wb = x.bfloat16(), w.bfloat16()
         paths = {
-            "fp32 (torch default / MKL)": lambda: torch.mm(x, w.t()),
-            "fp32 (oneDNN)": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-            "bf16 (oneDNN)": lambda: torch.mm(xb, wb.t()),
+            "fp32 (torch default / MKL)": lambda x=x, w=w: torch.mm(x, w.t()),
+            "fp32 (oneDNN)": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+            "bf16 (oneDNN)": lambda xb=xb, wb=wb: torch.mm(xb, wb.t()),
         }
         for name, fn in paths.items():
             fn()
@@ -239,7 +238,7 @@ def forward_fns(zen, hf, bf16: bool, fast: bool):
 
 def check_parity(zen, hf) -> float:
     """Max |logits difference| between the two models on the training batch (fp32)."""
-    src, dec, labels = make_batch(zen.config.vocab_size)
+    src, dec, _ = make_batch(zen.config.vocab_size)
     with torch.inference_mode():
         a = zen(src, dec).logits
         b = hf(input_ids=src, decoder_input_ids=dec, use_cache=False).logits

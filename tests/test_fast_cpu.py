@@ -66,9 +66,9 @@ def test_fast_path_is_really_taken_and_off_by_default():
 
 
 @pytest.mark.parametrize("preset,overrides", [
-    ("tiny-seq2seq", dict(pre_norm=False, embedding_norm=True, final_norm=False, lm_head_bias=True,
-                          position_offset=2)),
-    ("tiny", dict(tie_word_embeddings=False)),
+    ("tiny-seq2seq", {"pre_norm": False, "embedding_norm": True, "final_norm": False, "lm_head_bias": True,
+                      "position_offset": 2}),
+    ("tiny", {"tie_word_embeddings": False}),
 ])
 def test_model_loss_logits_and_grads_match_plain_path(preset, overrides):
     torch.manual_seed(0)
