@@ -150,5 +150,8 @@ def test_translation_report_has_alignment(tmp_path):
     write_report(expl, tmp_path / "rep")
     assert (tmp_path / "rep" / "alignment.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "cross-L0-H1.png").exists()
+    auto = explain(model, tok, "hello")  # no target: the model's own greedy translation is aligned
+    assert isinstance(auto.extra["target"], str)
+    assert auto.alignment.shape == (len(auto.extra["target_tokens"]), len(tok.encode("hello")) + 1)
     with pytest.raises(ValueError, match="target is .* longer than the model's context"):
         explain(model, tok, "hello", target="der hund lief " * 4)

@@ -195,7 +195,7 @@ def explain(model, tokenizer, text: str, target: Optional[str] = None, beam: int
 # --------------------------------------------------------------------------- report
 def _heatmap(plt, matrix, rows, cols, title, path, cmap="viridis") -> None:
     n_r, n_c = matrix.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.3 * n_c, 14), min(1.5 + 0.3 * n_r, 14)), dpi=90)
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 2 + 0.3 * n_c), 14), min(2 + 0.3 * n_r, 14)), dpi=90)
     ax.imshow(matrix, cmap=cmap, aspect="auto", vmin=0.0, vmax=float(matrix.max()) or 1.0)
     if n_c <= 64:
         ax.set_xticks(range(n_c), cols, rotation=90, fontsize=7)
@@ -235,7 +235,7 @@ def write_report(expl: Explanation, out_dir) -> Path:
         sections.append((f"{name} attention", images))
     if expl.alignment is not None:
         _heatmap(plt, expl.alignment.numpy(), expl.extra.get("target_tokens", expl.tokens), src,
-                 "cross-attention alignment (target rows, source columns; mean of layers and heads)",
+                 "cross-attention alignment\n(rows: target, columns: source; mean of layers and heads)",
                  out / "alignment.png", cmap="Blues")
         sections.insert(0, ("alignment", [("target ↔ source", "alignment.png")]))
     if expl.attributions is not None:
