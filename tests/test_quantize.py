@@ -74,6 +74,17 @@ def test_dynamic_int8_linear_matches_fp32_and_integer_reference():
     assert float((out - fp).norm() / fp.norm()) < 0.02
 
 
+@pytest.mark.parametrize("rows", [1, 5, 40])  # the int8 kernel path for few rows, dequantize + GEMM beyond
+def test_int8_weight_only_linear_matches_dequantized_reference(rows):
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(64, 48)
+    ql = QuantizedLinear.from_linear(linear, zenlm.quantize.QuantizationSpec("int8"))
+    x = torch.randn(rows, 64)
+    ref = torch.nn.functional.linear(x, dequantize_weight(ql.qweight, ql.scales, 8), linear.bias.detach())
+    torch.testing.assert_close(ql(x).detach(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ql(x[None]).detach()[0], ref, rtol=1e-5, atol=1e-5)  # any leading shape
+
+
 @pytest.mark.parametrize("scheme,tol,agree", [("int8", 0.05, 0.9), ("dynamic", 0.05, 0.9), ("int4", 0.5, 0.4)])
 def test_quantized_model_close_to_fp32(scheme, tol, agree):
     # Tolerances: int8 keeps each weight within 1/254 of its row's max (~1% relative noise per
