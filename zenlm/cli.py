@@ -831,7 +831,8 @@ def run_distill(args) -> None:
 # --------------------------------------------------------------------------- main
 COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert,
                             add_index, add_search, add_ask, add_evaluate, add_serve, add_keys, add_plans, add_billing,
-                            add_translate, add_chat, add_finetune, add_prepare, add_quantize, add_explain, add_estimate, add_distill]
+                            add_translate, add_chat, add_finetune, add_prepare,
+                            add_quantize, add_explain, add_estimate, add_distill]
 
 
 def build_parser() -> argparse.ArgumentParser:
