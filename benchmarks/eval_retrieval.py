@@ -16,7 +16,6 @@ import argparse
 import importlib
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
