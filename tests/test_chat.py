@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tiny_app_models import save_tiny, tiny_tokenizer
+from tiny_app_models import save_tiny, tiny_tokenizer, one_torch_thread  # noqa: F401 (autouse fixture)
 from zenlm import load, load_tokenizer
 from zenlm.data import encode_chat
 from zenlm.generate import Generator
@@ -77,7 +77,7 @@ def test_terminal_loop_commands(tmp_path):
 def test_zenlm_chat_over_a_pipe(tmp_path, family):
     path = save_tiny(tmp_path / "m", family)
     script = "hello there\n/system You are terse.\nand now?\n/reset\nbye\n/exit\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "zenlm.cli", "chat", str(path), "--max-new-tokens", "6",
                            "--seed", "0"], input=script, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr

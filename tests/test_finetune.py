@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_app_models import save_tiny
+from tiny_app_models import save_tiny, one_torch_thread  # noqa: F401 (autouse fixture)
 from zenlm import load
 from zenlm.checkpoint import unique_state_dict
 from zenlm.cli import main
@@ -15,7 +15,7 @@ from zenlm.tasks.finetune import build_config, infer_data
 PAIRS = ["A man rides a bike.\tEin Mann fährt Fahrrad.", "Two dogs play in the snow.\tZwei Hunde spielen im Schnee.",
          "Hello, how are you today?\tHallo!"] * 6
 QUICK = ["--max_steps", "8", "--eval_interval", "4", "--batch_size", "6", "--progress", "false", "--plot", "false",
-         "--peak_flops", "1.0e12", "--threads", "2", "--optim.lr", "0.01", "--optim.warmup_steps", "0"]
+         "--peak_flops", "1.0e12", "--threads", "1", "--optim.lr", "0.01", "--optim.warmup_steps", "0"]
 
 
 @pytest.fixture()

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from tiny_app_models import one_torch_thread  # noqa: F401 (autouse fixture)
 from zenlm import TransformerConfig, TransformerLM
 from zenlm.checkpoint import unique_state_dict
 from zenlm.lora import (LoRAConfig, apply_lora, load_adapter, lora_state_dict, merge, merge_and_unload,

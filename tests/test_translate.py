@@ -7,7 +7,7 @@ import sys
 import pytest
 import sacrebleu
 
-from tiny_app_models import save_tiny
+from tiny_app_models import save_tiny, one_torch_thread  # noqa: F401 (autouse fixture)
 from zenlm import load, load_tokenizer
 from zenlm.cli import main
 from zenlm.generate import Generator
@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory):
 
 
 def zenlm_cli(*args, timeout=120):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "zenlm.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
