@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
+from tiny_app_models import one_torch_thread, save_tiny, tiny_tokenizer  # noqa: F401 (autouse fixture)
 
-from tiny_app_models import save_tiny, tiny_tokenizer, one_torch_thread  # noqa: F401 (autouse fixture)
 from zenlm import load, load_tokenizer
 from zenlm.data import encode_chat
 from zenlm.generate import Generator
@@ -51,7 +51,7 @@ def test_session_streams_what_the_engine_generates(tmp_path, family):
     path = save_tiny(tmp_path / "m", family)
     model, tok = load(path), load_tokenizer(path)
     session = ChatSession(model, tok, system="Be brief.", max_new_tokens=12, options={"do_sample": False})
-    messages, ids = session.prompt("Hello")
+    _, ids = session.prompt("Hello")
     deltas = list(session.send("Hello"))
     end = tok.token_to_id("<|end|>")
     expected = Generator(model, tok).generate(ids, max_new_tokens=12, stop_token_ids=[end])[0].text
@@ -79,7 +79,7 @@ def test_zenlm_chat_over_a_pipe(tmp_path, family):
     script = "hello there\n/system You are terse.\nand now?\n/reset\nbye\n/exit\n"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "zenlm.cli", "chat", str(path), "--max-new-tokens", "6",
-                           "--seed", "0"], input=script, capture_output=True, text=True, timeout=120, env=env)
+                           "--seed", "0"], input=script, capture_output=True, text=True, timeout=120, env=env, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("bot> ") == 3
     assert "(system prompt set)" in proc.stdout and "(conversation reset)" in proc.stdout

@@ -1,7 +1,8 @@
 """Code completion: samples stop at the next top-level statement; the parse share is ast's verdict."""
 import ast
 
-from tiny_app_models import save_tiny, one_torch_thread  # noqa: F401 (autouse fixture)
+from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
+
 from zenlm import load, load_tokenizer
 from zenlm.tasks.code import complete, definition_prompts, parse_share, parses
 

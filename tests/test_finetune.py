@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
 
-from tiny_app_models import save_tiny, one_torch_thread  # noqa: F401 (autouse fixture)
 from zenlm import load
 from zenlm.checkpoint import unique_state_dict
 from zenlm.cli import main

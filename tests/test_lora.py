@@ -3,12 +3,21 @@ import json
 
 import pytest
 import torch
-
 from tiny_app_models import one_torch_thread  # noqa: F401 (autouse fixture)
+
 from zenlm import TransformerConfig, TransformerLM
 from zenlm.checkpoint import unique_state_dict
-from zenlm.lora import (LoRAConfig, apply_lora, load_adapter, lora_state_dict, merge, merge_and_unload,
-                        save_adapter, trainable_parameters, unmerge)
+from zenlm.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    lora_state_dict,
+    merge,
+    merge_and_unload,
+    save_adapter,
+    trainable_parameters,
+    unmerge,
+)
 
 
 def tiny(family: str = "encoder-decoder", hidden: int = 32, seed: int = 0) -> TransformerLM:

@@ -2,8 +2,8 @@
 import re
 
 import pytest
+from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
 
-from tiny_app_models import save_tiny, one_torch_thread  # noqa: F401 (autouse fixture)
 from zenlm import load, load_tokenizer
 from zenlm.tasks.poetry import check_form, write_poem
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zenlm import TransformerConfig, TransformerLM, Tokenizer
+from zenlm import Tokenizer, TransformerConfig, TransformerLM
 from zenlm.checkpoint import save_pretrained
 
 TEXTS = ["A man rides a bike.", "Ein Mann fährt Fahrrad.", "Two dogs play in the snow.", "Zwei Hunde spielen im Schnee.",

@@ -20,9 +20,9 @@ import fnmatch
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LoRAConfig":
+    def from_dict(cls, data: dict) -> LoRAConfig:
         known = {"rank", "alpha", "dropout", "target_modules"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -127,7 +127,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, **options) -> list[str]:
+def apply_lora(model: nn.Module, config: LoRAConfig | None = None, **options) -> list[str]:
     """Wrap every Linear whose name matches ``config.target_modules`` and freeze everything
     else. Returns the wrapped module names; a pattern that matches nothing is an error
     (a typo would otherwise train nothing at all), except ``cross_attn.*`` patterns on a
@@ -201,7 +201,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     return {n: list(t.shape) for n, t in model.state_dict().items() if ".lora_" not in n}
 
 
-def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter.safetensors`` and ``adapter.json`` (settings, targets, base fingerprint)."""
     config = getattr(model, "lora_config", None)
     if config is None:
@@ -221,7 +221,7 @@ def save_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> Path:
     return directory
 
 
-def read_adapter_info(directory: Union[str, os.PathLike]) -> dict:
+def read_adapter_info(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
@@ -235,7 +235,7 @@ def read_adapter_info(directory: Union[str, os.PathLike]) -> dict:
     return info
 
 
-def check_base(model: nn.Module, info: dict, source: Union[str, os.PathLike] = "adapter") -> None:
+def check_base(model: nn.Module, info: dict, source: str | os.PathLike = "adapter") -> None:
     """Refuse a base whose tensors differ from the one the adapter was trained on, naming the
     first tensor that differs and both shapes."""
     have = base_fingerprint(model)
@@ -253,7 +253,7 @@ def check_base(model: nn.Module, info: dict, source: Union[str, os.PathLike] = "
         raise ValueError(f"{source} does not fit this base: tensor {extra[0]!r} is not in the adapter's base")
 
 
-def load_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> list[str]:
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Check the base, wrap the same modules and load the adapter tensors. Nothing in the
     model changes unless everything checks out."""
     directory = Path(directory)
@@ -293,7 +293,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def load_with_adapter(model_dir: Union[str, os.PathLike], adapter: Optional[Union[str, os.PathLike]] = None,
+def load_with_adapter(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None,
                       merged: bool = True) -> nn.Module:
     """A model folder, with a LoRA adapter loaded onto it (checked against the base) and, by
     default, merged so that inference costs nothing extra."""
@@ -308,6 +308,21 @@ def load_with_adapter(model_dir: Union[str, os.PathLike], adapter: Optional[Unio
     return model
 
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_layers", "lora_state_dict", "merge", "unmerge",
-           "merge_and_unload", "save_adapter", "load_adapter", "read_adapter_info", "check_base",
-           "base_fingerprint", "trainable_parameters", "load_with_adapter", "DEFAULT_TARGETS"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LoRAConfig",
+    "LoRALinear",
+    "apply_lora",
+    "base_fingerprint",
+    "check_base",
+    "load_adapter",
+    "load_with_adapter",
+    "lora_layers",
+    "lora_state_dict",
+    "merge",
+    "merge_and_unload",
+    "read_adapter_info",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -14,8 +14,8 @@ and write the reply in the decoder.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
 
 from ..data import encode_chat
 from ..tokenizer import ROLE_TOKENS, Tokenizer
@@ -36,7 +36,7 @@ def _exchanges(history: Sequence[dict]) -> list[list[dict]]:
 
 
 def fit_history(tokenizer: Tokenizer, history: Sequence[dict], current: str, max_tokens: int,
-                system: Optional[str] = None) -> tuple[list[dict], list[int]]:
+                system: str | None = None) -> tuple[list[dict], list[int]]:
     """The messages to send (system, as many recent exchanges as fit, the current user turn)
     and their token ids with the assistant prompt appended, within ``max_tokens``.
 
@@ -70,7 +70,7 @@ class ChatSession:
 
     model: object
     tokenizer: Tokenizer
-    system: Optional[str] = None
+    system: str | None = None
     max_new_tokens: int = 128
     options: dict = field(default_factory=dict)  # GenerationConfig options (temperature, top_p, seed, ...)
     history: list = field(default_factory=list)
@@ -99,7 +99,7 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
 
-    def set_system(self, text: Optional[str]) -> None:
+    def set_system(self, text: str | None) -> None:
         self.system = text or None
 
     def prompt(self, text: str) -> tuple[list[dict], list[int]]:
@@ -230,4 +230,4 @@ def run_terminal(session: ChatSession, input_fn=input, write=None) -> None:
             write(f"\nerror: {e}\n")
 
 
-__all__ = ["ChatSession", "fit_history", "run_terminal", "chat_perplexity", "END"]
+__all__ = ["END", "ChatSession", "chat_perplexity", "fit_history", "run_terminal"]

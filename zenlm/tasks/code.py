@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 TOP_LEVEL_STOPS = ("\ndef ", "\nclass ", "\n@", "\nif __name__", "\n# file:")
 
@@ -25,7 +25,7 @@ def parses(source: str) -> bool:
 
 
 def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
-             top_p: float = 0.95, seed: Optional[int] = 0, stop_strings: Sequence[str] = TOP_LEVEL_STOPS) -> list[str]:
+             top_p: float = 0.95, seed: int | None = 0, stop_strings: Sequence[str] = TOP_LEVEL_STOPS) -> list[str]:
     """One sampled completion per prompt, cut at the next top-level statement."""
     from ..generate import Generator
 
@@ -63,4 +63,4 @@ def definition_prompts(source: str, limit: int = 50) -> list[str]:
     return prompts
 
 
-__all__ = ["complete", "parse_share", "parses", "definition_prompts", "TOP_LEVEL_STOPS"]
+__all__ = ["TOP_LEVEL_STOPS", "complete", "definition_prompts", "parse_share", "parses"]

@@ -19,11 +19,16 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from ..checkpoint import atomic_write, save_weights, unique_state_dict
-from ..lora import LoRAConfig, apply_lora, merge_and_unload, save_adapter, trainable_parameters
-from ..train import Trainer, TrainConfig, _set_dotted, _write_dir_atomically
+from ..lora import (
+    LoRAConfig,
+    apply_lora,
+    merge_and_unload,
+    save_adapter,
+    trainable_parameters,
+)
+from ..train import TrainConfig, Trainer, _set_dotted, _write_dir_atomically
 
 METHODS = ("lora", "full")
 DEFAULTS = {  # a short, gentle schedule; LoRA takes a larger learning rate than full fine-tuning
@@ -91,9 +96,9 @@ class LoRATrainer(Trainer):
         _write_dir_atomically(self.out_dir / "best", fill)
 
 
-def build_config(base: os.PathLike, data: os.PathLike, method: str = "lora", config_path: Optional[os.PathLike] = None,
-                 overrides: Optional[dict] = None, out_dir: Optional[str] = None,
-                 valid: Optional[os.PathLike] = None) -> tuple[TrainConfig, Optional[LoRAConfig]]:
+def build_config(base: os.PathLike, data: os.PathLike, method: str = "lora", config_path: os.PathLike | None = None,
+                 overrides: dict | None = None, out_dir: str | None = None,
+                 valid: os.PathLike | None = None) -> tuple[TrainConfig, LoRAConfig | None]:
     """The TrainConfig (and LoRA settings) of a fine-tuning run; errors name the key."""
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -155,9 +160,9 @@ def build_config(base: os.PathLike, data: os.PathLike, method: str = "lora", con
     return config, lora
 
 
-def finetune(base: os.PathLike, data: os.PathLike, method: str = "lora", config_path: Optional[os.PathLike] = None,
-             overrides: Optional[dict] = None, out_dir: Optional[str] = None,
-             valid: Optional[os.PathLike] = None) -> dict:
+def finetune(base: os.PathLike, data: os.PathLike, method: str = "lora", config_path: os.PathLike | None = None,
+             overrides: dict | None = None, out_dir: str | None = None,
+             valid: os.PathLike | None = None) -> dict:
     """Run the fine-tuning; returns the trainer's summary plus where the results are."""
     config, lora = build_config(base, data, method, config_path, overrides, out_dir, valid)
     trainer = LoRATrainer(config, lora) if lora is not None else Trainer(config)
@@ -177,4 +182,4 @@ def finetune(base: os.PathLike, data: os.PathLike, method: str = "lora", config_
     return summary
 
 
-__all__ = ["finetune", "build_config", "infer_data", "LoRATrainer", "METHODS"]
+__all__ = ["METHODS", "LoRATrainer", "build_config", "finetune", "infer_data"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import lru_cache
-from typing import Optional
 
 from ..tokenizer import Tokenizer
 
@@ -37,7 +36,7 @@ def _banned(tokenizer: Tokenizer) -> tuple:
 
 
 def write_poem(model, tokenizer: Tokenizer, title: str, lines: int = 4, chars: int = 5,
-               seed: Optional[int] = None, temperature: float = 0.8, top_k: int = 50) -> str:
+               seed: int | None = None, temperature: float = 0.8, top_k: int = 50) -> str:
     """A poem of ``lines`` lines of ``chars`` characters after ``title``, one line per call
     to the generator, each constrained to the form; returns the poem without the title."""
     from ..generate import Generator
@@ -75,4 +74,4 @@ def check_form(poem: str, lines: int, chars: int) -> bool:
     return True
 
 
-__all__ = ["write_poem", "check_form", "is_hanzi", "FORMS"]
+__all__ = ["FORMS", "check_form", "is_hanzi", "write_poem"]

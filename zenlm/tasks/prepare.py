@@ -14,8 +14,8 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 from ..checkpoint import atomic_write
 
@@ -108,8 +108,8 @@ def dialogue_turns(line: str) -> list[str]:
     return [" ".join(u.split()) for u in line.split("__eou__") if u.strip()]
 
 
-def dailydialog(out: os.PathLike, root: Path = DATA_ROOT / "dailydialog", system: Optional[str] = None,
-                extra_train: Optional[list[dict]] = None) -> dict:
+def dailydialog(out: os.PathLike, root: Path = DATA_ROOT / "dailydialog", system: str | None = None,
+                extra_train: list[dict] | None = None) -> dict:
     """DailyDialog → chat JSONL (speakers alternate: user, assistant, ...).
 
     Validation/test dialogues that also occur in train are dropped (the published split
@@ -142,7 +142,7 @@ def dailydialog(out: os.PathLike, root: Path = DATA_ROOT / "dailydialog", system
     return counts
 
 
-def _dialogue_record(turns: tuple, system: Optional[str]) -> dict:
+def _dialogue_record(turns: tuple, system: str | None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
     return {"messages": messages}
@@ -263,5 +263,19 @@ def prepare(name: str, out: os.PathLike) -> dict:
     return PREPARERS[name](out)
 
 
-__all__ = ["read_lines", "read_parallel", "multi30k", "tatoeba", "dailydialog", "dialogue_turns", "assistant_mix",
-           "read_poems", "poem_text", "tang_poems", "stdlib_code", "prepare", "PREPARERS", "DATA_ROOT"]
+__all__ = [
+    "DATA_ROOT",
+    "PREPARERS",
+    "assistant_mix",
+    "dailydialog",
+    "dialogue_turns",
+    "multi30k",
+    "poem_text",
+    "prepare",
+    "read_lines",
+    "read_parallel",
+    "read_poems",
+    "stdlib_code",
+    "tang_poems",
+    "tatoeba",
+]
