@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install torch==2.13.0
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e '.[test,serve]'
+	$(BIN)/pip install -e '.[test,serve,demo]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
+	$(BIN)/pip install -e '.[bench]'
 	$(BIN)/python benchmarks/bench_model.py
 
 clean:

