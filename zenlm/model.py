@@ -458,10 +458,11 @@ class TransformerModel(nn.Module):
             raise ValueError(f"{name} must be 2-D (batch, sequence), got shape {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} holds token id {bad}, outside [0, vocab_size={self.config.vocab_size})")
+        if not torch.compiler.is_compiling():  # the two reads sync and would break a compiled graph
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"{name} holds token id {bad}, outside [0, vocab_size={self.config.vocab_size})")
         if past + ids.size(1) > self.config.max_position_embeddings:
             raise ValueError(f"{name} reaches position {past + ids.size(1)} (length {ids.size(1)} + {past} cached), "
                              f"beyond max_position_embeddings={self.config.max_position_embeddings}")
