@@ -444,28 +444,8 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         self.model_config = self._model_config()
         self.model = self._model()
-        if not self.main:  # rank 0 tokenizes; the others wait and reuse its shards
-            self._barrier()
-        self.data: Datasets = load_datasets(config.data, self.tokenizer, self.model_config.family, config.seed,
-                                            progress=config.progress and self.main)
-        if self.main:
-            self._barrier()
-        d, family = config.data, self.model_config.family
-        allowed = {"causal": ("decoder-only",), "masked": ("encoder-only",), "denoise": ("encoder-decoder",),
-                   "seq2seq": ("encoder-decoder", "decoder-only"), "chat": ("encoder-decoder", "decoder-only")}
-        if family not in allowed[d.objective]:
-            raise ValueError(f"data.objective={d.objective!r} needs a model that is {' or '.join(allowed[d.objective])}; "
-                             f"the model is {family} (num_encoder_layers={self.model_config.num_encoder_layers}, "
-                             f"num_decoder_layers={self.model_config.num_decoder_layers})")
-        window = d.seq_len + (1 if d.objective == "causal" else 0)
-        if d.objective == "seq2seq":
-            need = d.max_source_len + d.max_target_len if family == "decoder-only" else \
-                max(d.max_source_len, d.max_target_len)
-        else:
-            need = window
-        if need > self.model_config.max_position_embeddings:
-            raise ValueError(f"data needs {need} positions (data.seq_len / max_source_len / max_target_len) but "
-                             f"model.max_position_embeddings is {self.model_config.max_position_embeddings}")
+        self.data: Datasets = self._datasets()
+        window = self._window()
 
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(self.device))
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
@@ -576,6 +556,37 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def _datasets(self) -> Datasets:
+        """Train and validation batches; checks that the objective suits the model."""
+        config = self.config
+        if not self.main:  # rank 0 tokenizes; the others wait and reuse its shards
+            self._barrier()
+        data = load_datasets(config.data, self.tokenizer, self.model_config.family, config.seed,
+                             progress=config.progress and self.main)
+        if self.main:
+            self._barrier()
+        d, family = config.data, self.model_config.family
+        allowed = {"causal": ("decoder-only",), "masked": ("encoder-only",), "denoise": ("encoder-decoder",),
+                   "seq2seq": ("encoder-decoder", "decoder-only"), "chat": ("encoder-decoder", "decoder-only")}
+        if family not in allowed[d.objective]:
+            raise ValueError(f"data.objective={d.objective!r} needs a model that is {' or '.join(allowed[d.objective])}; "
+                             f"the model is {family} (num_encoder_layers={self.model_config.num_encoder_layers}, "
+                             f"num_decoder_layers={self.model_config.num_decoder_layers})")
+        window = d.seq_len + (1 if d.objective == "causal" else 0)
+        if d.objective == "seq2seq":
+            need = d.max_source_len + d.max_target_len if family == "decoder-only" else \
+                max(d.max_source_len, d.max_target_len)
+        else:
+            need = window
+        if need > self.model_config.max_position_embeddings:
+            raise ValueError(f"data needs {need} positions (data.seq_len / max_source_len / max_target_len) but "
+                             f"model.max_position_embeddings is {self.model_config.max_position_embeddings}")
+        return data
+
+    def _window(self) -> int:
+        """Tokens per training sample, for the FLOP (MFU) estimate."""
+        return self.config.data.seq_len + (1 if self.config.data.objective == "causal" else 0)
+
     # ------------------------------------------------------------ data position
     def _indices(self, step: int, micro: int) -> range:
         """Global sample indices of one rank's micro-batch: a pure function of the step, so
@@ -599,6 +610,17 @@ class Trainer:
         if self.model_config.is_encoder_decoder:
             n += batch["labels"].numel()
         return n
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """The objective on one micro-batch, a mean over its items. The LM objectives live in the
+        model's forward; a subclass with another objective overrides this and ``_loss_weight``
+        (zenlm.retrieval.finetune: contrastive sentence-embedding training)."""
+        return self.forward(**batch).loss
+
+    def _loss_weight(self, batch: dict) -> torch.Tensor:
+        """How many items ``compute_loss`` averaged over: the batch's weight in the validation mean."""
+        labels = batch["labels"][:, 1:] if self.model_config.family == "decoder-only" else batch["labels"]
+        return (labels != IGNORE_INDEX).sum()
 
     # ------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -627,7 +649,7 @@ class Trainer:
                         sync = model.no_sync()
                     with sync:
                         with self._autocast():
-                            loss = self.forward(**batch).loss
+                            loss = self.compute_loss(batch)
                         if c.grad_accum > 1:
                             loss = loss / c.grad_accum
                         loss.backward()
@@ -725,9 +747,8 @@ class Trainer:
             indices = range(b * size, min((b + 1) * size, len(valid)))
             batch = self._to_device(valid.batch(indices))
             with self._autocast():
-                loss = self.forward(**batch).loss
-            labels = batch["labels"][:, 1:] if self.model_config.family == "decoder-only" else batch["labels"]
-            count = (labels != IGNORE_INDEX).sum()
+                loss = self.compute_loss(batch)
+            count = self._loss_weight(batch)
             total += torch.stack([loss.double() * count, count.double()])
         if self.dist.enabled:
             import torch.distributed as dist

@@ -1,29 +1,34 @@
-"""Contrastive fine-tuning of an embedder on (query, passage) pairs.
+"""Contrastive fine-tuning of an embedder on (query, passage) pairs, through zenlm's Trainer.
 
 Multiple-negatives ranking loss (Henderson et al. 2017; sentence-transformers'
 MultipleNegativesRankingLoss): in a batch of B pairs, each query's positive is its own
 passage and the other B−1 passages are its negatives, so no mined negatives are needed:
-loss = cross-entropy(scale · cos(q_i, p_j), target i). When two pairs in a batch share a
-passage, that passage is not counted as a negative for the other query.
+loss = cross-entropy(scale · cos(q_i, p_j), target i). A passage that is not really a
+negative — the same passage text, or another positive of the same query — is masked out.
 
-The objective needs two encoder passes per step and no LM head, which the general
-``zenlm.train.Trainer`` (built around token-level objectives and ``TransformerLM``) does
-not take; this is a compact loop that reuses its optimizer (AdamW, no decay on biases
-and norms) and its warmup + decay schedule.
+The training engine (``zenlm.train.Trainer``) runs the loop: AdamW without decay on
+biases and norms, warmup + linear decay, gradient clipping, bf16 autocast, a held-out
+validation loss, atomic checkpoints and exact resume (give ``out_dir`` to keep them).
+``ContrastiveTrainer`` only swaps in what differs from language modelling — the data
+(``PairBatches``), the model (the embedder's own encoder) and the objective
+(``compute_loss``: two encoder passes, pooling, the ranking loss).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model import pool
+from ..train import Trainer
 from .embed import Embedder, fingerprint
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,8 @@ class ContrastiveConfig:
     grad_clip: float = 1.0
     seed: int = 0
     precision: str = "fp32"  # or "bf16": autocast the forward passes (weights and optimizer stay fp32)
+    valid_fraction: float = 0.0  # queries held out (all their pairs) for a validation loss; 0 = none
+    out_dir: Optional[str] = None  # checkpoints + metrics.jsonl, resumed if present; None = a temporary folder
 
     def validate(self, pairs: int) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -52,6 +59,8 @@ class ContrastiveConfig:
         if not self.lr > 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"need lr > 0 and warmup_ratio in [0, 1), got lr={self.lr}, "
                              f"warmup_ratio={self.warmup_ratio}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
 
 
 def ranking_loss(queries: torch.Tensor, passages: torch.Tensor, scale: float,
@@ -60,78 +69,168 @@ def ranking_loss(queries: torch.Tensor, passages: torch.Tensor, scale: float,
     false negative for query i (the same passage text as its positive)."""
     scores = scale * F.normalize(queries, dim=-1) @ F.normalize(passages, dim=-1).T
     if same is not None:
-        scores = scores.masked_fill(same & ~torch.eye(len(scores), dtype=torch.bool), float("-inf"))
-    return F.cross_entropy(scores, torch.arange(len(scores)))
+        scores = scores.masked_fill(same & ~torch.eye(len(scores), dtype=torch.bool, device=scores.device),
+                                    float("-inf"))
+    return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
+
+
+class PairBatches:
+    """Tokenised (query, passage) pairs as the Trainer reads data: ``batch(indices)`` maps
+    global sample indices to tensors, a pure function of (seed, indices) — each epoch is
+    a seeded permutation — so a resumed run sees the batches an uninterrupted one would."""
+
+    def __init__(self, queries: list[list[int]], passages: list[list[int]], query_keys: list[str],
+                 passage_keys: list[str], pad_id: int, seed: int, train: bool = True):
+        self.queries, self.passages, self.pad_id, self.seed, self.train = queries, passages, pad_id, seed, train
+        # integer codes: "same passage" / "same query" become tensor comparisons
+        codes: dict[str, int] = {}
+        self.passage_codes = [codes.setdefault(k, len(codes)) for k in passage_keys]
+        codes = {}
+        self.query_codes = [codes.setdefault(k, len(codes)) for k in query_keys]
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def _locate(self, i: int) -> int:
+        epoch, j = divmod(int(i), len(self))
+        if not self.train:
+            return j
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self))
+        return int(self._perm[j])
+
+    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :max(len(r), 1)] = 1
+        return ids, mask
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [self._locate(i) for i in indices]
+        q_ids, q_mask = self._pad([self.queries[r] for r in rows])
+        p_ids, p_mask = self._pad([self.passages[r] for r in rows])
+        p = torch.tensor([self.passage_codes[r] for r in rows])
+        q = torch.tensor([self.query_codes[r] for r in rows])
+        # passage j is no negative for query i when it is i's passage, or another positive of i's query
+        same = (p[:, None] == p[None, :]) | (q[:, None] == q[None, :])
+        return {"query_ids": q_ids, "query_mask": q_mask, "passage_ids": p_ids, "passage_mask": p_mask,
+                "same": same}
+
+
+class ContrastiveTrainer(Trainer):
+    """The Trainer with the embedder's encoder, pair batches and the ranking loss. Runs in one
+    process: the objective makes two forward passes per step, which DDP does not allow."""
+
+    def __init__(self, config, embedder: Embedder, train: PairBatches, valid: Optional[PairBatches], scale: float):
+        self.embedder, self._pair_data, self.scale = embedder, (train, valid), scale
+        super().__init__(config)
+        if self.dist.enabled:
+            raise ValueError("contrastive fine-tuning runs in one process, not under torchrun")
+
+    def _tokenizer(self):
+        return self.embedder.tokenizer
+
+    def _model_config(self):
+        return self.embedder.base_model.config
+
+    def _model(self):
+        return self.embedder.base_model.train().to(self.device)
+
+    def _datasets(self):
+        from ..data import BadDataReport, Datasets
+
+        train, valid = self._pair_data
+        return Datasets(train, valid if valid is not None else PairBatches([], [], [], [], 0, 0, False),
+                        BadDataReport())
+
+    def _window(self) -> int:
+        return self.embedder.config.max_length
+
+    def _tokens_in(self, batch: dict) -> int:
+        return int(batch["query_mask"].sum() + batch["passage_mask"].sum())
+
+    def _vectors(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.forward(input_ids=ids, attention_mask=mask).last_hidden_state
+        return pool(hidden.float(), mask, self.embedder.config.pooling, normalize=False)
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        q = self._vectors(batch["query_ids"], batch["query_mask"])
+        p = self._vectors(batch["passage_ids"], batch["passage_mask"])
+        return ranking_loss(q, p, self.scale, batch["same"])
+
+    def _loss_weight(self, batch: dict) -> torch.Tensor:
+        return torch.tensor(len(batch["same"]), device=self.device)
+
+    def evaluate(self) -> float:
+        """The held-out pairs' mean loss; NaN when none were held out (nothing to measure)."""
+        return super().evaluate() if len(self.data.valid) else float("nan")
+
+
+def split_pairs(pairs: list[tuple[str, str]], fraction: float, seed: int
+                ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Hold out ``fraction`` of the distinct queries with all their pairs (so no validation
+    query was seen in training)."""
+    if not fraction:
+        return pairs, []
+    queries = sorted({q for q, _ in pairs})
+    random.Random(seed).shuffle(queries)
+    held = set(queries[:max(1, round(fraction * len(queries)))])
+    train = [pq for pq in pairs if pq[0] not in held]
+    valid = [pq for pq in pairs if pq[0] in held]
+    if len(train) < 2 or len(valid) < 2:
+        raise ValueError(f"valid_fraction={fraction} leaves {len(train)} training and {len(valid)} validation pairs; "
+                         f"each needs at least 2")
+    return train, valid
 
 
 def contrastive_finetune(embedder: Embedder, pairs: Sequence[tuple[str, str]],
                          config: ContrastiveConfig | None = None, show_progress: bool = False) -> dict:
-    """Train ``embedder`` in place on (query, passage) pairs; returns loss and timing."""
-    from ..train import OptimConfig, lr_lambda, make_optimizer
+    """Train ``embedder`` in place on (query, passage) pairs with ``zenlm.train.Trainer``;
+    returns the steps, first/last training loss, validation loss and wall time."""
+    from ..data import DataConfig
+    from ..train import OptimConfig, TrainConfig
 
     config = config or ContrastiveConfig()
     config.validate(len(pairs))
     pairs = [(q, p) for q, p in pairs]
-    rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
-    steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    optim = OptimConfig(lr=config.lr, weight_decay=config.weight_decay, betas=[0.9, 0.999],
-                        warmup_steps=int(config.warmup_ratio * total), schedule="linear", grad_clip=config.grad_clip)
-    model = embedder.base_model
-    model.train()
-    optimizer = make_optimizer(model, optim, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total))
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
+    train_pairs, valid_pairs = split_pairs(pairs, config.valid_fraction, config.seed)
 
-        bar = tqdm(total=total, desc="contrastive fine-tuning", unit="step")
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.precision == "bf16"
-                else contextlib.nullcontext())
-    losses, start = [], time.perf_counter()
+    def batches(chosen: list[tuple[str, str]], train: bool) -> PairBatches:
+        return PairBatches(embedder.tokenize([q for q, _ in chosen]), embedder.tokenize([p for _, p in chosen]),
+                           [q for q, _ in chosen], [p for _, p in chosen], embedder.pad_id, config.seed, train)
+
+    train_data = batches(train_pairs, True)
+    valid_data = batches(valid_pairs, False) if valid_pairs else None
+    steps = math.ceil(len(train_pairs) / config.batch_size) * config.epochs
+    scratch = tempfile.TemporaryDirectory(prefix="zenlm-contrastive-") if config.out_dir is None else None
+    train_config = TrainConfig(
+        out_dir=config.out_dir or scratch.name,
+        # the Trainer's file-based data settings are unused (PairBatches replaces them) but must validate
+        data=DataConfig(train=["(query, passage) pairs given in memory"]),
+        optim=OptimConfig(lr=config.lr, weight_decay=config.weight_decay, betas=[0.9, 0.999],
+                          warmup_steps=int(config.warmup_ratio * steps), schedule="linear",
+                          grad_clip=config.grad_clip),
+        max_steps=steps, batch_size=config.batch_size, eval_interval=0, checkpoint_interval=0, keep_checkpoints=1,
+        eval_batch_size=config.batch_size, log_interval=1, precision=config.precision, seed=config.seed,
+        resume="auto" if config.out_dir else "never", plot=False, progress=show_progress)
+    start = time.perf_counter()
     try:
-        for _ in range(config.epochs):
-            order = list(range(len(pairs)))
-            rng.shuffle(order)
-            for s in range(steps_per_epoch):
-                batch = [pairs[i] for i in order[s * config.batch_size:(s + 1) * config.batch_size]]
-                if len(batch) < 2:
-                    continue
-                with autocast:
-                    q = _embed(embedder, [b[0] for b in batch])
-                    p = _embed(embedder, [b[1] for b in batch])
-                texts = [b[1] for b in batch]
-                same = torch.tensor([[a == b for b in texts] for a in texts])
-                loss = ranking_loss(q.float(), p.float(), config.scale, same)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        trainer = ContrastiveTrainer(train_config, embedder, train_data, valid_data, config.scale)
+        summary = trainer.train()
     finally:
-        if bar is not None:
-            bar.close()
-        model.eval()
+        embedder.base_model.eval()
+        if scratch is not None:
+            scratch.cleanup()
     # the weights changed: new identity, and the reduced-precision copy must be redone
-    embedder.fingerprint = fingerprint(model)
-    embedder.model = embedder._cast(model, embedder.precision)
-    return {"steps": len(losses), "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "seconds": time.perf_counter() - start}
-
-
-def _embed(embedder: Embedder, texts: list[str]) -> torch.Tensor:
-    rows = embedder.tokenize(texts)
-    # one padded batch in the given order (pairs must stay aligned)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), embedder.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return embedder.embed_tokens(ids, mask)
+    embedder.fingerprint = fingerprint(embedder.base_model)
+    embedder.model = embedder._cast(embedder.base_model, embedder.precision)
+    losses = [r["loss"] for r in trainer.history if "loss" in r]
+    return {"steps": summary["step"], "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "valid_loss": summary["best_val_loss"] if valid_pairs else None,
+            "train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs),
+            "seconds": time.perf_counter() - start}
