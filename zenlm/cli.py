@@ -30,7 +30,7 @@ def _bytes(n: float) -> str:
 # --------------------------------------------------------------------------- info
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="parameters, FLOPs and memory of a preset or checkpoint folder")
-    p.add_argument("model", help="a preset name (see `zenlm info --list`) or a checkpoint folder")
+    p.add_argument("model", help="a preset name (see `zenlm info --list`), a checkpoint folder or a Hugging Face folder")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="default: max_position_embeddings")
     p.add_argument("--bytes-per-param", type=int, default=4, choices=(2, 4))
@@ -45,7 +45,9 @@ def run_info(args) -> None:
     if args.model in PRESETS:
         config = TransformerConfig.from_preset(args.model)
     elif os.path.isdir(args.model):
-        config = TransformerConfig.load(args.model)
+        from .hf import is_hf_folder, read_hf_config  # a Hugging Face folder reads as it imports
+
+        config = read_hf_config(args.model) if is_hf_folder(args.model) else TransformerConfig.load(args.model)
     else:
         raise ValueError(f"{args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder")
     if args.batch_size <= 0:

@@ -46,6 +46,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # 1 = off
     no_repeat_ngram_size: int = 0  # 0 = off
     bad_words_ids: Sequence[Sequence[int]] = ()
+    forced_bos_token_id: Optional[int] = None  # the first token (transformers' forced_bos_token_id)
+    forced_eos_token_id: Optional[Union[int, Sequence[int]]] = None  # the token at max_new_tokens
+    renormalize_logits: bool = False  # beam scores re-normalised after the rules (MarianMT's default)
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: Union[bool, str] = False
@@ -108,6 +111,11 @@ class GenerationConfig:
         for words in self.bad_words_ids:
             if isinstance(words, int) or not len(words):
                 raise ValueError(f"bad_words_ids must be a list of non-empty token id lists, got {words!r}")
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            value = getattr(self, name)
+            ids = [value] if isinstance(value, int) or value is None else list(value)
+            if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids if t is not None) or ids == []:
+                raise ValueError(f"{name} must be a token id >= 0 (or a list of them for eos), got {value!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -245,6 +253,18 @@ def apply_min_new_tokens(scores: torch.Tensor, generated: int, min_new_tokens: i
     return scores
 
 
+def apply_forced(scores: torch.Tensor, rows: Sequence[bool], token_ids: Union[int, Sequence[int]]) -> torch.Tensor:
+    """In the chosen rows, allow only ``token_ids``, each scored 0 (as transformers' ForcedBOS/EOS)."""
+    if not any(rows):
+        return scores
+    ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+    scores = scores.clone()
+    index = torch.tensor([i for i, r in enumerate(rows) if r], device=scores.device)
+    scores[index] = -math.inf
+    scores[index[:, None], torch.tensor(ids, device=scores.device)[None]] = 0.0
+    return scores
+
+
 def process_scores(scores: torch.Tensor, history: list[list[int]], generated: int, config: GenerationConfig,
                    stop_ids: Sequence[int]) -> torch.Tensor:
     """The rules in ``transformers``' order: penalties and bans first, then the sampling warpers."""
@@ -252,6 +272,10 @@ def process_scores(scores: torch.Tensor, history: list[list[int]], generated: in
     scores = apply_no_repeat_ngram(scores, history, config.no_repeat_ngram_size)
     scores = apply_bad_words(scores, history, config.bad_words_ids)
     scores = apply_min_new_tokens(scores, generated, config.min_new_tokens, stop_ids)
+    if config.forced_bos_token_id is not None:  # at the first position of the sequence (cur_len 1)
+        scores = apply_forced(scores, [len(h) == 1 for h in history], config.forced_bos_token_id)
+    if config.forced_eos_token_id is not None and generated + 1 == config.max_new_tokens:
+        scores = apply_forced(scores, [True] * len(history), config.forced_eos_token_id)
     if config.sampling:
         if config.temperature != 1.0:
             scores = apply_temperature(scores, config.temperature)
@@ -259,6 +283,10 @@ def process_scores(scores: torch.Tensor, history: list[list[int]], generated: in
         scores = apply_top_p(scores, config.top_p)
         scores = apply_min_p(scores, config.min_p)
     return scores
+
+
+def _forcing(config: GenerationConfig) -> bool:
+    return config.forced_bos_token_id is not None or config.forced_eos_token_id is not None
 
 
 # --------------------------------------------------------------------------- model state
@@ -358,6 +386,8 @@ class Generator:
             raise ValueError("an encoder-only model cannot generate; use a decoder-only or encoder-decoder model")
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.config = config
+        # defaults a model brought along (an imported Hugging Face folder's generation_config.json)
+        self.defaults = GenerationConfig.build(**(config.extra.get("generation") or {}))
 
     # ------------------------------------------------------------------ inputs
     def _rows(self, prompts) -> tuple[list[list[int]], bool]:
@@ -435,6 +465,11 @@ class Generator:
             for t in words:
                 if not isinstance(t, int) or not 0 <= t < vocab:
                     raise ValueError(f"bad_words_ids holds token id {t!r}, outside [0, vocab_size={vocab})")
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            value = getattr(config, name)
+            for t in [value] if isinstance(value, int) else list(value or []):
+                if not t < vocab:
+                    raise ValueError(f"{name} holds token id {t!r}, outside [0, vocab_size={vocab})")
         return ids
 
     def _state(self, rows: list[list[int]], config: GenerationConfig, expand: int):
@@ -455,7 +490,7 @@ class Generator:
     def generate(self, prompts, config: Optional[GenerationConfig] = None, **options) -> GenerationOutput:
         """Generate for one prompt or a batch; returns every sequence with its text (when a
         tokenizer is known), finish reason and optional log-probabilities."""
-        config = GenerationConfig.build(config, **options)
+        config = GenerationConfig.build(self.defaults if config is None else config, **options)
         rows, _ = self._rows(prompts)
         rows = self._fit(rows, config)
         stop_ids = self._stop_ids(config)
@@ -486,6 +521,8 @@ class Generator:
         inside a multi-byte character, and text that may begin a stop string is held back."""
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer; pass tokenizer=...")
+        if config is None:  # a stream is one sequence: the model's defaults without their beams
+            config = GenerationConfig.build(self.defaults, num_beams=1, num_return_sequences=1)
         config = GenerationConfig.build(config, **options)
         rows, single = self._rows(prompt)
         if not single or len(rows) != 1:
@@ -552,7 +589,7 @@ class Generator:
             generator = torch.Generator(device=self.model.embed_tokens.weight.device)
             generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2 ** 62, ())))
         rules = (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
-                 or config.min_new_tokens or config.sampling)
+                 or config.min_new_tokens or config.sampling or _forcing(config))
         logits = state.prefill()
         for step in range(config.max_new_tokens):
             scores = logits.float()
@@ -620,8 +657,11 @@ class Generator:
             groups = len(items)
             raw = logits.float().log_softmax(dim=-1)
             scores = raw
-            if config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids or config.min_new_tokens:
+            if (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
+                    or config.min_new_tokens or _forcing(config)):
                 scores = process_scores(raw, history, step, config, stop_ids)
+                if config.renormalize_logits:
+                    scores = scores.log_softmax(dim=-1)
             scores = (scores.view(groups, nb, vocab) + running[:, :, None]).view(groups, nb * vocab)
             top_lp, top_idx = scores.topk(keep_k, dim=1)
             src_beam, tokens = top_idx // vocab, top_idx % vocab

@@ -14,6 +14,14 @@ weights came from. Files are read safely: safetensors (one file or shards listed
 ``model.safetensors.index.json``); a legacy ``pytorch_model.bin`` only through
 ``torch.load(weights_only=True)``, which refuses anything but tensors. transformers is
 never imported here, and nothing touches the network.
+
+Two things ride along besides the weights. The generation settings that change which tokens
+``generate()`` picks (MarianMT's ``bad_words_ids=[[pad]]`` and ``forced_eos_token_id``, beam
+count, length limits) are read from generation_config.json (else config.json, as transformers
+does) into ``config.extra["generation"]``, which zenlm's ``Generator`` takes as its defaults.
+BERT's pooler (``tanh(dense(h[CLS]))``, unused by sentence embeddings) has no place in the
+model; it is kept as ``model.hf_pooler`` (see ``pooler_output``), in ``hf_pooler.safetensors``
+beside a converted checkpoint, and written back on export, so HF -> zenlm -> HF keeps it.
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ from .config import TransformerConfig
 log = logging.getLogger(__name__)
 
 Source = Union[str, tuple[str, ...]]  # one HF tensor, or several concatenated along dim 0
-HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+GENERATION_NAME = "generation_config.json"
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", GENERATION_NAME)
 HEAD_PARAMS = ("lm_head.weight", "lm_head_bias", "mlm_dense.weight", "mlm_dense.bias", "mlm_norm.weight", "mlm_norm.bias")
 REQUIRED = object()  # marks an HF config key without a default
 
@@ -346,9 +355,12 @@ def family_of(hf_config: dict, source: PathLike = "config.json") -> Family:
     return FAMILIES[model_type]
 
 
-def config_from_hf(hf_config: dict, tensor_names: set[str] = frozenset(), source: PathLike = "config.json"
-                   ) -> TransformerConfig:
-    """A TransformerConfig from an HF config.json dict (tensor names tell BERT whether it has an MLM head)."""
+def config_from_hf(hf_config: dict, tensor_names: set[str] = frozenset(), source: PathLike = "config.json",
+                   generation_config: Optional[dict] = None) -> TransformerConfig:
+    """A TransformerConfig from an HF config.json dict (tensor names tell BERT whether it has an MLM head).
+
+    ``generation_config`` is the folder's generation_config.json; without one, the generation keys
+    of config.json are used (transformers' own rule). See ``generation_from_hf``."""
     family = family_of(hf_config, source)
     values: dict[str, Any] = {}
     for ours, (theirs, default) in family.fields.items():
@@ -365,10 +377,73 @@ def config_from_hf(hf_config: dict, tensor_names: set[str] = frozenset(), source
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # zenlm's defaults (0, 1, 2) may not fit a tiny vocab
         if key not in values:
             values[key] = min(TransformerConfig.__dataclass_fields__[key].default, vocab - 1)
+    if family is not BERT:
+        generation = generation_from_hf(hf_config if generation_config is None else generation_config,
+                                        encoder_decoder=values.get("num_encoder_layers", 0) > 0
+                                        and values.get("num_decoder_layers", 0) > 0,
+                                        eos_token_id=values["eos_token_id"], source=source)
+        if generation:
+            values["extra"]["generation"] = generation
     try:
         return TransformerConfig(**values)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+
+# HF generation settings that change which tokens generate() picks, with transformers' defaults
+HF_GENERATION = dict(bad_words_ids=None, no_repeat_ngram_size=0, num_beams=1, length_penalty=1.0, early_stopping=False,
+                     repetition_penalty=1.0, forced_bos_token_id=None, forced_eos_token_id=None,
+                     renormalize_logits=False, do_sample=False, temperature=1.0, top_p=1.0, min_p=None)
+
+
+def generation_from_hf(settings: dict, encoder_decoder: bool, eos_token_id: Optional[int] = None,
+                       source: PathLike = "generation_config.json") -> dict:
+    """zenlm ``GenerationConfig`` defaults from an HF generation_config.json (or config.json) dict:
+    only the values that differ from transformers' defaults, so ``zenlm generate`` on an imported
+    model decodes what ``model.generate()`` would. ``max_length``/``min_length`` count the decoder's
+    start token in an encoder-decoder (new tokens = length - 1); a decoder-only model's count the
+    prompt, which zenlm cannot know in advance, so they are left out there. Settings zenlm cannot
+    combine (sampling with beams) are dropped with a warning rather than making the model unloadable."""
+    from .generate import GenerationConfig
+
+    out: dict[str, Any] = {}
+    for key, default in HF_GENERATION.items():
+        value = settings.get(key)
+        if value is not None and value != default:
+            out[key] = [list(w) for w in value] if key == "bad_words_ids" else value
+    if out.get("do_sample"):  # transformers samples from the top 50 unless told otherwise
+        out["top_k"] = settings.get("top_k", 50) or 0
+    eos = settings.get("eos_token_id")
+    if eos is not None and eos != eos_token_id:  # Llama 3 lists several end tokens
+        out["eos_token_id"] = eos
+    if settings.get("max_new_tokens") is not None:
+        out["max_new_tokens"] = settings["max_new_tokens"]
+    elif encoder_decoder and settings.get("max_length") is not None:
+        out["max_new_tokens"] = max(1, settings["max_length"] - 1)
+    if settings.get("min_new_tokens"):
+        out["min_new_tokens"] = settings["min_new_tokens"]
+    elif encoder_decoder and settings.get("min_length"):
+        out["min_new_tokens"] = max(0, settings["min_length"] - 1)
+    try:
+        GenerationConfig(**out)
+    except (TypeError, ValueError) as e:
+        log.warning("%s: generation settings %s not carried over (%s)", source, out, e)
+        return {}
+    return out
+
+
+def generation_to_hf(config: TransformerConfig) -> dict:
+    """generation_config.json for ``config``: its token ids and the defaults ``generation_from_hf`` read."""
+    generation = dict(config.extra.get("generation") or {})
+    out: dict[str, Any] = {key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if config.is_encoder_decoder:
+        out["decoder_start_token_id"] = config.start_token_id
+        for ours, theirs in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+            if ours in generation:
+                out[theirs] = generation.pop(ours) + 1
+    out.update(generation)
+    return out
 
 
 def config_to_hf(config: TransformerConfig, family: Family, head: bool = True) -> dict:
@@ -659,6 +734,24 @@ def is_hf_folder(path: PathLike) -> bool:
         return False
 
 
+def read_hf_config(directory: PathLike) -> TransformerConfig:
+    """The zenlm config of an HF folder without building the model (for ``zenlm info``): config.json,
+    generation_config.json and, for BERT's MLM head, the tensor names (a folder without weights
+    is read from its config alone)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face model folder")
+    hf_config = read_json(directory / CONFIG_NAME)
+    family_of(hf_config, directory / CONFIG_NAME)
+    try:
+        names = set(TensorFiles(directory).where)
+    except FileNotFoundError:
+        names = set()
+    generation = directory / GENERATION_NAME
+    return config_from_hf(hf_config, names, directory / CONFIG_NAME,
+                          read_json(generation) if generation.is_file() else None)
+
+
 def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
     """Build a zenlm model (``TransformerLM`` by default) from a local Hugging Face folder.
 
@@ -675,7 +768,9 @@ def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
     hf_config = read_json(directory / CONFIG_NAME)
     family = family_of(hf_config, directory / CONFIG_NAME)
     files = TensorFiles(directory)
-    config = config_from_hf(hf_config, set(files.where), directory / CONFIG_NAME)
+    generation = directory / GENERATION_NAME
+    config = config_from_hf(hf_config, set(files.where), directory / CONFIG_NAME,
+                            read_json(generation) if generation.is_file() else None)
     with _skip_init():
         model = cls(config)
     expected = {n: t.shape for n, t in model.state_dict(keep_vars=True).items()}
@@ -686,9 +781,39 @@ def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
     finally:
         torch.set_num_threads(threads)
     model.load_state_dict(state, strict=True, assign=True)
+    if family is BERT:
+        _attach_pooler(model, files, dtype or torch.float32)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- BERT's pooler
+POOLER = ("pooler.dense.weight", "pooler.dense.bias")
+POOLER_FILE = "hf_pooler.safetensors"  # beside a converted zenlm checkpoint
+
+
+def _attach_pooler(model: torch.nn.Module, files: "TensorFiles", dtype: torch.dtype) -> None:
+    """Keep BERT's pooler as ``model.hf_pooler`` (a plain dict, outside the state dict)."""
+    stored = [_resolve(files, BERT, BERT.prefix + name) for name in POOLER]
+    if None in stored:
+        return
+    width = model.config.hidden_size
+    for name, want in zip(stored, ((width, width), (width,))):
+        if files.shape(name) != want:
+            raise ValueError(f"{files.where[name]}: tensor {name!r} has shape {files.shape(name)}, expected {want}")
+    model.hf_pooler = {name: files.get(s).to(dtype) for name, s in zip(POOLER, stored)}
+
+
+def pooler_output(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """BERT's ``pooler_output``: tanh(dense(hidden state of the first token)), with the pooler a
+    Hugging Face BERT folder brought along (transformers' ``BertModel(...).pooler_output``)."""
+    pooler = getattr(model, "hf_pooler", None)
+    if not pooler:
+        raise ValueError("this model has no pooler: only BERT models imported from a Hugging Face folder "
+                         "with pooler.dense weights carry one")
+    weight, bias = (pooler[n].to(hidden.device, hidden.dtype) for n in POOLER)
+    return torch.tanh(torch.nn.functional.linear(hidden[:, 0], weight, bias))
 
 
 # --------------------------------------------------------------------------- export
@@ -720,11 +845,17 @@ def save_hf(model: torch.nn.Module, directory: PathLike, tokenizer=None, side_fi
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = state_to_hf(model, family, head)
+    pooler = getattr(model, "hf_pooler", None)
+    if family is BERT and not head and pooler:  # BertModel has the pooler; BertForMaskedLM does not
+        tensors.update({name: pooler[name].contiguous() for name in POOLER})
     hf_config = config_to_hf(model.config, family, head)
     hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(hf_config, indent=2) + "\n"))
     save_weights(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     copied = _copy_side_files(side_files_from, directory)
+    if GENERATION_NAME not in copied and model.config.extra.get("generation"):
+        settings = generation_to_hf(model.config)
+        atomic_write(directory / GENERATION_NAME, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save(directory)
         if "tokenizer_config.json" not in copied:
@@ -804,6 +935,8 @@ def convert_from_hf(source: PathLike, out: PathLike, dtype: Optional[torch.dtype
     if tokenizer is None:
         log.warning("%s has no tokenizer.json; the converted checkpoint has no tokenizer", source)
     save_pretrained(model, out, tokenizer)
+    if getattr(model, "hf_pooler", None):
+        save_weights(model.hf_pooler, out / POOLER_FILE, metadata={"format": "pt"})
     _copy_side_files(source, out)
     return out
 
@@ -818,5 +951,9 @@ def convert_to_hf(source: PathLike, out: PathLike) -> Path:
     if is_hf_folder(source):
         raise ValueError(f"{source} is already a Hugging Face folder (its config.json has a model_type)")
     model = load_model(source)
+    if (source / POOLER_FILE).is_file():
+        from .checkpoint import load_weights
+
+        model.hf_pooler = load_weights(source / POOLER_FILE)
     tokenizer = load_tokenizer(source) if (source / TOKENIZER_NAME).exists() else None
     return save_hf(model, out, tokenizer, side_files_from=source)

@@ -53,3 +53,32 @@ def test_bert_backbone_without_prefix_or_head_loads(bert, tmp_path):
     with torch.no_grad():
         ref = hf.bert(input_ids=ids, attention_mask=mask).last_hidden_state
         assert_close_where(ours(ids, attention_mask=mask).last_hidden_state, ref, mask)
+
+
+def test_bert_pooler_comes_along_and_goes_back(bert, tmp_path):
+    """BertModel's pooler (tanh(dense(h[CLS]))) is kept on import, gives transformers'
+    pooler_output, and is written back by HF -> zenlm -> HF."""
+    from transformers import AutoModel
+
+    from zenlm.hf import convert_from_hf, convert_to_hf, pooler_output
+
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=4, intermediate_size=48)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = zenlm.load(tmp_path / "hf")
+    ids = torch.randint(0, 200, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).pooler_output
+        got = pooler_output(ours, ours(ids, attention_mask=mask).last_hidden_state)
+    assert ref.std() > 1e-2
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    convert_from_hf(tmp_path / "hf", tmp_path / "zenlm")
+    convert_to_hf(tmp_path / "zenlm", tmp_path / "again")
+    again = AutoModel.from_pretrained(tmp_path / "again").eval()
+    assert torch.equal(again.pooler.dense.weight, hf.pooler.dense.weight)
+    assert torch.equal(again.pooler.dense.bias, hf.pooler.dense.bias)
+    with pytest.raises(ValueError, match="this model has no pooler"):  # BertForMaskedLM has none
+        pooler_output(zenlm.load(bert[1]), torch.zeros(1, 3, 64))

@@ -207,3 +207,21 @@ def test_tensors_with_no_place_are_reported_not_dropped_silently(gpt2_folder, tm
     with caplog.at_level("WARNING", logger="zenlm.hf"):
         zenlm.load(tmp_path)
     assert "1 tensor(s) have no place" in caplog.text and "score.weight" in caplog.text
+
+
+def test_info_reads_a_hugging_face_folder(gpt2_folder, tmp_path, capsys):
+    """`zenlm info` on an HF folder counts what transformers counts; without weights, from config.json
+    alone; an unsupported architecture is one line and exit 2."""
+    hf, folder = gpt2_folder
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "decoder-only, 0+2 layers, d=32" in out
+    assert f"parameters            {hf.num_parameters():,} " in out
+    copy_config(folder, tmp_path / "config-only")
+    assert main(["info", str(tmp_path / "config-only")]) == 0
+    assert f"parameters            {hf.num_parameters():,} " in capsys.readouterr().out
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    assert main(["info", str(tmp_path / "t5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unsupported architecture model_type='t5'" in err[0] and "bert, gpt2" in err[0]
