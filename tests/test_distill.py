@@ -122,3 +122,79 @@ def test_cli_distill(teacher_dir, tmp_path, capsys):
     big = args[:9] + ["--set", "hidden_size=256"] + args[11:]
     assert main(big) == 2
     assert "not fewer than the teacher's" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- encoder-decoder
+WORDS = ("cat", "dog", "owl", "red", "big", "sun", "map", "top")
+
+
+@pytest.fixture(scope="module")
+def seq2seq_teacher(tmp_path_factory):
+    """A 2+2-layer encoder-decoder that learned to reverse short phrases (source TAB target)."""
+    root = tmp_path_factory.mktemp("distill-s2s")
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(400):
+        phrase = " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3,), generator=gen))
+        lines.append(f"{phrase}\t{phrase[::-1]}")
+    (root / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    tok = zenlm.Tokenizer.train([l.replace("\t", " ") for l in lines], kind="char", vocab_size=64)
+    torch.manual_seed(0)
+    config = zenlm.TransformerConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                     num_attention_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                                     max_position_embeddings=32, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                                     eos_token_id=tok.eos_id, pre_norm=True, final_norm=True)
+    teacher = zenlm.TransformerLM(config)
+    pairs = [(tok.encode(a) + [tok.eos_id], tok.encode(b) + [tok.eos_id]) for a, b in
+             (line.split("\t") for line in lines)]
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    for step in range(80):
+        chunk = [pairs[int(i)] for i in torch.randint(0, len(pairs), (16,), generator=gen)]
+        src = torch.nn.utils.rnn.pad_sequence([torch.tensor(a) for a, _ in chunk], True, tok.pad_id)
+        tgt = torch.nn.utils.rnn.pad_sequence([torch.tensor(b) for _, b in chunk], True, -100)
+        loss = teacher(src, attention_mask=(src != tok.pad_id).long(), labels=tgt).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher.save_pretrained(root / "teacher", tokenizer=tok)
+    return root, float(loss.detach())
+
+
+def test_encoder_decoder_teacher_distils_into_a_smaller_encoder_decoder(seq2seq_teacher, tmp_path):
+    root, teacher_loss = seq2seq_teacher
+    assert teacher_loss < 2.0, "the teacher should have learned something"
+    config = TrainConfig.from_dict({
+        "out_dir": str(tmp_path / "s"),
+        "model": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_encoder_layers": 1,
+                  "num_decoder_layers": 1, "max_position_embeddings": 32, "pre_norm": True, "final_norm": True},
+        "data": {"train": [str(root / "pairs.tsv")], "objective": "seq2seq", "format": "pairs",
+                 "max_source_len": 31, "max_target_len": 31},
+        "max_steps": 40, "batch_size": 8, "eval_interval": 0, "eval_batches": 2, "log_interval": 5,
+        "precision": "fp32", "plot": False, "progress": False, "optim": {"lr": 3e-3, "warmup_steps": 0}})
+    trainer = DistillTrainer(config, str(root / "teacher"), DistillConfig(temperature=2.0, alpha=1.0, hidden_weight=0.5))
+    assert trainer.model.config.is_encoder_decoder
+    assert trainer.model.num_parameters() < 0.5 * trainer.teacher.num_parameters()
+    batch = trainer.data.valid.batch(range(8))
+    assert "labels" in batch and "decoder_input_ids" not in batch  # decoder inputs come from the labels
+
+    def kl_to_teacher() -> float:
+        with torch.no_grad():
+            s = trainer.model.eval()(**batch).logits
+            t = trainer.teacher(**batch).logits
+        return float(soft_target_loss(s, t, batch["labels"] != -100, 1.0))
+
+    before = kl_to_teacher()
+    summary = trainer.train()
+    after = kl_to_teacher()
+    assert summary["step"] == 40
+    assert after < 0.5 * before, (before, after)
+    student = zenlm.load(tmp_path / "s" / "best")
+    assert student.config.is_encoder_decoder and student.config.num_encoder_layers == 1
+
+
+def test_encoder_decoder_student_must_match_the_teacher_family(seq2seq_teacher, tmp_path):
+    root, _ = seq2seq_teacher
+    config = _config(root, tmp_path / "x", 5)  # a decoder-only student
+    config.data.train = [str(root / "pairs.tsv")]
+    with pytest.raises(ValueError, match="the student is decoder-only but the teacher is encoder-decoder"):
+        DistillTrainer(config, str(root / "teacher"))

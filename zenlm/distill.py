@@ -106,9 +106,11 @@ class DistillationObjective(nn.Module):
         if c.alpha < 1:
             loss = loss + (1 - c.alpha) * out.loss
         if c.hidden_weight:
-            mask_key = "decoder_attention_mask" if self.student.config.is_encoder_decoder else "attention_mask"
-            loss = loss + c.hidden_weight * relation_loss(out.last_hidden_state, teacher_out.last_hidden_state,
-                                                          batch.get(mask_key))
+            if self.student.config.is_encoder_decoder:  # decoder positions: one per target token
+                mask = batch.get("decoder_attention_mask", batch["labels"] != IGNORE_INDEX)
+            else:
+                mask = batch.get("attention_mask")
+            loss = loss + c.hidden_weight * relation_loss(out.last_hidden_state, teacher_out.last_hidden_state, mask)
         out.loss = loss
         return out
 
