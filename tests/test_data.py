@@ -96,6 +96,9 @@ def test_pairs_tsv_and_jsonl_with_too_long_counted(tmp_path, tok):
     src, tgt, _ = shards.record(0)
     assert src.tolist() == tok.encode("hello") + [tok.eos_id] and tgt.tolist() == tok.encode("world") + [tok.eos_id]
     assert shards.record(1)[1].tolist() == tok.encode("cd") + [tok.eos_id]
+    # seq_len plays no part in pairs: another value reuses the same shards
+    other = cfg(tmp_path, [tsv], format="pairs", objective="seq2seq", max_target_len=20, seq_len=7)
+    assert build_shards(other.train, tok, other, progress=False).directory == shards.directory
     config = cfg(tmp_path, [js], format="pairs", objective="seq2seq", source_field="en", target_field="de")
     src, tgt, _ = build_shards(config.train, tok, config, progress=False).record(0)
     assert tok.decode(src) == "good day" and tok.decode(tgt) == "guten tag"

@@ -15,6 +15,7 @@ import yaml
 
 import zenlm
 from zenlm.checkpoint import load_weights
+from zenlm.config import estimate_costs
 from zenlm.train import (OptimConfig, TrainConfig, Trainer, enable_activation_checkpointing, find_latest_checkpoint,
                          lr_lambda, make_optimizer, parse_overrides)
 
@@ -62,6 +63,7 @@ def test_config_errors_name_the_key(tmp_path, corpus):
              ({"data": {**base["data"], "seq_len": 1.5}}, "data.seq_len must be int"),
              ({"model": {**TINY_MODEL, "hidden": 3}}, "unknown key model.hidden"),
              ({"precision": "fp8"}, "precision must be one of"),
+             ({"attention_backend": "fast"}, "attention_backend must be one of auto, math"),
              ({"optim": {**base["optim"], "schedule": "step"}}, "optim.schedule must be one of")]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -210,6 +212,23 @@ def test_objective_must_fit_the_model_family(tmp_path, corpus):
         Trainer(TrainConfig.from_dict(cfg))
 
 
+def test_pairs_ignore_seq_len_and_check_their_own_lengths(tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{i}\t{i * 2}\n" for i in range(40)))
+    model = dict(TINY_MODEL, num_encoder_layers=1, num_decoder_layers=1)  # 64 positions
+    over = {"model": model, "data.objective": "seq2seq", "data.format": "pairs", "data.seq_len": 4096,
+            "data.max_source_len": 30, "data.max_target_len": 30, "max_steps": 2, "eval_interval": 2}
+    trainer = Trainer(TrainConfig.from_dict(run_config(tmp_path, pairs, **over)))  # seq_len 4096 > 64: not checked
+    assert trainer.flops_per_token == estimate_costs(trainer.model_config, 1, 30)["training_flops_per_token"]
+    assert math.isfinite(trainer.train()["best_val_loss"])
+    over["data.max_source_len"] = 80
+    with pytest.raises(ValueError, match="data needs 80 positions .* model.max_position_embeddings is 64"):
+        Trainer(TrainConfig.from_dict(run_config(tmp_path, pairs, **over, out_dir=str(tmp_path / "b"))))
+    over.update({"data.max_source_len": 40, "model": dict(TINY_MODEL)})  # decoder-only reads source + target
+    with pytest.raises(ValueError, match="data needs 70 positions"):
+        Trainer(TrainConfig.from_dict(run_config(tmp_path, pairs, **over, out_dir=str(tmp_path / "c"))))
+
+
 def test_early_stopping_and_target_loss(tmp_path, corpus):
     cfg = run_config(tmp_path, corpus, **{"optim.lr": 1e-9, "optim.warmup_steps": 0, "max_steps": 40,
                                           "eval_interval": 2, "early_stopping_patience": 2, "early_stopping_min_delta": 1e-3,
@@ -220,6 +239,20 @@ def test_early_stopping_and_target_loss(tmp_path, corpus):
                                           "target_loss": 100.0})
     summary = Trainer(TrainConfig.from_dict(cfg)).train()
     assert summary["stop"] == "target_loss" and summary["step"] == 2
+
+
+def test_attention_backend_math_follows_the_default_kernel(tmp_path, corpus):
+    """The math kernel is the same formula: fp32 losses agree with torch's default choice to rounding."""
+    runs = {}
+    for backend in ("auto", "math"):
+        cfg = run_config(tmp_path, corpus, attention_backend=backend, max_steps=6, out_dir=str(tmp_path / backend))
+        Trainer(TrainConfig.from_dict(cfg)).train()
+        runs[backend] = [loss for _, loss in losses(Path(cfg["out_dir"]))]
+    assert runs["auto"] == pytest.approx(runs["math"], rel=1e-4) and runs["auto"][-1] < runs["auto"][0]
+    # the setting really selects the kernel: the memory-efficient one does not exist on a CPU
+    cfg = run_config(tmp_path, corpus, attention_backend="efficient", max_steps=1, out_dir=str(tmp_path / "eff"))
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        Trainer(TrainConfig.from_dict(cfg)).train()
 
 
 def test_bf16_autocast_trains(tmp_path, corpus):

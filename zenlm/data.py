@@ -420,7 +420,10 @@ def build_shards(paths: Sequence[str], tokenizer: Tokenizer, config: DataConfig,
     options = {"format": fmt, "text_field": config.text_field, "source_field": config.source_field,
                "target_field": config.target_field, "messages_field": config.messages_field,
                "max_source_len": config.max_source_len, "max_target_len": config.max_target_len,
-               "max_len": config.seq_len, **({"scrub_pii": True} if config.scrub_pii else {}),
+               # pairs are bounded by max_source_len / max_target_len only: their shards do not depend on
+               # seq_len (nor get rebuilt when it changes)
+               "max_len": None if fmt == "pairs" else config.seq_len,
+               **({"scrub_pii": True} if config.scrub_pii else {}),
                "dtype": "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"}
     tokenizer_json = tokenizer.backend.to_str()
     key = _fingerprint(files, tokenizer_json, options)

@@ -22,7 +22,7 @@ import random
 import shutil
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 STATE_NAME = "trainer_state.pt"
 COMPLETE_NAME = "COMPLETE"
 
@@ -93,6 +94,10 @@ class TrainConfig:
     target_loss: Optional[float] = None  # stop once the validation loss reaches this (time-to-quality runs)
     precision: str = "auto"  # auto = bf16 autocast where the device supports it, else fp32
     compile: bool = False
+    # scaled-dot-product attention kernel: auto = torch's choice. On CPU under bf16 autocast with
+    # short contexts "math" (matmul + softmax) trains ~25% faster than the flash kernel, whose
+    # backward pass dominates a small model's step (profile in benchmarks/RESULTS.md, issue 4).
+    attention_backend: str = "auto"
     fast_cpu: bool = False  # route fp32 Linear layers through oneDNN on CPU (zenlm.fast_cpu)
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # ddp | fsdp, used when launched by torchrun
@@ -153,6 +158,8 @@ class TrainConfig:
             v = getattr(self, key)
             rule(v is None or v >= 0, key, "must be >= 0", v)
         rule(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}", self.precision)
+        rule(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+             f"must be one of {', '.join(ATTENTION_BACKENDS)}", self.attention_backend)
         rule(self.distributed in ("ddp", "fsdp"), "distributed", "must be ddp or fsdp", self.distributed)
         rule(self.resume in ("auto", "never") or Path(self.resume).is_dir(), "resume",
              "must be auto, never or an existing checkpoint folder", self.resume)
@@ -584,8 +591,14 @@ class Trainer:
         return data
 
     def _window(self) -> int:
-        """Tokens per training sample, for the FLOP (MFU) estimate."""
-        return self.config.data.seq_len + (1 if self.config.data.objective == "causal" else 0)
+        """Tokens per training sample, for the FLOP (MFU) estimate. Supervised pairs never read
+        data.seq_len: their length is bounded by max_source_len and max_target_len."""
+        d = self.config.data
+        if d.objective == "seq2seq":
+            if self.model_config.family == "decoder-only":
+                return d.max_source_len + d.max_target_len
+            return max(d.max_source_len, d.max_target_len)
+        return d.seq_len + (1 if d.objective == "causal" else 0)
 
     # ------------------------------------------------------------ data position
     def _indices(self, step: int, micro: int) -> range:
@@ -601,9 +614,17 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        """Precision and attention kernel for a forward pass (the backward follows the forward's choices)."""
+        stack = ExitStack()
+        if self.amp_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.amp_dtype))
+        if self.config.attention_backend != "auto":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+            stack.enter_context(sdpa_kernel(backend[self.config.attention_backend]))
+        return stack
 
     def _tokens_in(self, batch: dict) -> int:
         n = batch["input_ids"].numel()
@@ -743,13 +764,19 @@ class Trainer:
         if c.eval_batches:
             batches = min(batches, c.eval_batches)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for b in range(self.dist.rank, batches, self.dist.world):
-            indices = range(b * size, min((b + 1) * size, len(valid)))
-            batch = self._to_device(valid.batch(indices))
-            with self._autocast():
-                loss = self.compute_loss(batch)
-            count = self._loss_weight(batch)
-            total += torch.stack([loss.double() * count, count.double()])
+        # a compiled forward would recompile for the evaluation's batch shapes and no-grad mode
+        # (tens of seconds on a CPU, more than the pass itself): evaluate the eager model
+        compiled, self.forward = self.forward, self.wrapped
+        try:
+            for b in range(self.dist.rank, batches, self.dist.world):
+                indices = range(b * size, min((b + 1) * size, len(valid)))
+                batch = self._to_device(valid.batch(indices))
+                with self._autocast():
+                    loss = self.compute_loss(batch)
+                count = self._loss_weight(batch)
+                total += torch.stack([loss.double() * count, count.double()])
+        finally:
+            self.forward = compiled
         if self.dist.enabled:
             import torch.distributed as dist
 
