@@ -793,7 +793,7 @@ POOLER = ("pooler.dense.weight", "pooler.dense.bias")
 POOLER_FILE = "hf_pooler.safetensors"  # beside a converted zenlm checkpoint
 
 
-def _attach_pooler(model: torch.nn.Module, files: "TensorFiles", dtype: torch.dtype) -> None:
+def _attach_pooler(model: torch.nn.Module, files: TensorFiles, dtype: torch.dtype) -> None:
     """Keep BERT's pooler as ``model.hf_pooler`` (a plain dict, outside the state dict)."""
     stored = [_resolve(files, BERT, BERT.prefix + name) for name in POOLER]
     if None in stored:

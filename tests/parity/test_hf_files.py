@@ -225,3 +225,20 @@ def test_info_reads_a_hugging_face_folder(gpt2_folder, tmp_path, capsys):
     assert main(["info", str(tmp_path / "t5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unsupported architecture model_type='t5'" in err[0] and "bert, gpt2" in err[0]
+
+
+def test_a_hub_name_is_never_fetched(monkeypatch):
+    """zenlm reads local folders only: a Hub model id fails fast as a missing folder, and no socket
+    is opened even with HF_HUB_OFFLINE unset."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("zenlm tried to open a network connection")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(FileNotFoundError, match="Helsinki-NLP/opus-mt-en-de"):
+        zenlm.load("Helsinki-NLP/opus-mt-en-de")
+    with pytest.raises(FileNotFoundError, match="Helsinki-NLP/opus-mt-en-de"):
+        zenlm.load_tokenizer("Helsinki-NLP/opus-mt-en-de")
