@@ -381,7 +381,8 @@ def config_from_hf(hf_config: dict, tensor_names: set[str] = frozenset(), source
         generation = generation_from_hf(hf_config if generation_config is None else generation_config,
                                         encoder_decoder=values.get("num_encoder_layers", 0) > 0
                                         and values.get("num_decoder_layers", 0) > 0,
-                                        eos_token_id=values["eos_token_id"], source=source)
+                                        eos_token_id=values["eos_token_id"], source=source,
+                                        window=values.get("max_position_embeddings"))
         if generation:
             values["extra"]["generation"] = generation
     try:
@@ -398,7 +399,7 @@ HF_GENERATION = dict(bad_words_ids=None, no_repeat_ngram_size=0, num_beams=1, le
 
 
 def generation_from_hf(settings: dict, encoder_decoder: bool, eos_token_id: Optional[int] = None,
-                       source: PathLike = "generation_config.json") -> dict:
+                       source: PathLike = "generation_config.json", window: Optional[int] = None) -> dict:
     """zenlm ``GenerationConfig`` defaults from an HF generation_config.json (or config.json) dict:
     only the values that differ from transformers' defaults, so ``zenlm generate`` on an imported
     model decodes what ``model.generate()`` would. ``max_length``/``min_length`` count the decoder's
@@ -421,6 +422,8 @@ def generation_from_hf(settings: dict, encoder_decoder: bool, eos_token_id: Opti
         out["max_new_tokens"] = settings["max_new_tokens"]
     elif encoder_decoder and settings.get("max_length") is not None:
         out["max_new_tokens"] = max(1, settings["max_length"] - 1)
+        if window is not None:  # the decoder's positions hold the start token and the new tokens
+            out["max_new_tokens"] = min(out["max_new_tokens"], window - 1)
     if settings.get("min_new_tokens"):
         out["min_new_tokens"] = settings["min_new_tokens"]
     elif encoder_decoder and settings.get("min_length"):
