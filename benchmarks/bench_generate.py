@@ -14,7 +14,7 @@ It also reports time-to-first-token and tokens/s of zenlm (and transformers) for
 
     python benchmarks/bench_generate.py                     # fp32, 2 threads, all engines
     python benchmarks/bench_generate.py --int8              # also CTranslate2 int8 vs zenlm dynamic-int8 linears
-    python benchmarks/bench_generate.py --onednn            # also zenlm with zenlm.fast_cpu() (oneDNN linears)
+    python benchmarks/bench_generate.py --mkl               # also zenlm with fast_cpu=False (torch's MKL linears)
     python benchmarks/bench_generate.py --reps 5 --threads 2
     python benchmarks/bench_generate.py --threads 1 --cpu-time   # on a busy, shared machine
 """
@@ -92,7 +92,7 @@ def time_cells(run, reps: int, cells) -> dict:
     return out
 
 
-def engine_zenlm(folder: Path, reps: int, int8: bool, cells, onednn: bool = False) -> dict:
+def engine_zenlm(folder: Path, reps: int, int8: bool, cells, mkl: bool = False) -> dict:
     import torch
 
     import zenlm
@@ -103,12 +103,11 @@ def engine_zenlm(folder: Path, reps: int, int8: bool, cells, onednn: bool = Fals
         from zenlm.quantize import quantize_model
 
         model = quantize_model(model, "dynamic", embeddings=False)
-    if onednn:
-        zenlm.fast_cpu()  # fp32 linear layers through oneDNN instead of MKL
     gen = Generator(model)
 
-    def run(ids, beams):
-        out = gen.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=beams)
+    def run(ids, beams):  # fast_cpu (oneDNN linears while decoding) is the default; --mkl turns it off
+        out = gen.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=beams,
+                           fast_cpu=not mkl)
         return out.token_ids
 
     with torch.inference_mode():
@@ -210,8 +209,8 @@ def child(args) -> None:
         CLOCK["clock"] = time.process_time
     folder = Path(args.folder)
     cells = [tuple(map(int, c.split("x"))) for c in args.cells.split(",")]
-    if args.engine in ("zenlm", "zenlm-onednn"):
-        res = engine_zenlm(folder, args.reps, args.int8, cells, onednn=args.engine == "zenlm-onednn")
+    if args.engine in ("zenlm", "zenlm-mkl"):
+        res = engine_zenlm(folder, args.reps, args.int8, cells, mkl=args.engine == "zenlm-mkl")
     elif args.engine == "transformers":
         res = engine_hf(folder, args.reps, args.int8, cells)
     elif args.engine == "ctranslate2":
@@ -243,7 +242,7 @@ def main() -> None:
     ap.add_argument("--cells", default=",".join(f"{b}x{k}" for b, k in CELLS), help="batch x beams, e.g. 1x1,16x4")
     ap.add_argument("--no-decoder-only", action="store_true")
     ap.add_argument("--engines", default="", help="only these, e.g. zenlm,transformers ('zenlm int8' for int8)")
-    ap.add_argument("--onednn", action="store_true", help="also zenlm with zenlm.fast_cpu() (oneDNN fp32 linears)")
+    ap.add_argument("--mkl", action="store_true", help="also zenlm with fast_cpu=False (torch's default MKL linears)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by process CPU time instead of wall time: with --threads 1 this is robust to other "
                          "processes sharing the machine (wall time then only inflates)")
@@ -267,8 +266,8 @@ def main() -> None:
         folder = Path(tmp) / "bart"
         build_folder(folder)
         engines = [("zenlm", False), ("transformers", False)]
-        if args.onednn:
-            engines.insert(1, ("zenlm-onednn", False))
+        if args.mkl:
+            engines.insert(1, ("zenlm-mkl", False))
         if importlib.util.find_spec("ctranslate2") is not None:
             engines.append(("ctranslate2", False))
         else:

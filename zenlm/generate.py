@@ -16,18 +16,45 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from . import model as _model
 from .model import KVCache
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
 EARLY_STOPPING = (True, False, "never")
 NEG = -1.0e9  # Hugging Face's "very unlikely" score for masked beams; kept for identical tie-breaking
+
+_FAST = threading.Lock()
+_FAST_STATE = {"users": 0, "before": False}
+
+
+@contextmanager
+def _fast_cpu(enabled: bool):
+    """``zenlm.fast_cpu()`` while at least one decoding call wants it; the caller's own setting is
+    restored when the last one ends (a counter, so concurrent calls from threads do not undo each other)."""
+    if not enabled:
+        yield
+        return
+    with _FAST:
+        if _FAST_STATE["users"] == 0:
+            _FAST_STATE["before"] = _model._FAST_CPU["enabled"]
+            _model.fast_cpu(True)
+        _FAST_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _FAST:
+            _FAST_STATE["users"] -= 1
+            if _FAST_STATE["users"] == 0:
+                _model.fast_cpu(_FAST_STATE["before"])
 
 
 # --------------------------------------------------------------------------- settings
@@ -60,6 +87,10 @@ class GenerationConfig:
     logprobs: bool = False  # per-token log-probabilities of the chosen tokens (model distribution)
     truncate: bool = False  # cut an over-long prompt instead of raising
     skip_special_tokens: bool = True
+    # fp32 linear layers (and the LM head) through oneDNN while decoding on CPU (zenlm.fast_cpu for the
+    # duration of the call): on CPUs where torch's MKL matrix-vector products are slow (AMD EPYC here) a
+    # decoding step is ~1.5-3x faster; results equal to float rounding. False keeps torch's default path.
+    fast_cpu: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
@@ -389,6 +420,9 @@ class Generator:
         # defaults a model brought along (an imported Hugging Face folder's generation_config.json)
         self.defaults = GenerationConfig.build(**(config.extra.get("generation") or {}))
 
+    def _on_cpu(self) -> bool:
+        return self.model.embed_tokens.weight.device.type == "cpu"
+
     # ------------------------------------------------------------------ inputs
     def _rows(self, prompts) -> tuple[list[list[int]], bool]:
         """Prompts as token id lists; also whether a single prompt was given."""
@@ -499,7 +533,7 @@ class Generator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _fast_cpu(config.fast_cpu and self._on_cpu()):
                 if config.num_beams > 1:
                     gens = self._beam_search(rows, config, stop_ids)
                 else:
@@ -536,7 +570,7 @@ class Generator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _fast_cpu(config.fast_cpu and self._on_cpu()):
                 for events in self._sample(rows, config, stop_ids, streaming=True):
                     for _, gen in events:
                         if gen is None:
