@@ -45,7 +45,7 @@ SHAKESPEARE = HERE.parents[1] / "shared" / "data" / "tinyshakespeare" / "input.t
 
 
 def zen_run(workdir: Path, model_dir: Path, tokenizer_path: Path, steps: int, warmup: int, bf16: bool,
-            fast_cpu: bool, threads: int) -> dict:
+            fast_cpu: bool, threads: int, attention: str = "auto") -> dict:
     from zenlm.train import TrainConfig, Trainer
 
     out = workdir / f"zen-{'bf16' if bf16 else 'fp32'}-{int(fast_cpu)}"
@@ -56,7 +56,8 @@ def zen_run(workdir: Path, model_dir: Path, tokenizer_path: Path, steps: int, wa
         "optim": {"lr": 1e-4, "warmup_steps": 2, "weight_decay": 0.01}, "max_steps": steps,
         "batch_size": BATCH, "eval_interval": 0, "eval_batches": 1, "checkpoint_interval": 0,
         "log_interval": 1, "precision": "bf16" if bf16 else "fp32", "threads": threads, "peak_flops": 1e12,
-        "plot": False, "progress": False, "resume": "never", "fast_cpu": fast_cpu, "seed": 0})
+        "plot": False, "progress": False, "resume": "never", "fast_cpu": fast_cpu, "seed": 0,
+        "attention_backend": attention})
     trainer = Trainer(config)
     trainer.train()
     records = [r for r in trainer.history if "loss" in r]
@@ -125,6 +126,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--precision", default="fp32,bf16")
     ap.add_argument("--no-fast-cpu", action="store_true", help="zenlm fp32 without zenlm.fast_cpu()")
+    ap.add_argument("--attention", default="auto", help="zenlm's attention_backend under bf16 (auto | math)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import zenlm
@@ -155,14 +157,15 @@ def main(argv=None) -> None:
         for precision in args.precision.split(","):
             bf16 = precision == "bf16"
             fast = not bf16 and not args.no_fast_cpu
-            z = zen_run(work, model_dir, tok_path, args.steps, args.warmup, bf16, fast, args.threads)
+            z = zen_run(work, model_dir, tok_path, args.steps, args.warmup, bf16, fast, args.threads,
+                        args.attention if bf16 else "auto")
             hf.load_state_dict(hf_state)
             h = hf_run(work, hf.train(), batches, args.steps, args.warmup, bf16, args.threads)
             mfu = z["flops"] / (peak[precision] * 1e9)
             hf_mfu = mfu * h["tokens_per_s"] / z["tokens_per_s"]
             rows.append((precision, z, h, mfu, hf_mfu))
             print(f"{precision}: zenlm Trainer {z['tokens_per_s']:.0f} tok/s ({z['s_per_step']:.2f} s/step, MFU "
-                  f"{mfu:.1%}{', fast_cpu' if fast else ''}) | HF Trainer {h['tokens_per_s']:.0f} tok/s "
+                  f"{mfu:.1%}{', fast_cpu' if fast else ''}{', attention ' + args.attention if bf16 else ''}) | HF Trainer {h['tokens_per_s']:.0f} tok/s "
                   f"({h['s_per_step']:.2f} s/step, MFU {hf_mfu:.1%}) | ratio {z['tokens_per_s'] / h['tokens_per_s']:.2f}x"
                   f" | step-1 loss zenlm {z['first_loss']:.4f} HF {h['first_loss']:.4f}")
         if len(rows) == 2:
