@@ -20,8 +20,8 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class ContrastiveConfig:
     seed: int = 0
     precision: str = "fp32"  # or "bf16": autocast the forward passes (weights and optimizer stay fp32)
     valid_fraction: float = 0.0  # queries held out (all their pairs) for a validation loss; 0 = none
-    out_dir: Optional[str] = None  # checkpoints + metrics.jsonl, resumed if present; None = a temporary folder
+    out_dir: str | None = None  # checkpoints + metrics.jsonl, resumed if present; None = a temporary folder
 
     def validate(self, pairs: int) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -125,7 +125,7 @@ class ContrastiveTrainer(Trainer):
     """The Trainer with the embedder's encoder, pair batches and the ranking loss. Runs in one
     process: the objective makes two forward passes per step, which DDP does not allow."""
 
-    def __init__(self, config, embedder: Embedder, train: PairBatches, valid: Optional[PairBatches], scale: float):
+    def __init__(self, config, embedder: Embedder, train: PairBatches, valid: PairBatches | None, scale: float):
         self.embedder, self._pair_data, self.scale = embedder, (train, valid), scale
         super().__init__(config)
         if self.dist.enabled:
