@@ -2,12 +2,17 @@
 
 Starts `zenlm serve` (its own process) over a `tiny`-preset decoder-only model with random weights,
 then streams chat completions from C concurrent clients (C = 1, 8, 32 by default), each asking for
---max-tokens tokens (fewer when the random model emits a stop token), and prints aggregate completion tokens/s, the speed-up over C = 1 (continuous
-batching's gain; target >= 6x at 32), and client-side p50/p99 time to first token. Then times the
-ledger's own work per request (authenticate + reserve + settle) on SQLite and, when
-ZENLM_TEST_POSTGRES_URL (or --postgres) is set, on PostgreSQL.
+--max-tokens tokens (fewer when the random model emits a stop token), and prints aggregate
+completion tokens/s, the speed-up over C = 1 (continuous batching's gain; target >= 6x at 32),
+client-side p50/p99 time to first token, and from the server's /metrics the mean rows per decoding
+step and the mean step time. The clients count tokens from each stream's final usage chunk; the
+run fails unless the ledger holds exactly those tokens, one completed row per request. The load
+generator is a minimal HTTP/1.1 event-stream reader on asyncio (it shares the cores with the
+server, so it must cost little per token). Then the same levels through the BatchEngine in this
+process, no HTTP (the ceiling), and the ledger's own work per request (authenticate + reserve +
+settle) on SQLite and, when ZENLM_TEST_POSTGRES_URL (or --postgres) is set, on PostgreSQL.
 
-    python benchmarks/bench_serve.py [--levels 1 8 32] [--requests 4] [--max-tokens 64]
+    python benchmarks/bench_serve.py [--levels 1 8 32] [--requests 4] [--max-tokens 64] [--no-engine-alone]
 """
 from __future__ import annotations
 
@@ -56,43 +61,146 @@ def start(folder: Path, database: str, port: int, batch: int) -> subprocess.Pope
     raise RuntimeError("server did not start")
 
 
-async def run_level(url: str, key: str, clients: int, requests: int, max_tokens: int) -> dict:
-    try:
-        import httpx2 as httpx
-    except ImportError:
-        import httpx
-    import json
+class SSEClient:
+    """A minimal HTTP/1.1 client for one keep-alive connection that streams server-sent events.
 
+    The load generator shares the 2 cores with the server, so it must cost far less per token than
+    the server does: it reads the chunked body with asyncio streams, splits events on blank lines,
+    and JSON-parses only the final usage chunk (tokens are counted from it, as a billing client
+    would). httpx spent more CPU parsing the SSE lines than the server spent producing them."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_stream(self, path: str, payload: dict, key: str) -> tuple[float, int]:
+        """POST ``payload``; returns (seconds to the first token chunk, completion tokens from usage)."""
+        import json
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(payload).encode()
+        start = time.perf_counter()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {key}\r\n"
+                          f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        reader = self.reader
+        status = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{status.decode().strip()}: {await reader.read(2000)!r}")
+        if headers.get("transfer-encoding") != "chunked":
+            raise RuntimeError(f"expected a chunked event stream, got headers {headers}")
+        first, usage, done, buffer = None, None, False, b""
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()  # the blank line after the last chunk (no trailers)
+                break
+            buffer += (await reader.readexactly(size + 2))[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if first is None and b'"content":"' in event and b'"role":"assistant"' not in event:
+                    first = time.perf_counter() - start
+                elif b'"usage":{' in event:
+                    usage = json.loads(event[6:])["usage"]
+                elif event == b"data: [DONE]":
+                    done = True
+        if headers.get("connection") == "close":
+            await self.close()
+        if usage is None or not done:
+            raise RuntimeError(f"the stream ended without {'a usage chunk' if usage is None else 'data: [DONE]'}")
+        return (first if first is not None else time.perf_counter() - start), usage["completion_tokens"]
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+
+async def run_level(port: int, key: str, clients: int, requests: int, max_tokens: int) -> dict:
     ttft, tokens = [], 0
 
-    async def one_client(client, i):
+    async def one_client(i):
         nonlocal tokens
-        for j in range(requests):
-            start = time.perf_counter()
-            first = None
-            async with client.stream("POST", url + "/v1/chat/completions", json={
+        client = SSEClient("127.0.0.1", port)
+        try:
+            for j in range(requests):
+                first, n = await client.post_stream("/v1/chat/completions", {
                     "model": "m", "messages": [{"role": "user", "content": f"client {i} says hello {j}"}],
                     "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}, headers={"Authorization": f"Bearer {key}"}) as r:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None \
-                            and chunk["choices"][0]["delta"].get("role") is None:
-                        first = time.perf_counter() - start
-                    if chunk.get("usage"):
-                        tokens += chunk["usage"]["completion_tokens"]
-            ttft.append(first if first is not None else time.perf_counter() - start)
+                    "stream_options": {"include_usage": True}}, key)
+                ttft.append(first)
+                tokens += n
+        finally:
+            await client.close()
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client(client, i) for i in range(clients)))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
+    wall = time.perf_counter() - start
     ttft.sort()
     return {"clients": clients, "tokens": tokens, "wall": wall, "tps": tokens / wall,
             "p50": statistics.median(ttft), "p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
+
+
+def engine_steps(port: int) -> tuple[float, float, float]:
+    """(decoding steps, rows summed over them, seconds in them) from the server's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name = line.split("{")[0]
+        if name in ("zenlm_batch_size_count", "zenlm_batch_size_sum", "zenlm_step_seconds_sum"):
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return (values.get("zenlm_batch_size_count", 0.0), values.get("zenlm_batch_size_sum", 0.0),
+            values.get("zenlm_step_seconds_sum", 0.0))
+
+
+def engine_alone(folder: Path, clients: int, requests: int, max_tokens: int) -> float:
+    """Completion tokens/s of the BatchEngine in this process, no HTTP: the ceiling the server can reach."""
+    import threading
+
+    from zenlm.serve.catalog import load_generator
+    from zenlm.serve.engine import EngineRequest, SamplingParams
+
+    served = load_generator(str(folder), max_batch_size=clients)
+    engine = served.engine.start()
+    count, lock = [0], threading.Lock()
+
+    def one_client(i: int) -> None:
+        for j in range(requests):
+            done = threading.Event()
+
+            def on_event(ev, done=done):
+                if ev.finish_reason is not None:
+                    done.set()
+            prompt = served.encode_chat([{"role": "user", "content": f"client {i} says hello {j}"}])
+            req = engine.submit(EngineRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                     stop_token_ids=served.stop_token_ids), on_event))
+            done.wait()
+            with lock:
+                count[0] += len(req.token_ids)
+
+    try:
+        start = time.perf_counter()
+        threads = [threading.Thread(target=one_client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return count[0] / (time.perf_counter() - start)
+    finally:
+        engine.stop()
 
 
 def metering_cost(url: str, n: int = 200) -> float:
@@ -115,6 +223,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--no-engine-alone", dest="engine_alone", action="store_false",
+                    help="skip the in-process engine figure (the ceiling without HTTP)")
     ap.add_argument("--postgres", default=os.environ.get("ZENLM_TEST_POSTGRES_URL"))
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
@@ -133,17 +243,37 @@ def main() -> None:
             port = s.getsockname()[1]
         proc = start(folder, db, port, max(args.levels))
         try:
-            url = f"http://127.0.0.1:{port}"
-            asyncio.run(run_level(url, key, 2, 1, 4))  # warm-up
-            results = [asyncio.run(run_level(url, key, c, args.requests, args.max_tokens)) for c in args.levels]
+            warm = asyncio.run(run_level(port, key, 2, 1, 4))
+            results = []
+            for c in args.levels:
+                before = engine_steps(port)
+                results.append(asyncio.run(run_level(port, key, c, args.requests, args.max_tokens)))
+                after = engine_steps(port)
+                steps, rows, seconds = (a - b for a, b in zip(after, before))
+                results[-1].update(rows=rows / max(steps, 1), step_ms=1000 * seconds / max(steps, 1))
         finally:
             proc.terminate()
             proc.wait()
+        # the clients' token count (from the usage chunks) must be exactly what the ledger metered
+        rows = billing.ledger()
+        sent = warm["tokens"] + sum(r["tokens"] for r in results)
+        metered = sum(r["completion_tokens"] for r in rows)
+        expected = 2 + sum(c * args.requests for c in args.levels)
+        if metered != sent or len(rows) != expected or any(r["status"] != "completed" for r in rows):
+            raise SystemExit(f"ledger mismatch: clients received {sent} tokens in {expected} requests, the ledger "
+                             f"holds {metered} in {len(rows)} rows")
         base = results[0]["tps"]
-        print(f"{'clients':>7} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x vs 1':>7} {'TTFT p50':>9} {'TTFT p99':>9}")
+        print(f"ledger: {len(rows)} rows, {metered} completion tokens = what the clients received")
+        print(f"{'clients':>7} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x vs 1':>7} {'TTFT p50':>9} "
+              f"{'TTFT p99':>9} {'rows/step':>9} {'step ms':>8}")
         for r in results:
             print(f"{r['clients']:>7} {r['tokens']:>7} {r['wall']:>7.2f} {r['tps']:>9.1f} {r['tps'] / base:>7.2f} "
-                  f"{1000 * r['p50']:>7.0f}ms {1000 * r['p99']:>7.0f}ms")
+                  f"{1000 * r['p50']:>7.0f}ms {1000 * r['p99']:>7.0f}ms {r['rows']:>9.1f} {r['step_ms']:>8.2f}")
+        if args.engine_alone:
+            alone = {c: engine_alone(folder, c, args.requests, args.max_tokens) for c in args.levels}
+            first = alone[args.levels[0]]
+            print("engine alone (BatchEngine in this process, no HTTP): " + ", ".join(
+                f"{c} -> {tps:.1f} tokens/s ({tps / first:.2f}x)" for c, tps in alone.items()))
         print(f"metering per request (authenticate + reserve + settle): SQLite {metering_cost(db):.2f} ms", end="")
         if args.postgres:
             print(f", PostgreSQL {metering_cost(args.postgres):.2f} ms")
