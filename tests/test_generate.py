@@ -346,3 +346,30 @@ def test_prompt_longer_than_the_context_window(family):
     out = gen.generate(long, max_new_tokens=4, truncate=True)
     cut = long[-44:] if family == "dec" else long[:48]
     assert out.token_ids == gen.generate(cut, max_new_tokens=4).token_ids and out[0].prompt_tokens == len(cut)
+
+
+# --------------------------------------------------------------------------- the oneDNN decoding path
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_cpu_decoding_matches_default_path_and_restores_the_setting(family):
+    """fast_cpu (default) sends linear layers through oneDNN while decoding: same tokens as torch's
+    default path (greedy and beams), log-probs equal to float rounding, and the caller's global
+    ``zenlm.fast_cpu`` setting is what it was afterwards."""
+    from zenlm.model import _FAST_CPU, fast_cpu
+
+    before = _FAST_CPU["enabled"]
+    gen = Generator(build(family))
+    for options in (dict(), dict(num_beams=3, num_return_sequences=2)):
+        fast = gen.generate(PROMPTS, max_new_tokens=10, logprobs=True, **options)
+        slow = gen.generate(PROMPTS, max_new_tokens=10, logprobs=True, fast_cpu=False, **options)
+        assert fast.token_ids == slow.token_ids
+        if not options:
+            for a, b in zip(fast, slow):
+                assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert _FAST_CPU["enabled"] is before
+    try:
+        on = fast_cpu(True)  # False where torch has no oneDNN
+        gen.generate(PROMPTS[0], max_new_tokens=3, fast_cpu=False)
+        gen.generate(PROMPTS[0], max_new_tokens=3)
+        assert _FAST_CPU["enabled"] is on
+    finally:
+        fast_cpu(before)
