@@ -125,3 +125,27 @@ def test_bf16_inference_weight_cache_matches_autocast_and_follows_updates():
     torch.testing.assert_close(cached, plain, rtol=0, atol=0)
     torch.testing.assert_close(updated, expected, rtol=0, atol=0)
     assert not torch.equal(updated, cached)
+
+
+@pytest.mark.parametrize("case", ["causal", "padding", "none"])
+def test_bf16_attention_path_matches_fp32_sdpa(fast, case):
+    """fast_cpu()'s bf16 CPU attention (two bmm + fp32 softmax) against fp32 SDPA: bf16-level error only."""
+    from zenlm.model import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16) for _ in range(3))
+    mask = None
+    if case == "padding":
+        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+        mask[1, ..., 17:] = False
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case == "causal")
+    out, weights = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, case == "causal")
+    assert out.dtype == torch.bfloat16 and weights is None
+    err = (out.float() - ref).abs().max().item()
+    assert err < 0.03, err
+    # a masked key must carry no weight: changing it leaves the output unchanged
+    if case != "none":
+        v2 = v.clone()
+        v2[1, :, -1] += 100.0
+        out2, _ = attention(q.bfloat16(), k.bfloat16(), v2.bfloat16(), mask, case == "causal")
+        assert torch.equal(out2[1, :, :-1] if case == "causal" else out2[1], out[1, :, :-1] if case == "causal" else out[1])
