@@ -243,7 +243,7 @@ def main() -> None:
             port = s.getsockname()[1]
         proc = start(folder, db, port, max(args.levels))
         try:
-            # warm-up at every level's shape (first-call costs would otherwise land on the 1-client level)
+            # warm-up at every level's shape, so no level pays first-call costs (allocations, caches) alone
             warm = [asyncio.run(run_level(port, key, c, 1, args.max_tokens)) for c in args.levels]
             results = []
             for c in args.levels:
