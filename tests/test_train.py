@@ -264,6 +264,22 @@ def test_bf16_autocast_trains(tmp_path, corpus):
     assert load_weights(Path(cfg["out_dir"]) / "best" / "model.safetensors")["embed_tokens.weight"].dtype == torch.float32
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_eager(tmp_path, corpus):
+    """``compile: true`` runs the step through torch.compile (inductor) without changing the
+    arithmetic beyond kernel rounding; evaluation runs eagerly (no recompiles for its shapes)."""
+    runs = {}
+    for compiled in (False, True):
+        cfg = run_config(tmp_path, corpus, compile=compiled, max_steps=4, eval_interval=4,
+                         out_dir=str(tmp_path / f"compile-{compiled}"))
+        trainer = Trainer(TrainConfig.from_dict(cfg))
+        assert (trainer.forward is not trainer.wrapped) == compiled
+        summary = trainer.train()
+        runs[compiled] = [loss for _, loss in losses(Path(cfg["out_dir"]))]
+        assert math.isfinite(summary["best_val_loss"])
+    assert runs[True] == pytest.approx(runs[False], rel=1e-3) and len(runs[True]) == 4
+
+
 # --------------------------------------------------------------------------- checkpoints and resume
 def test_half_written_checkpoint_is_never_latest(tmp_path, corpus, monkeypatch):
     cfg = run_config(tmp_path, corpus, max_steps=4, eval_interval=2)
