@@ -302,6 +302,27 @@ def test_cli_generate_streams_to_the_terminal(tokenizer, tmp_path, capsys):
     assert "top_p must be in (0, 1], got 1.5" in err and len(err.splitlines()) == 1
 
 
+def test_cli_generate_uses_the_models_own_defaults_unless_told(tokenizer, tmp_path, capsys):
+    """A model that carries generation defaults (as an imported generation_config.json does) decodes
+    with them from the CLI; a flag given on the command line still wins."""
+    from zenlm.cli import main
+
+    torch.manual_seed(1)
+    model = TransformerLM(small("dec", vocab_size=tokenizer.vocab_size, max_position_embeddings=128,
+                                eos_token_id=tokenizer.eos_id))
+    model.config.extra["generation"] = {"num_beams": 3, "max_new_tokens": 7, "no_repeat_ngram_size": 2}
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    generator = Generator(model.eval(), tokenizer)
+    own = generator.generate("hello world")[0].text
+    plain = generator.generate("hello world", num_beams=1, max_new_tokens=7, no_repeat_ngram_size=0)[0].text
+    assert own != plain  # the defaults matter for this model, so the check below can fail
+    assert main(["generate", str(tmp_path), "--prompt", "hello world"]) == 0
+    assert capsys.readouterr().out == own + "\n"
+    assert main(["generate", str(tmp_path), "--prompt", "hello world", "--num-beams", "1",
+                 "--no-repeat-ngram-size", "0"]) == 0
+    assert capsys.readouterr().out == plain + "\n"
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("options,message", [
     (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),

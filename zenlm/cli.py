@@ -155,16 +155,16 @@ def add_generate(sub) -> None:
                                    "(sampling) or --num-beams > 1")
     p.add_argument("model", help="a model folder (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's own (an imported generation_config.json) or 64")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="default: the model's own (an imported generation_config.json) or 0")
     p.add_argument("--temperature", type=float, default=None, help="> 0 samples; 0 or unset decodes greedily")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None, help="default: the model's own (an imported generation_config.json) or 0")
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's own (an imported generation_config.json) or 1.0")
+    p.add_argument("--min-p", type=float, default=None, help="default: the model's own (an imported generation_config.json) or 0.0")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default: the model's own (an imported generation_config.json) or 1.0")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default: the model's own (an imported generation_config.json) or 0")
+    p.add_argument("--num-beams", type=int, default=None, help="default: the model's own (an imported generation_config.json) or 1")
+    p.add_argument("--length-penalty", type=float, default=None, help="default: the model's own (an imported generation_config.json) or 1.0")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the context window")
@@ -180,14 +180,18 @@ def run_generate(args) -> None:
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"no model folder at {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
-    options = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, top_k=args.top_k,
-                   top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
-                   length_penalty=args.length_penalty, stop_strings=args.stop, seed=args.seed, truncate=args.truncate,
-                   do_sample=args.temperature is not None and args.temperature != 0,
-                   temperature=1.0 if args.temperature is None else args.temperature)
+    # options not given on the command line fall back to the model's defaults (an imported Hugging
+    # Face folder's generation_config.json: beams, lengths, banned words), then to zenlm's
+    given = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, top_k=args.top_k,
+                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                 no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
+                 length_penalty=args.length_penalty)
+    options = {k: v for k, v in given.items() if v is not None}
+    options.update(stop_strings=args.stop, seed=args.seed, truncate=args.truncate)
+    if args.temperature is not None:
+        options.update(do_sample=args.temperature != 0, temperature=args.temperature if args.temperature else 1.0)
     generator = Generator(model, tokenizer)
-    if args.num_beams > 1:
+    if options.get("num_beams", generator.defaults.num_beams) > 1:
         print(generator.generate(args.prompt, **options)[0].text)
         return
     stream = generator.stream(args.prompt, **options)
