@@ -37,9 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
-
-from bench_model import BATCH, SEQ_TRAIN, build_models, flops_per_step, measure_peaks  # noqa: E402
+import torch
+from bench_model import BATCH, SEQ_TRAIN, build_models, flops_per_step, measure_peaks
 
 SHAKESPEARE = HERE.parents[1] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -68,8 +67,10 @@ def zen_run(workdir: Path, model_dir: Path, tokenizer_path: Path, steps: int, wa
         from zenlm.model import fast_cpu as toggle
 
         toggle(False)
+    # the batches this run drew (seeded shuffle), handed to transformers' Trainer so both see the same data
+    batches = [trainer.data.train.batch(trainer._indices(s, 0)) for s in range(steps)]
     return {"tokens_per_s": tokens / timed, "first_loss": records[0]["loss"], "s_per_step": timed / (steps - warmup),
-            "flops": sum(_flops(trainer.model_config, trainer.data.train.batch(trainer._indices(s, 0)))
+            "batches": batches, "flops": sum(_flops(trainer.model_config, trainer.data.train.batch(trainer._indices(s, 0)))
                          for s in range(warmup, steps)) / timed}
 
 
@@ -83,7 +84,12 @@ def _flops(config, batch: dict) -> float:
 
 
 def hf_run(workdir: Path, hf_model, batches: list, steps: int, warmup: int, bf16: bool, threads: int) -> dict:
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     torch.set_num_threads(threads)
     stamps: list[float] = []
@@ -109,7 +115,11 @@ def hf_run(workdir: Path, hf_model, batches: list, steps: int, warmup: int, bf16
         warmup_steps=2, lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, bf16=bf16, use_cpu=True,
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
         optim="adamw_torch_fused", seed=0)
-    trainer = Trainer(model=hf_model, args=args, train_dataset=Batches(), data_collator=lambda items: items[0],
+    class InOrder(Trainer):  # transformers shuffles the dataset; these batches are already in zenlm's order
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=hf_model, args=args, train_dataset=Batches(), data_collator=lambda items: items[0],
                       callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # keep the report readable; logging itself stays on
     trainer.train()
@@ -131,7 +141,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     import zenlm
     from zenlm import Tokenizer
-    from zenlm.data import DataConfig, load_datasets
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"{args.threads} threads; steps {args.steps} (first {args.warmup} not timed)")
@@ -146,21 +155,17 @@ def main(argv=None) -> None:
         model_dir = work / "init"
         zen.save_pretrained(model_dir)
         hf_state = {k: v.clone() for k, v in hf.state_dict().items()}
-        data_cfg = DataConfig(train=[str(SHAKESPEARE)], objective="denoise", seq_len=SEQ_TRAIN,
-                              cache_dir=str(work / "cache"), val_fraction=0.05)
-        # the same batches the zenlm Trainer draws (seed 0, one process, no accumulation)
-        data = load_datasets(data_cfg, tok, "encoder-decoder", seed=0, progress=False)
-        batches = [data.train.batch(range(s * BATCH, (s + 1) * BATCH)) for s in range(args.steps)]
-        src = statistics.mean(float(b["attention_mask"].sum(1).float().mean()) for b in batches)
-        print(f"batch: {BATCH} x {src:.0f} source (denoised text) + {BATCH} x {SEQ_TRAIN} target tokens")
         rows = []
         for precision in args.precision.split(","):
             bf16 = precision == "bf16"
             fast = not bf16 and not args.no_fast_cpu
             z = zen_run(work, model_dir, tok_path, args.steps, args.warmup, bf16, fast, args.threads,
                         args.attention if bf16 else "auto")
+            if not rows:
+                src = statistics.mean(float(b["attention_mask"].sum(1).float().mean()) for b in z["batches"])
+                print(f"batch: {BATCH} x {src:.0f} source (denoised text) + {BATCH} x {SEQ_TRAIN} target tokens")
             hf.load_state_dict(hf_state)
-            h = hf_run(work, hf.train(), batches, args.steps, args.warmup, bf16, args.threads)
+            h = hf_run(work, hf.train(), z["batches"], args.steps, args.warmup, bf16, args.threads)
             mfu = z["flops"] / (peak[precision] * 1e9)
             hf_mfu = mfu * h["tokens_per_s"] / z["tokens_per_s"]
             rows.append((precision, z, h, mfu, hf_mfu))
