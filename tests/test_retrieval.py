@@ -175,6 +175,22 @@ def test_minilm_matches_sentence_transformers():
 
 
 # --------------------------------------------------------------------------- index
+def test_queries_are_encoded_at_full_precision(tmp_path, tokenizer):
+    """A bf16 or int8 embedder speeds up documents; queries keep the fp32 model, so near-tied documents
+    are ranked as at fp32 (and the index's dense scores use those query vectors)."""
+    model = tiny_encoder(tokenizer.vocab_size, hidden=64)
+    fp32 = Embedder(model, tokenizer).encode(TEXTS[:4])
+    for precision in ("bf16", "int8"):
+        reduced = Embedder(model, tokenizer, precision=precision)
+        assert np.abs(reduced.encode_queries(TEXTS[:4]) - fp32).max() < 1e-6
+        assert np.abs(reduced.encode(TEXTS[:4]) - fp32).max() > 1e-4  # documents do take the reduced path
+    bf16 = Embedder(model, tokenizer, precision="bf16")
+    with Index.build(tmp_path / "ix", docs(), bf16) as index:
+        doc_vectors = bf16.encode([d.content for d in docs()])
+        hit = index.search(TEXTS[2], k=1, mode="dense")[0]
+        assert hit.score == pytest.approx(float(fp32[2] @ doc_vectors[2]), abs=1e-5)
+
+
 def test_index_search_modes_and_reopen(tmp_path, embedder):
     index = Index.build(tmp_path / "ix", docs(), embedder)
     assert len(index) == len(TEXTS) and index.dense_kind == "flat"

@@ -86,7 +86,7 @@ def evaluate_index(index, queries: dict[str, str], qrels: Qrels, mode: str = "hy
     texts = [queries[q] for q in qids]
     vectors = None
     if mode != "bm25":
-        vectors = (embedder or index.embedder).encode(texts)
+        vectors = (embedder or index.embedder).encode_queries(texts)
     rows = index.rank(texts, max(k, 100), mode, vectors=vectors)
     names = index.row_ids({r for ranking in rows for r, _ in ranking})
     run = {q: {names[r]: s for r, s in ranking} for q, ranking in zip(qids, rows)}

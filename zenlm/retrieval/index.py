@@ -451,7 +451,7 @@ class Index:
         if self._dense is None or self._dense.ntotal == 0:
             return [[] for _ in queries]
         if vectors is None:
-            vectors = self.embedder.encode(list(queries))
+            vectors = self.embedder.encode_queries(list(queries))
         scores, rows = self._dense.search(np.ascontiguousarray(vectors, dtype=np.float32),
                                           min(depth, self._dense.ntotal))
         return [[(int(r), float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
