@@ -6,7 +6,7 @@ to fp32 are printed), dense after contrastive fine-tuning on SciFact's train que
 (through zenlm's Trainer), and hybrid (reciprocal rank fusion of BM25 and each dense run).
 Prints a Markdown table and writes JSON.
 
-    .venv/bin/python benchmarks/eval_retrieval.py [--epochs 1] [--out /tmp/zenlm-retrieval-eval]
+    .venv/bin/python benchmarks/eval_retrieval.py [--epochs 1] [--out runs/retrieval-eval]
 
 Encoding ~9,700 documents twice (base and fine-tuned) with MiniLM takes minutes on 2 cores.
 Published nDCG@10 on SciFact: all-MiniLM-L6-v2 0.6451 (MTEB), BM25 0.665 (BEIR, Elasticsearch).
@@ -58,7 +58,7 @@ def get_index(path: Path, docs, embedder: Embedder) -> Index:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/zenlm-retrieval-eval")
+    ap.add_argument("--out", default="runs/retrieval-eval")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-5)

@@ -4,7 +4,7 @@
 # make a user and a database, and print the URL for ZENLM_TEST_POSTGRES_URL. Safe to run again.
 set -euo pipefail
 PORT="${ZENLM_PG_PORT:-55432}"
-DATA="${ZENLM_PG_DATA:-/tmp/zenlm-postgres}"
+DATA="${ZENLM_PG_DATA:-${TMPDIR:-/tmp}/zenlm-postgres}"
 USER_NAME=zenlm
 DB_NAME=zenlm_test
 

@@ -4,7 +4,7 @@ A run is described by a ``TrainConfig`` (YAML, see ``recipes/``). The loop is ke
 lean because small models are bound by Python overhead, not arithmetic: the loss
 is read back (``.item()``) only at log intervals and batches are plain tensors.
 
-Checkpoints are folders ``<out_dir>/checkpoints/step-XXXXXXXX`` holding the model
+Checkpoints are folders ``<out_dir>/checkpoints/step-NNNNNNNN`` holding the model
 (safetensors + config.json + tokenizer.json, loadable with ``zenlm.load``) and
 ``trainer_state.pt`` (optimizer, scheduler, every rank's RNG states, the data
 position). A folder is written under a temporary name and renamed only when
