@@ -80,21 +80,26 @@ def _config(root, out, steps, **model):
         "precision": "fp32", "plot": False, "progress": False, "optim": {"lr": 3e-3, "warmup_steps": 0}})
 
 
+def kl_to_teacher(trainer, batch: dict, shifted: bool) -> float:
+    """The student's KL to the teacher on ``batch`` at T=1, over the positions that carry labels
+    (a decoder-only model predicts token t+1 at position t, so its logits and labels are shifted)."""
+    with torch.no_grad():
+        s = trainer.model.eval()(**batch).logits
+        t = trainer.teacher(**batch).logits
+    if shifted:
+        return float(soft_target_loss(s[:, :-1], t[:, :-1], batch["labels"][:, 1:] != -100, 1.0))
+    return float(soft_target_loss(s, t, batch["labels"] != -100, 1.0))
+
+
 def test_distillation_pulls_the_student_toward_the_teacher(teacher_dir, tmp_path):
     trainer = DistillTrainer(_config(teacher_dir, tmp_path / "s", 40), str(teacher_dir / "teacher"),
                              DistillConfig(temperature=2.0, alpha=1.0, hidden_weight=0.5))
     assert trainer.model.num_parameters() < trainer.teacher.num_parameters()
     batch = trainer.data.valid.batch(range(8))
 
-    def kl_to_teacher() -> float:
-        with torch.no_grad():
-            s = trainer.model.eval()(**batch).logits
-            t = trainer.teacher(**batch).logits
-        return float(soft_target_loss(s[:, :-1], t[:, :-1], batch["labels"][:, 1:] != -100, 1.0))
-
-    before = kl_to_teacher()
+    before = kl_to_teacher(trainer, batch, shifted=True)
     summary = trainer.train()
-    after = kl_to_teacher()
+    after = kl_to_teacher(trainer, batch, shifted=True)
     assert summary["step"] == 40
     assert after < 0.5 * before, (before, after)
     # the saved student is a plain zenlm model with the teacher's tokenizer
@@ -177,15 +182,9 @@ def test_encoder_decoder_teacher_distils_into_a_smaller_encoder_decoder(seq2seq_
     batch = trainer.data.valid.batch(range(8))
     assert "labels" in batch and "decoder_input_ids" not in batch  # decoder inputs come from the labels
 
-    def kl_to_teacher() -> float:
-        with torch.no_grad():
-            s = trainer.model.eval()(**batch).logits
-            t = trainer.teacher(**batch).logits
-        return float(soft_target_loss(s, t, batch["labels"] != -100, 1.0))
-
-    before = kl_to_teacher()
+    before = kl_to_teacher(trainer, batch, shifted=False)
     summary = trainer.train()
-    after = kl_to_teacher()
+    after = kl_to_teacher(trainer, batch, shifted=False)
     assert summary["step"] == 40
     assert after < 0.5 * before, (before, after)
     student = zenlm.load(tmp_path / "s" / "best")
