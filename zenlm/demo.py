@@ -9,7 +9,6 @@ OpenAI-compatible API and its playground. No download, no data shipped with zenl
 from __future__ import annotations
 
 import logging
-import math
 import sysconfig
 import time
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .config import TransformerConfig
-from .model import KVCache, TransformerLM
+from .generate import Generator
+from .model import TransformerLM
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,28 +45,6 @@ def stdlib_corpus(max_bytes: int = 6_000_000) -> list[str]:
     if not texts:
         raise FileNotFoundError("found neither pydoc_data nor standard-library sources to train on")
     return texts
-
-
-@torch.no_grad()
-def sample(model: TransformerLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 60,
-           temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
-    """Top-k sampling with a KV cache (a compact stand-in; zenlm.generate has every strategy)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    cache, out = KVCache(ids.size(1) + max_new_tokens), []
-    step = ids
-    for _ in range(max_new_tokens):
-        if cache.length + step.size(1) > model.config.max_position_embeddings:
-            break
-        logits = model(step, past_key_values=cache, use_cache=True).logits[0, -1] / temperature
-        kth = logits.topk(top_k).values[-1]
-        probs = logits.masked_fill(logits < kth, -math.inf).softmax(-1)
-        nxt = int(torch.multinomial(probs, 1, generator=gen))
-        if nxt == tokenizer.eos_id:
-            break
-        out.append(nxt)
-        step = torch.tensor([[nxt]])
-    return prompt + tokenizer.decode(out)
 
 
 def doc_topics() -> dict[str, str]:
@@ -156,9 +134,11 @@ def train_model(out_dir: Path, seconds: float = 120.0, seed: int = 0, batch_size
     model.eval()
     model.save_pretrained(out_dir, tokenizer=tokenizer)
     print(f"trained {step} steps ({tokens:,} tokens); saved to {out_dir}/")
+    generator = Generator(model, tokenizer)
     for i, prompt in enumerate(["def ", "The ", "class "]):
         print(f"--- sample {i + 1} ---")
-        print(sample(model, tokenizer, prompt, seed=seed + i))
+        print(prompt + generator.generate(prompt, max_new_tokens=60, do_sample=True, temperature=0.8, top_k=40,
+                                          seed=seed + i)[0].text)
     return out_dir
 
 
@@ -176,7 +156,7 @@ def build_docs_index(out: Path, embedder_dir: Path) -> Path:
     for name, text in doc_topics().items():
         (docs / f"{name}.txt").write_text(text, encoding="utf-8")
     start = time.perf_counter()
-    index, changes, _ = index_files([docs], index_dir, model=embedder_dir, show_progress=True)
+    index, _, _ = index_files([docs], index_dir, model=embedder_dir, show_progress=True)
     print(f"index: {len(index)} passages of the Python documentation in {time.perf_counter() - start:.1f}s "
           f"-> {index_dir}/")
     index.close()
