@@ -255,3 +255,32 @@ def test_shards_directory_reopens(tmp_path, text_file, tok):
     reopened = TokenShards(shards.directory)
     assert reopened.num_tokens == shards.num_tokens and reopened.tokens(100, 50).tolist() == shards.tokens(100, 50).tolist()
     assert isinstance(Batches(reopened, config, tokenizer_ids(tok), "decoder-only", 0), Batches)
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_sample(tmp_path, tok):
+    f = tmp_path / "pairs.tsv"
+    words = "a b c d e f g h i j k l m n o p q r s t".split()
+    rows = [" ".join(words[: 1 + (i * 7) % 20]) + "\t" + " ".join(words[: 1 + (i * 7 + i % 3) % 20])
+            for i in range(400)]  # target lengths follow source lengths, as in translation
+    f.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    plain = load_datasets(cfg(tmp_path, [f], format="pairs", objective="seq2seq", val_fraction=0.1), tok,
+                          "encoder-decoder", seed=0, progress=False).train
+    grouped = load_datasets(cfg(tmp_path, [f], format="pairs", objective="seq2seq", val_fraction=0.1,
+                                group_by_length=4), tok, "encoder-decoder", seed=0, progress=False).train
+    grouped.group_by_length(8)
+    n = len(grouped)
+    for epoch in (0, 1):  # one epoch still visits every sample exactly once
+        seen = sorted(grouped._locate(epoch * n + i) for i in range(n))
+        assert seen == list(range(grouped.lo, grouped.hi))
+
+    def padding(batches: Batches) -> float:
+        cells = real = 0
+        for start in range(0, n - 8 + 1, 8):
+            b = batches.batch(range(start, start + 8))
+            cells += b["input_ids"].numel() + b["labels"].numel()
+            real += int(b["attention_mask"].sum()) + int((b["labels"] != IGNORE_INDEX).sum())
+        return 1 - real / cells
+
+    assert padding(grouped) < 0.5 * padding(plain)
+    with pytest.raises(ValueError, match="data.group_by_length applies to records"):
+        cfg(tmp_path, [f], group_by_length=4).validate()

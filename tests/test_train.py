@@ -379,3 +379,27 @@ def test_two_process_ddp_equals_single_process(tmp_path, corpus, strategy):
     assert len(va) == len(vb) == 2 and va == pytest.approx(vb, rel=1e-5)  # evaluation split across ranks
     # only rank 0 wrote: one metrics file, one set of checkpoints
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_label_smoothing_shapes_the_training_loss_only(tmp_path):
+    """Training minimises (1-e)*NLL + e*mean(-log p) over the vocabulary; validation reports plain NLL."""
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{i} plus {i}\t{2 * i}\n" for i in range(60)))
+    model = dict(TINY_MODEL, num_encoder_layers=1, num_decoder_layers=1)
+    cfg = run_config(tmp_path, pairs, **{"model": model, "data.objective": "seq2seq", "data.format": "pairs",
+                                         "data.max_source_len": 30, "data.max_target_len": 30,
+                                         "data.group_by_length": 2, "label_smoothing": 0.1, "max_steps": 4})
+    trainer = Trainer(TrainConfig.from_dict(cfg))
+    batch = trainer.data.train.batch(range(4))
+    logits = trainer.model(**batch).logits.float()
+    logp = logits.log_softmax(-1)
+    keep = batch["labels"] != -100
+    nll = -logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0][keep].mean()
+    uniform = -logp.mean(-1)[keep].mean()
+    trainer.wrapped.train()
+    torch.testing.assert_close(trainer.compute_loss(batch), 0.9 * nll + 0.1 * uniform, rtol=1e-5, atol=1e-5)
+    trainer.wrapped.eval()
+    torch.testing.assert_close(trainer.compute_loss(batch), nll, rtol=1e-5, atol=1e-5)
+    assert math.isfinite(trainer.train()["best_val_loss"])
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        TrainConfig.from_dict(dict(cfg, label_smoothing=1.0))

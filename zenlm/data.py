@@ -65,6 +65,10 @@ class DataConfig:
     cache_dir: Optional[str] = None  # default $ZENLM_CACHE or ~/.cache/zenlm, then /shards
     max_bad_fraction: Optional[float] = None  # above this share of bad records tokenization fails
     scrub_pii: bool = False  # replace e-mails, phones, ID/card numbers, IPs by <EMAIL> etc. (zenlm.privacy)
+    # records (pairs, chat): batches of similar lengths, so little of a batch is padding. Each epoch's
+    # shuffled order is cut into runs of this many batches; a run is sorted by length, cut into
+    # batches, and the batches are shuffled. 0 = off (fairseq and HF's group_by_length do the same).
+    group_by_length: int = 0
 
     def validate(self, prefix: str = "data.") -> None:
         def rule(ok: bool, key: str, message: str) -> None:
@@ -82,6 +86,10 @@ class DataConfig:
             rule(isinstance(getattr(self, key), int) and getattr(self, key) > 0, key, "must be a positive integer")
         rule(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "must be an integer >= 0")
         rule(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        rule(isinstance(self.group_by_length, int) and self.group_by_length >= 0, "group_by_length",
+             "must be an integer >= 0")
+        rule(not self.group_by_length or not self.is_stream, "group_by_length",
+             f"applies to records (objective seq2seq or chat), not to objective {self.objective!r}")
         rule(0.0 < self.mask_prob < 1.0, "mask_prob", "must be in (0, 1)")
         rule(0.0 < self.noise_density < 1.0, "noise_density", "must be in (0, 1)")
         rule(self.mean_span > 0, "mean_span", "must be > 0")
@@ -525,6 +533,7 @@ class Batches:
         self.vocab_size = tokenizer_ids["vocab_size"]
         self.special = np.array(sorted(tokenizer_ids["special"]), dtype=np.int64)
         self._perm_epoch, self._perm = -1, None
+        self._group_batch = 0
         if config.is_stream:
             n = shards.num_tokens
             self.lo, self.hi = int(n * split[0]), int(n * split[1])
@@ -546,9 +555,31 @@ class Batches:
         return self.num_samples
 
     # ------------------------------------------------------------ which sample is where
+    def group_by_length(self, batch_size: int) -> None:
+        """Order each epoch so consecutive runs of ``batch_size`` samples have similar lengths
+        (``DataConfig.group_by_length``); the trainer calls this with its micro-batch size."""
+        if self.config.is_stream or not self.train:
+            raise ValueError("group_by_length applies to the training split of record data (pairs, chat)")
+        self._group_batch = batch_size
+        self._perm_epoch = -1
+
     def _epoch_perm(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm_epoch, self._perm = epoch, _rng(self.seed, 1, epoch).permutation(self.num_samples)
+            g = _rng(self.seed, 1, epoch)
+            perm = g.permutation(self.num_samples)
+            if self._group_batch:
+                rows = self.shards.records[self.lo: self.hi]
+                a, b = rows[:, 1], rows[:, 2]  # source and target lengths: sort by source, then target
+                sizes = a + b if self.family == "decoder-only" else a.astype(np.int64) * (int(b.max()) + 1) + b
+                batch, run = self._group_batch, self._group_batch * self.config.group_by_length
+                out = []
+                for start in range(0, len(perm), run):
+                    chunk = perm[start: start + run]
+                    chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
+                    groups = [chunk[i: i + batch] for i in range(0, len(chunk), batch)]
+                    out.extend(groups[j] for j in g.permutation(len(groups)))
+                perm = np.concatenate(out)
+            self._perm_epoch, self._perm = epoch, perm
         return self._perm
 
     def _locate(self, i: int) -> int:

@@ -669,7 +669,9 @@ class TransformerLM(TransformerModel):
         return generate(self, prompt, tokenizer=tokenizer, **options)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, decoder_input_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, **kwargs) -> LMOutput:
+                labels: Optional[torch.Tensor] = None, label_smoothing: float = 0.0, **kwargs) -> LMOutput:
+        """``label_smoothing`` spreads that share of each target's probability over the vocabulary
+        (Szegedy et al., 2016): a regulariser for small data such as translation; 0 = plain cross-entropy."""
         config = self.config
         if config.is_encoder_decoder and decoder_input_ids is None and labels is not None:
             decoder_input_ids = shift_right(labels, config.start_token_id, config.pad_token_id)
@@ -684,5 +686,5 @@ class TransformerLM(TransformerModel):
             else:
                 logits_, labels_ = logits, labels
             loss = F.cross_entropy(logits_.reshape(-1, logits_.size(-1)).float(), labels_.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+                                   ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
         return LMOutput(**vars(out), logits=logits, loss=loss)

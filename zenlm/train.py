@@ -92,6 +92,7 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None  # evaluations without improvement before stopping
     early_stopping_min_delta: float = 0.0  # an improvement smaller than this does not count
     target_loss: Optional[float] = None  # stop once the validation loss reaches this (time-to-quality runs)
+    label_smoothing: float = 0.0  # training loss only; validation loss and perplexity stay plain cross-entropy
     precision: str = "auto"  # auto = bf16 autocast where the device supports it, else fp32
     compile: bool = False
     # scaled-dot-product attention kernel: auto = torch's choice. On CPU under bf16 autocast with
@@ -157,6 +158,7 @@ class TrainConfig:
                     "early_stopping_patience", "threads"):
             v = getattr(self, key)
             rule(v is None or v >= 0, key, "must be >= 0", v)
+        rule(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)", self.label_smoothing)
         rule(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}", self.precision)
         rule(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
              f"must be one of {', '.join(ATTENTION_BACKENDS)}", self.attention_backend)
@@ -452,6 +454,8 @@ class Trainer:
         self.model_config = self._model_config()
         self.model = self._model()
         self.data: Datasets = self._datasets()
+        if config.data.group_by_length:
+            self.data.train.group_by_length(config.batch_size)
         window = self._window()
 
         use_bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(self.device))
@@ -636,6 +640,9 @@ class Trainer:
         """The objective on one micro-batch, a mean over its items. The LM objectives live in the
         model's forward; a subclass with another objective overrides this and ``_loss_weight``
         (zenlm.retrieval.finetune: contrastive sentence-embedding training)."""
+        smoothing = self.config.label_smoothing if self.wrapped.training else 0.0
+        if smoothing:
+            return self.forward(**batch, label_smoothing=smoothing).loss
         return self.forward(**batch).loss
 
     def _loss_weight(self, batch: dict) -> torch.Tensor:
