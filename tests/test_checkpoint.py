@@ -90,3 +90,30 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write(target, fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_average_checkpoints_is_the_elementwise_mean(tmp_path):
+    from zenlm.checkpoint import average_checkpoints
+    from zenlm.cli import main
+
+    from zenlm.checkpoint import load_model, save_pretrained
+
+    config = small(num_encoder_layers=0)
+    folders = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = TransformerLM(config)
+        save_pretrained(model, tmp_path / f"c{seed}")
+        folders.append(tmp_path / f"c{seed}")
+    assert main([*["average", *map(str, folders)], "--out", str(tmp_path / "avg")]) == 0
+    averaged = load_model(tmp_path / "avg")
+    states = [load_model(f).state_dict() for f in folders]
+    for name, tensor in averaged.state_dict().items():
+        torch.testing.assert_close(tensor, sum(s[name] for s in states) / 3, rtol=0, atol=1e-6)
+    other = TransformerLM(small(num_encoder_layers=0, hidden_size=32))
+    save_pretrained(other, tmp_path / "other")
+    with pytest.raises(ValueError, match="differs from .* at 'hidden_size'"):
+        average_checkpoints([folders[0], tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="at least 2"):
+        average_checkpoints([folders[0]], tmp_path / "bad")
+    assert main(["average", str(folders[0]), str(tmp_path / "nowhere"), "--out", str(tmp_path / "bad")]) == 2

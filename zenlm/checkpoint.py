@@ -124,6 +124,50 @@ def load_model(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = Non
     return model.eval()
 
 
+def average_checkpoints(folders: list, out: PathLike) -> dict:
+    """Average the weights of several checkpoints of one run into a new model folder.
+
+    The last checkpoints of a run sit at different points around one minimum; their mean
+    usually scores better than any of them (Vaswani et al. 2017 average the last 5 or 20;
+    fairseq's average_checkpoints.py). Configs must match; the config and tokenizer of the
+    last folder are kept. Sums run in float64 so the order of folders does not matter."""
+    import shutil
+
+    if len(folders) < 2:
+        raise ValueError(f"averaging needs at least 2 checkpoint folders, got {len(folders)}")
+    folders = [Path(f) for f in folders]
+    for f in folders:
+        if not (f / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {f}")
+    configs = [read_json(f / CONFIG_NAME) for f in folders]
+    for f, c in zip(folders[1:], configs[1:]):
+        if c != configs[0]:
+            key = next(k for k in sorted(set(c) | set(configs[0])) if c.get(k) != configs[0].get(k))
+            raise ValueError(f"{f}/{CONFIG_NAME} differs from {folders[0]}/{CONFIG_NAME} at {key!r}: "
+                             f"{c.get(key)!r} vs {configs[0].get(key)!r}; only checkpoints of one model average")
+    first = load_weights(folders[0] / WEIGHTS_NAME)
+    sums = {n: t.double() for n, t in first.items()}
+    for f in folders[1:]:
+        tensors = load_weights(f / WEIGHTS_NAME)
+        if set(tensors) != set(sums):
+            name = sorted(set(tensors) ^ set(sums))[0]
+            raise ValueError(f"{f / WEIGHTS_NAME}: tensor {name!r} is not in every checkpoint")
+        for n, t in tensors.items():
+            if t.shape != sums[n].shape:
+                raise ValueError(f"{f / WEIGHTS_NAME}: tensor {n!r} has shape {tuple(t.shape)}, "
+                                 f"{folders[0] / WEIGHTS_NAME} has {tuple(sums[n].shape)}")
+            sums[n] += t.double()
+    averaged = {n: (t / len(folders)).to(first[n].dtype) if first[n].is_floating_point() else first[n]
+                for n, t in sums.items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / CONFIG_NAME, lambda tmp: shutil.copyfile(folders[-1] / CONFIG_NAME, tmp))
+    if (folders[-1] / TOKENIZER_NAME).exists():
+        atomic_write(out / TOKENIZER_NAME, lambda tmp: shutil.copyfile(folders[-1] / TOKENIZER_NAME, tmp))
+    save_weights(averaged, out / WEIGHTS_NAME, {"format": "pt", "averaged": ",".join(str(f) for f in folders)})
+    return {"out": str(out), "averaged": len(folders), "tensors": len(averaged)}
+
+
 def read_json(path: PathLike) -> dict:
     path = Path(path)
     if not path.exists():

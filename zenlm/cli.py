@@ -728,6 +728,23 @@ def run_quantize(args) -> None:
           f"({r['ratio']:.2f}x smaller), written to {r['out']}")
 
 
+# --------------------------------------------------------------------------- average
+def add_average(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of a run's last checkpoints into one model",
+                       description="zenlm average CKPT CKPT [CKPT ...] --out DIR")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders of one run (e.g. OUT/checkpoints/step-*)")
+    p.add_argument("--out", required=True, help="folder for the averaged model")
+    p.set_defaults(func=run_average)
+
+
+def run_average(args) -> None:
+    import json
+
+    from .checkpoint import average_checkpoints
+
+    print(json.dumps(average_checkpoints(args.checkpoints, args.out)))
+
+
 # --------------------------------------------------------------------------- explain
 def add_explain(sub) -> None:
     p = sub.add_parser("explain", help="attention heatmaps, translation alignment and gradient x input attributions",
@@ -849,7 +866,7 @@ def run_distill(args) -> None:
 COMMANDS: list[Callable] = [add_info, add_tokenizer, add_demo, add_generate, add_train, add_convert,
                             add_index, add_search, add_ask, add_evaluate, add_serve, add_keys, add_plans, add_billing,
                             add_translate, add_chat, add_finetune, add_prepare,
-                            add_quantize, add_explain, add_estimate, add_distill]
+                            add_quantize, add_average, add_explain, add_estimate, add_distill]
 
 
 def build_parser() -> argparse.ArgumentParser:
