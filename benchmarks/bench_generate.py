@@ -99,10 +99,10 @@ def engine_zenlm(folder: Path, reps: int, int8: bool, cells, mkl: bool = False) 
     from zenlm.generate import Generator
 
     model = zenlm.load(folder)
-    if int8:  # int8 weights and activations with integer matmuls, as CTranslate2's int8
+    if int8:  # int8 weights (embeddings and the tied head too) and activations, as CTranslate2's int8
         from zenlm.quantize import quantize_model
 
-        model = quantize_model(model, "dynamic", embeddings=False)
+        model = quantize_model(model, "dynamic")
     gen = Generator(model)
 
     def run(ids, beams):  # fast_cpu (oneDNN linears while decoding) is the default; --mkl turns it off

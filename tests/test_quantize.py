@@ -55,12 +55,14 @@ def test_int4_packing_covers_every_nibble():
     torch.testing.assert_close(dequantize_weight(q, scales, 4), w, rtol=0, atol=1e-3)
 
 
-def test_dynamic_int8_linear_matches_fp32_and_integer_reference():
+def test_dynamic_int8_linear_matches_fp32_and_integer_reference(monkeypatch):
     torch.manual_seed(2)
     linear = torch.nn.Linear(64, 40)
     x = torch.randn(3, 7, 64)
     spec = zenlm.quantize.QuantizationSpec("dynamic")
     ql = QuantizedLinear.from_linear(linear, spec)
+    fast = ql(x)
+    monkeypatch.setattr(zenlm.quantize, "_fbgemm_available", lambda: False)  # the portable per-token path
     out = ql(x)
     # the same computation done by hand in int64
     flat = x.reshape(-1, 64)
@@ -72,6 +74,19 @@ def test_dynamic_int8_linear_matches_fp32_and_integer_reference():
     # and close to the float layer: two int8 roundings, each <= 1/254 of the row max
     fp = linear(x).detach()
     assert float((out - fp).norm() / fp.norm()) < 0.02
+    # fbgemm's kernel (x86) quantizes the activations per call instead of per token: as close to fp32
+    assert float((fast - fp).norm() / fp.norm()) < 0.02
+
+
+def test_dynamic_int8_tied_head_multiplies_the_integer_table():
+    model = quantize_model(_model(), "dynamic")
+    table = model.embed_tokens
+    hidden = torch.randn(2, 5, table.embedding_dim)
+    reference = torch.nn.functional.linear(hidden, table.weight)  # the dequantized table
+    with torch.no_grad():
+        logits = model.logits(hidden)
+    assert float((logits - reference).norm() / reference.norm()) < 0.02
+    assert float((logits.argmax(-1) == reference.argmax(-1)).float().mean()) > 0.9
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])  # the int8 kernel path for few rows, dequantize + GEMM beyond

@@ -659,8 +659,11 @@ class TransformerLM(TransformerModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.mlm_transform:
             hidden = self.mlm_norm(self.mlm_act(self.mlm_dense(hidden)))
+        bias = self.lm_head_bias if self.config.lm_head_bias else None
+        if self.config.tie_word_embeddings and hasattr(self.embed_tokens, "project"):
+            return self.embed_tokens.project(hidden, bias)  # an integer table (zenlm.quantize) multiplies itself
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight, self.lm_head_bias if self.config.lm_head_bias else None)
+        return linear(hidden, weight, bias)
 
     def generate(self, prompt, tokenizer=None, **options):
         """Text in, text out (ids in, ids out); options as in ``zenlm.generate.GenerationConfig``."""

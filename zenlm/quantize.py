@@ -7,8 +7,8 @@ Three schemes, all symmetric (zero maps to zero, so no zero-point to store):
 * ``int4`` weight-only: one scale per group of ``group_size`` input columns per row,
   two 4-bit values packed in a byte. ~8x smaller (a bit less, for the scales).
 * ``dynamic`` int8: int8 weights as above, and each activation row (token) is quantized
-  to int8 at run time so the matmul runs in integers (``torch._int_mm``, int32
-  accumulation), then rescaled. This is what buys speed on a CPU; weight-only buys size.
+  to int8 at run time so the matmul runs in integers (fbgemm's packed int8 GEMM on x86,
+  else ``torch._int_mm``; int32 accumulation), then rescaled. This is what buys speed on a CPU; weight-only buys size.
 
 The scheme is written into ``config.extra["quantization"]`` so ``zenlm.load`` rebuilds
 the same modules before reading the integer tensors (``prepare_quantized``). Norms and
@@ -126,6 +126,48 @@ def _int8_matmul(x_q: torch.Tensor, w_q_t: torch.Tensor) -> torch.Tensor:
 _INT8PACK_MAX_ROWS = 16  # above this, dequantize + one GEMM is faster on CPU
 
 
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def _prepack(qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]):
+    """fbgemm's packed layout of an int8 weight with per-row scales (built once per module, kept
+    in memory only: safetensors keeps the plain int8 tensor)."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch marks quantized-tensor creation deprecated; the kernel is current
+        warnings.simplefilter("ignore")
+        q = torch._make_per_channel_quantized_tensor(qweight, scales[:, 0].double(),
+                                                     torch.zeros(len(scales), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(q, bias)
+
+
+def dynamic_int8_linear(module: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """int8 activations x int8 weights (one scale per output row) with int32 accumulation.
+
+    On x86 CPUs this runs fbgemm's packed int8 GEMM (AVX-512 VNNI where present), which is
+    what makes int8 decoding fast: the packed weights are read once per call, a quarter of
+    fp32's bytes, and the kernel fuses activation quantization and rescaling. fbgemm
+    quantizes the activations per call (one scale per matrix; one token at batch 1).
+    Elsewhere: per-token symmetric int8 activations through ``torch._int_mm``."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1]).float()
+    if flat.device.type == "cpu" and _fbgemm_available():
+        key = (module.qweight.data_ptr(), module.qweight._version, None if bias is None else bias.data_ptr())
+        if getattr(module, "_packed_key", None) != key:
+            module._packed, module._packed_key = _prepack(module.qweight, module.scales, bias), key
+        out = torch.ops.quantized.linear_dynamic(flat.contiguous(), module._packed, False)
+    else:
+        if module.scales.size(1) != 1:
+            raise ValueError("dynamic int8 needs one scale per output channel (group_size=None)")
+        x_scale = (flat.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+        x_q = torch.round(flat / x_scale).clamp(-127, 127).to(torch.int8)
+        out = _int8_matmul(x_q, module.qweight.t()).float() * x_scale * module.scales[:, 0]
+        if bias is not None:
+            out = out + bias
+    return out.reshape(*shape[:-1], -1).to(x.dtype)
+
+
 # --------------------------------------------------------------------------- modules
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is stored as integers plus scales (see the module docstring)."""
@@ -168,18 +210,7 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token int8 activations times per-channel int8 weights, accumulated in int32."""
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1]).float()
-        x_scale = (flat.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
-        x_q = torch.round(flat / x_scale).clamp(-127, 127).to(torch.int8)
-        acc = _int8_matmul(x_q, self.qweight.t())
-        if self.scales.size(1) != 1:
-            raise ValueError("dynamic int8 needs one scale per output channel (group_size=None)")
-        out = acc.float() * x_scale * self.scales[:, 0]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return dynamic_int8_linear(self, x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.spec.scheme}, "
@@ -209,6 +240,14 @@ class QuantizedEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return dequantize_weight(self.qweight, self.scales, self.spec.bits)
+
+    def project(self, hidden: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tied output head, ``hidden @ weight.T + bias``. The table's per-row scales are the
+        head's per-output-channel scales, so the dynamic scheme multiplies in int8 without ever
+        dequantizing the whole table (as ``F.linear(hidden, self.weight)`` would, every step)."""
+        if self.spec.scheme == "dynamic":
+            return dynamic_int8_linear(self, hidden, None if bias is None else bias.float())
+        return F.linear(hidden, self.weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # dequantize only the rows asked for
