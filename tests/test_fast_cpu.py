@@ -127,16 +127,17 @@ def test_bf16_inference_weight_cache_matches_autocast_and_follows_updates():
     assert not torch.equal(updated, cached)
 
 
-@pytest.mark.parametrize("case", ["causal", "padding", "none"])
-def test_bf16_attention_path_matches_fp32_sdpa(fast, case):
-    """fast_cpu()'s bf16 CPU attention (two bmm + fp32 softmax) against fp32 SDPA: bf16-level error only."""
+@pytest.mark.parametrize("case,length", [("causal", 24), ("causal", 300), ("padding", 24), ("none", 24)])
+def test_bf16_attention_path_matches_fp32_sdpa(fast, case, length):
+    """fast_cpu()'s bf16 CPU attention (two bmm + fp32 softmax) against fp32 SDPA: bf16-level error only.
+    A causal square of >= 256 positions goes through query blocks that skip the keys they may not see."""
     from zenlm.model import attention
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 24, 16) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, length, 16) for _ in range(3))
     mask = None
     if case == "padding":
-        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+        mask = torch.ones(2, 1, 1, length, dtype=torch.bool)
         mask[1, ..., 17:] = False
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case == "causal")
     out, weights = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, case == "causal")

@@ -203,20 +203,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return F.linear(x, weight, bias)
 
 
-def _bf16_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                        is_causal: bool) -> torch.Tensor:
-    """softmax(QKᵀ/√d_k)V for bf16 CPU tensors as two batched matmuls (fast_cpu() only).
+def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                   is_causal: bool) -> torch.Tensor:
+    """softmax(QKᵀ/√d_k)V on CPU as batched matmuls (fast_cpu() only).
 
     torch's CPU flash kernel runs bf16 no faster than fp32 (~115 GFLOP/s on 2 Zen 4
     cores), while bf16 bmm reaches ~2x that; the softmax is taken in fp32, the same
     rounding as eager attention under autocast (scores and probabilities stored as bf16).
+    A causal square (training, prefill) is cut into query blocks that multiply only the
+    keys they may see, skipping ~3/8 of the products a full masked matmul would do.
     """
-    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
+    scale = 1.0 / math.sqrt(q.size(-1))
+    t, s = q.size(2), k.size(2)
+    if is_causal and mask is None and t == s and t >= 256:
+        outs, step = [], t // 4
+        for a in range(0, t, step):
+            b = min(t, a + step)
+            scores = (q[:, :, a:b] * scale) @ k[:, :, :b].transpose(-2, -1)
+            scores = scores.masked_fill(~causal_mask(b - a, b, a, q.device), float("-inf"))
+            outs.append(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v[:, :, :b])
+        return torch.cat(outs, dim=2)
+    scores = (q * scale) @ k.transpose(-2, -1)
     if is_causal:
-        mask = causal_mask(q.size(2), k.size(2), 0, q.device)
+        mask = causal_mask(t, s, 0, q.device) if mask is None else mask & causal_mask(t, s, 0, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+# dtypes whose CPU attention takes the batched-matmul path under fast_cpu() (see _cpu_attention)
+_BMM_ATTENTION_DTYPES = (torch.bfloat16,)
 
 
 class Linear(nn.Linear):
@@ -236,9 +252,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     broadcastable to (B, H, T, S). The fused kernel is used unless the weights are
     wanted; the explicit path is the same formula written out.
     """
-    if (not need_weights and not dropout and _FAST_CPU["enabled"] and q.dtype == torch.bfloat16
+    if (not need_weights and not dropout and _FAST_CPU["enabled"] and q.dtype in _BMM_ATTENTION_DTYPES
             and q.device.type == "cpu" and not torch.compiler.is_compiling()):
-        return _bf16_cpu_attention(q, k, v, mask, is_causal), None
+        return _cpu_attention(q, k, v, mask, is_causal), None
     if not need_weights:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
         return out, None
