@@ -394,3 +394,30 @@ def test_fast_cpu_decoding_matches_default_path_and_restores_the_setting(family)
         assert _FAST_CPU["enabled"] is on
     finally:
         fast_cpu(before)
+
+
+def test_seq2seq_rows_sharing_a_source_stay_right_when_rows_leave_one_by_one():
+    """Beams/samples of one prompt share its cross-attention keys/values; when sampled rows finish at
+    different steps the shared source is split per row. Every token must still come from the model's
+    true distribution: each sampled token is in the full forward pass's top 3."""
+    model = build("enc")
+    stops = list(range(30, 45))  # many stop ids: rows end at different steps
+    out = Generator(model).generate(PROMPTS, max_new_tokens=10, do_sample=True, top_k=3, seed=3,
+                                    num_return_sequences=3, stop_token_ids=stops)
+    assert len(out) == 9 and len({len(g.token_ids) for g in out}) > 1
+    for i, g in enumerate(out):
+        prompt = PROMPTS[i // 3]
+        for j, tok in enumerate(g.token_ids):
+            assert tok in full_logits(model, prompt, g.token_ids[:j]).topk(3).indices.tolist()
+
+
+def test_cross_attention_folds_a_groups_queries_onto_one_source():
+    from zenlm.model import KVCache
+
+    model = build("enc")
+    memory = model.encode(torch.tensor([PROMPTS[0], PROMPTS[2][:5] + [1]]))[0]
+    tokens = torch.tensor([[3], [4], [5], [6]])  # rows 0-1 read source 0, rows 2-3 source 1
+    with torch.no_grad():
+        shared = model.decode(tokens, memory, cache=KVCache(4))[0]
+        copied = model.decode(tokens, memory.repeat_interleave(2, 0), cache=KVCache(4))[0]
+    torch.testing.assert_close(shared, copied, rtol=1e-5, atol=1e-5)

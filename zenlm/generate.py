@@ -381,9 +381,10 @@ class _Seq2SeqState:
         padded = not bool(mask.all())
         self.memory = model.encode(ids, mask if padded else None)[0]
         self.memory_mask = mask if padded else None
-        if expand > 1:
-            self.memory = self.memory.repeat_interleave(expand, dim=0)
-            self.memory_mask = None if self.memory_mask is None else self.memory_mask.repeat_interleave(expand, dim=0)
+        # the `expand` rows (beams) of a prompt share its source: cross-attention keys/values are kept
+        # once per prompt and each group's queries attend to them together (model.Attention folds them),
+        # instead of copying them per beam: a quarter of the bytes read per step at 4 beams
+        self.group = expand
         self.cache = KVCache(max_new_tokens + 1)
         self.start = torch.full((n * expand,), model.config.start_token_id, dtype=torch.long, device=device)
 
@@ -391,17 +392,38 @@ class _Seq2SeqState:
         return self.step(self.start)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        # memory and its mask hold one row per prompt; model.Attention folds each prompt's beams onto it
         hidden = self.model.decode(tokens[:, None], self.memory, self.memory_mask, cache=self.cache)[0]
         return self.model.logits(hidden[:, -1])
 
     def select(self, index: torch.Tensor, same_source: bool = False) -> None:
         """Keep/reorder rows. ``same_source``: rows only move among beams of one prompt, which share
-        the source, so the cross-attention keys/values and the source mask stay as they are."""
-        self.cache.reorder(index, cross=not same_source)
-        if not same_source:
-            self.memory = self.memory[index]
-            if self.memory_mask is not None:
-                self.memory_mask = self.memory_mask[index]
+        the source, so the cross-attention keys/values and the source mask stay as they are. Whole
+        groups that stay in order keep one source each; any other selection gives every row its own."""
+        self.cache.reorder(index, cross=False)
+        if same_source:
+            return
+        g = self.group
+        groups = index.view(-1, g) // g if g > 1 and index.numel() % g == 0 else None
+        if groups is not None and bool((groups == groups[:, :1]).all()):
+            sources = groups[:, 0]
+        else:  # rows leave one by one (sampling): expand to one source per row, then select
+            if g > 1:
+                self._expand()
+            sources = index
+        self.cache.cross = {i: (k.index_select(0, sources), v.index_select(0, sources))
+                            for i, (k, v) in self.cache.cross.items()}
+        self.memory = self.memory[sources]
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask[sources]
+
+    def _expand(self) -> None:
+        g, self.group = self.group, 1
+        self.cache.cross = {i: (k.repeat_interleave(g, 0), v.repeat_interleave(g, 0))
+                            for i, (k, v) in self.cache.cross.items()}
+        self.memory = self.memory.repeat_interleave(g, dim=0)
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.repeat_interleave(g, dim=0)
 
 
 # --------------------------------------------------------------------------- generator

@@ -315,7 +315,15 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:  # grouped-query: each K/V head serves heads/kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        group = q.size(0) // k.size(0)
+        if group > 1:  # g consecutive rows (beams) share one source: fold them into g*T queries of it
+            b, h, t, d = q.shape
+            q = q.view(b // group, group, h, t, d).transpose(1, 2).reshape(b // group, h, group * t, d)
         out, weights = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0, need_weights)
+        if group > 1:
+            out = out.view(b // group, h, group, t, d).transpose(1, 2).reshape(b, h, t, d)
+            if weights is not None:
+                weights = weights.view(b // group, h, group, t, -1).transpose(1, 2).reshape(b, h, t, -1)
         out = out.transpose(1, 2).reshape(x.size(0), x.size(1), -1)
         return self.out(out), weights
 
