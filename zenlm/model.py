@@ -208,8 +208,9 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     """softmax(QKᵀ/√d_k)V on CPU as batched matmuls (fast_cpu() only).
 
     torch's CPU flash kernel runs bf16 no faster than fp32 (~115 GFLOP/s on 2 Zen 4
-    cores), while bf16 bmm reaches ~2x that; the softmax is taken in fp32, the same
-    rounding as eager attention under autocast (scores and probabilities stored as bf16).
+    cores), while bf16 bmm reaches ~2x that. torch's CPU softmax of a bf16 tensor
+    accumulates in fp32 and stores bf16 probabilities: the rounding of eager attention
+    under autocast, without an fp32 copy of the scores.
     A causal square (training, prefill) is cut into query blocks that multiply only the
     keys they may see, skipping ~3/8 of the products a full masked matmul would do.
     """
@@ -221,14 +222,14 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
             b = min(t, a + step)
             scores = (q[:, :, a:b] * scale) @ k[:, :, :b].transpose(-2, -1)
             scores = scores.masked_fill(~causal_mask(b - a, b, a, q.device), float("-inf"))
-            outs.append(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v[:, :, :b])
+            outs.append(scores.softmax(dim=-1) @ v[:, :, :b])
         return torch.cat(outs, dim=2)
     scores = (q * scale) @ k.transpose(-2, -1)
     if is_causal:
         mask = causal_mask(t, s, 0, q.device) if mask is None else mask & causal_mask(t, s, 0, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    return scores.softmax(dim=-1) @ v
 
 
 # dtypes whose CPU attention takes the batched-matmul path under fast_cpu() (see _cpu_attention)
