@@ -38,7 +38,10 @@ from zenlm.serve.billing import Billing, Usage  # noqa: E402
 def build_model(folder: Path, preset: str) -> Path:
     text = [p.read_text(errors="ignore") for p in sorted((ROOT / "zenlm").rglob("*.py"))]
     tok = Tokenizer.train(text, vocab_size=2048, kind="bpe")
-    config = TransformerConfig.from_preset(preset, vocab_size=tok.vocab_size, max_position_embeddings=512)
+    # the preset's shape with this tokenizer's vocabulary and special ids (gpt2-small's are 50256)
+    config = TransformerConfig.from_preset(preset, vocab_size=tok.vocab_size, max_position_embeddings=512,
+                                           pad_token_id=tok.pad_id or 0, bos_token_id=tok.bos_id or 0,
+                                           eos_token_id=tok.eos_id or 0)
     torch.manual_seed(0)
     model = TransformerLM(config)
     model.save_pretrained(folder, tokenizer=tok)
