@@ -411,8 +411,7 @@ class _Seq2SeqState:
             if g > 1:
                 self._expand()
             sources = index
-        self.cache.cross = {i: (k.index_select(0, sources), v.index_select(0, sources))
-                            for i, (k, v) in self.cache.cross.items()}
+        self.cache.reorder_cross(sources)
         self.memory = self.memory[sources]
         if self.memory_mask is not None:
             self.memory_mask = self.memory_mask[sources]

@@ -124,7 +124,11 @@ class KVCache:
             self.keys = [k.index_select(0, index) for k in self.keys]
             self.values = [v.index_select(0, index) for v in self.values]
         if cross:
-            self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
+            self.reorder_cross(index)
+
+    def reorder_cross(self, index: torch.Tensor) -> None:
+        """Select rows of the cross-attention keys/values only (row i becomes old row index[i])."""
+        self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
 
 
 # --------------------------------------------------------------------------- linear layers
@@ -232,9 +236,6 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     return scores.softmax(dim=-1) @ v
 
 
-# dtypes whose CPU attention takes the batched-matmul path under fast_cpu() (see _cpu_attention)
-_BMM_ATTENTION_DTYPES = (torch.bfloat16,)
-
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state-dict keys) that takes the ``fast_cpu()`` path."""
@@ -253,7 +254,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     broadcastable to (B, H, T, S). The fused kernel is used unless the weights are
     wanted; the explicit path is the same formula written out.
     """
-    if (not need_weights and not dropout and _FAST_CPU["enabled"] and q.dtype in _BMM_ATTENTION_DTYPES
+    if (not need_weights and not dropout and _FAST_CPU["enabled"] and q.dtype == torch.bfloat16
             and q.device.type == "cpu" and not torch.compiler.is_compiling()):
         return _cpu_attention(q, k, v, mask, is_causal), None
     if not need_weights:
