@@ -150,6 +150,8 @@ def dynamic_int8_linear(module: nn.Module, x: torch.Tensor, bias: Optional[torch
     fp32's bytes, and the kernel fuses activation quantization and rescaling. fbgemm
     quantizes the activations per call (one scale per matrix; one token at batch 1).
     Elsewhere: per-token symmetric int8 activations through ``torch._int_mm``."""
+    if module.scales.size(1) != 1:
+        raise ValueError("dynamic int8 needs one scale per output channel (group_size=None)")
     shape = x.shape
     flat = x.reshape(-1, shape[-1]).float()
     if flat.device.type == "cpu" and _fbgemm_available():
@@ -158,8 +160,6 @@ def dynamic_int8_linear(module: nn.Module, x: torch.Tensor, bias: Optional[torch
             module._packed, module._packed_key = _prepack(module.qweight, module.scales, bias), key
         out = torch.ops.quantized.linear_dynamic(flat.contiguous(), module._packed, False)
     else:
-        if module.scales.size(1) != 1:
-            raise ValueError("dynamic int8 needs one scale per output channel (group_size=None)")
         x_scale = (flat.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
         x_q = torch.round(flat / x_scale).clamp(-127, 127).to(torch.int8)
         out = _int8_matmul(x_q, module.qweight.t()).float() * x_scale * module.scales[:, 0]
@@ -197,7 +197,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.scheme == "dynamic":
-            return self._dynamic(x)
+            return dynamic_int8_linear(self, x, self.bias)
         rows = x.numel() // x.size(-1)
         if self.spec.bits == 8 and rows <= _INT8PACK_MAX_ROWS and x.device.type == "cpu" and \
                 x.dtype == torch.float32 and hasattr(torch, "_weight_int8pack_mm"):
@@ -208,9 +208,6 @@ class QuantizedLinear(nn.Module):
             return out if self.bias is None else out + self.bias
         w = self.weight.to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
-    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        return dynamic_int8_linear(self, x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.spec.scheme}, "
