@@ -216,7 +216,8 @@ def train_step_fn(model, loss_fn, batch, bf16: bool, fused: bool, fast: bool | N
     return step
 
 
-def forward_fns(zen, hf, bf16: bool, fast: bool):
+def forward_fns(zen, hf, bf16: bool, fast: bool, compiled=None):
+    """Forward closures: zenlm (``compiled``: a torch.compile'd ``TransformerModel.forward``, else eager), HF, plain."""
     src = torch.randint(3, zen.config.vocab_size, (1, SEQ_FORWARD), generator=torch.Generator().manual_seed(2))
     dec = torch.randint(3, zen.config.vocab_size, (1, SEQ_FORWARD), generator=torch.Generator().manual_seed(3))
     backbone = hf.model  # BartModel
@@ -226,7 +227,7 @@ def forward_fns(zen, hf, bf16: bool, fast: bool):
         zenlm.fast_cpu(fast)
         try:
             with torch.inference_mode(), autocast(bf16):
-                zenlm.TransformerModel.forward(zen, src, dec)
+                (compiled or zenlm.TransformerModel.forward)(zen, src, dec)
         finally:
             zenlm.fast_cpu(previous)
 
@@ -234,6 +235,14 @@ def forward_fns(zen, hf, bf16: bool, fast: bool):
         with torch.inference_mode(), autocast(bf16):
             backbone(input_ids=src, decoder_input_ids=dec, use_cache=False)
     return zen_fwd, hf_fwd, lambda: zen_fwd(False)
+
+
+def timed_compile(fn):
+    """Run ``fn`` once so torch.compile traces and compiles it, print how long that took, return ``fn``."""
+    start = time.perf_counter()
+    fn()
+    print(f"  (torch.compile: first call {time.perf_counter() - start:.1f} s, not counted)", flush=True)
+    return fn
 
 
 def check_parity(zen, hf) -> float:
@@ -257,6 +266,9 @@ def main(argv=None) -> None:
     ap.add_argument("--optimizer", choices=("fused", "default"), default="fused",
                     help="AdamW implementation, the same for both models (fused: torch's fused CPU kernel, "
                          "what zenlm's trainer uses; default: torch's per-tensor loop)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time zenlm under torch.compile (inductor; what TrainConfig.compile does), "
+                         "compilation excluded from the timings")
     ap.add_argument("--only", choices=("forward", "train"), default=None)
     ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     args = ap.parse_args(argv)
@@ -297,6 +309,7 @@ def main(argv=None) -> None:
     precisions = {"fp32": [False], "bf16": [True], "both": [False, True]}[args.precision]
     tokens = 2 * BATCH * SEQ_TRAIN
     extra = f" {'plain':>10s} {'plain/HF':>9s}" if args.plain else ""
+    extra += f" {'compiled':>10s} {'comp/HF':>9s}" if args.compile else ""
     print(f"\n{'measurement':50s} {'zenlm':>10s} {'HF BART':>10s} {'zenlm/HF':>9s} {'MFU zenlm':>10s} {'MFU HF':>8s}"
           + extra, flush=True)
 
@@ -307,8 +320,9 @@ def main(argv=None) -> None:
         mfu = {k: flops / v / 1e9 / pk for k, v in t.items()}
         line = (f"{name + ' (' + unit + ')':50s} {show(t['zenlm'], is_train):>10s} {show(t['hf'], is_train):>10s} "
                 f"{t['hf'] / t['zenlm']:8.2f}x {mfu['zenlm']:9.1%} {mfu['hf']:7.1%}")
-        if "zenlm plain" in t:
-            line += f" {show(t['zenlm plain'], is_train):>10s} {t['hf'] / t['zenlm plain']:8.2f}x"
+        for key in ("zenlm plain", "zenlm compiled"):
+            if key in t:
+                line += f" {show(t[key], is_train):>10s} {t['hf'] / t[key]:8.2f}x"
         print(line, flush=True)
 
     for bf16 in precisions:
@@ -316,6 +330,9 @@ def main(argv=None) -> None:
         if args.only in (None, "forward"):
             zf, hfwd, plain = forward_fns(zen, hf, bf16, fast)
             fns = {"zenlm": zf, "hf": hfwd, **({"zenlm plain": plain} if args.plain else {})}
+            if args.compile:
+                fns["zenlm compiled"] = timed_compile(forward_fns(zen, hf, bf16, fast,
+                                                                  torch.compile(zenlm.TransformerModel.forward))[0])
             t = alternate(fns, warmup=2, reps=reps)
             flops = flops_per_step(zen.config, 1, SEQ_FORWARD, SEQ_FORWARD, training=False, logits=False)
             report(f"forward latency (1,512)+(1,512) {label}", t, "s", flops, peak[bf16], False)
@@ -327,6 +344,9 @@ def main(argv=None) -> None:
                    "hf": train_step_fn(hf, hf_loss, batch, bf16, fused)}
             if args.plain:
                 fns["zenlm plain"] = train_step_fn(zen, zen_loss, batch, bf16, fused, False)
+            if args.compile:
+                fns["zenlm compiled"] = timed_compile(
+                    train_step_fn(zen, torch.compile(zen_loss), batch, bf16, fused, fast))
             t = alternate(fns, warmup=2, reps=max(3, reps - 2))
             del fns  # free the optimizer states before the next measurement
             zen.eval(), hf.eval()

@@ -62,7 +62,7 @@ def main() -> None:
         result.pop("hypotheses")
         out.update(result)
     elif args.task == "code":
-        from zenlm.tasks.code import complete, definition_prompts, parse_share
+        from zenlm.tasks.code import definition_prompts, parse_share, parses, sample_definitions
 
         files = Path(args.valid).read_text(encoding="utf-8").split("# file: ")[1:]
         prompts = []
@@ -72,9 +72,17 @@ def main() -> None:
             except SyntaxError:
                 continue
         prompts = prompts[:args.samples]
-        completions = complete(model, tok, prompts, max_new_tokens=128)
-        out.update({"samples": len(prompts), "parse_share": parse_share(prompts, completions),
-                    "example": prompts[0] + completions[0]})
+        # the whole window after the header: a definition cut by the token budget cannot parse
+        budget = model.config.max_position_embeddings - max(len(tok.encode(q)) for q in prompts) - 1
+        gens = sample_definitions(model, tok, prompts, max_new_tokens=max(16, budget))
+        completions = [g.text for g in gens]
+        ended = [i for i, g in enumerate(gens) if g.finish_reason == "stop"]
+        out.update({"samples": len(prompts), "max_new_tokens": max(16, budget),
+                    "parse_share": parse_share(prompts, completions),
+                    "ended_definitions": len(ended),
+                    "parse_share_of_ended": (sum(parses(prompts[i] + completions[i]) for i in ended) / len(ended)
+                                             if ended else None),
+                    "examples": [prompts[i] + completions[i] for i in range(min(3, len(prompts)))]})
     elif args.task == "poems":
         from zenlm.tasks.poetry import check_form, write_poem
 

@@ -24,20 +24,27 @@ def parses(source: str) -> bool:
     return True
 
 
-def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
-             top_p: float = 0.95, seed: int | None = 0, stop_strings: Sequence[str] = TOP_LEVEL_STOPS) -> list[str]:
-    """One sampled completion per prompt, cut at the next top-level statement."""
+def sample_definitions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
+                       temperature: float = 0.8, top_p: float = 0.95, seed: int | None = 0,
+                       stop_strings: Sequence[str] = TOP_LEVEL_STOPS) -> list:
+    """One sampled completion per prompt (a ``Generation``), cut at the next top-level statement.
+    ``finish_reason`` tells a completed definition ("stop") from one cut by the token budget
+    ("length"), which cannot parse however good the code so far is."""
     from ..generate import Generator
 
     generator = Generator(model, tokenizer)
-    out = []
-    for i, prompt in enumerate(prompts):
-        gen = generator.generate(prompt, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
-                                 seed=None if seed is None else seed + i, stop_strings=list(stop_strings),
-                                 truncate=True)
-        out.append(gen[0].text)
-    return out
+    return [generator.generate(prompt, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                               temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
+                               seed=None if seed is None else seed + i, stop_strings=list(stop_strings),
+                               truncate=True)[0]
+            for i, prompt in enumerate(prompts)]
+
+
+def complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 0.8,
+             top_p: float = 0.95, seed: int | None = 0, stop_strings: Sequence[str] = TOP_LEVEL_STOPS) -> list[str]:
+    """One sampled completion text per prompt, cut at the next top-level statement."""
+    return [g.text for g in sample_definitions(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed,
+                                               stop_strings)]
 
 
 def parse_share(prompts: Sequence[str], completions: Sequence[str]) -> float:
@@ -63,4 +70,4 @@ def definition_prompts(source: str, limit: int = 50) -> list[str]:
     return prompts
 
 
-__all__ = ["TOP_LEVEL_STOPS", "complete", "definition_prompts", "parse_share", "parses"]
+__all__ = ["TOP_LEVEL_STOPS", "complete", "definition_prompts", "parse_share", "parses", "sample_definitions"]
