@@ -73,11 +73,11 @@ def main() -> None:
                 continue
         prompts = prompts[:args.samples]
         # the whole window after the header: a definition cut by the token budget cannot parse
-        budget = model.config.max_position_embeddings - max(len(tok.encode(q)) for q in prompts) - 1
-        gens = sample_definitions(model, tok, prompts, max_new_tokens=max(16, budget))
+        budget = max(16, model.config.max_position_embeddings - max(len(tok.encode(q)) for q in prompts) - 1)
+        gens = sample_definitions(model, tok, prompts, max_new_tokens=budget)
         completions = [g.text for g in gens]
         ended = [i for i, g in enumerate(gens) if g.finish_reason == "stop"]
-        out.update({"samples": len(prompts), "max_new_tokens": max(16, budget),
+        out.update({"samples": len(prompts), "max_new_tokens": budget,
                     "parse_share": parse_share(prompts, completions),
                     "ended_definitions": len(ended),
                     "parse_share_of_ended": (sum(parses(prompts[i] + completions[i]) for i in ended) / len(ended)

@@ -4,7 +4,7 @@ import ast
 from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
 
 from zenlm import load, load_tokenizer
-from zenlm.tasks.code import complete, definition_prompts, parse_share, parses
+from zenlm.tasks.code import complete, definition_prompts, parse_share, parses, sample_definitions
 
 
 def test_parse_share_agrees_with_ast():
@@ -29,3 +29,7 @@ def test_definition_prompts_and_completion_stops(tmp_path):
     outs = complete(model, tok, ["def a(x, y):\n", "def c(z):\n"], max_new_tokens=20, seed=0)
     assert len(outs) == 2 and all("\ndef " not in o and "\nclass " not in o for o in outs)
     assert outs == complete(model, tok, ["def a(x, y):\n", "def c(z):\n"], max_new_tokens=20, seed=0)
+    gens = sample_definitions(model, tok, ["def a(x, y):\n", "def c(z):\n"], max_new_tokens=20, seed=0)
+    assert [g.text for g in gens] == outs  # the same samples, with why each ended
+    for g in gens:  # a sample shorter than the budget ended at a stop; one cut by the budget used all of it
+        assert g.finish_reason == "stop" if len(g.token_ids) < 20 else g.finish_reason in ("stop", "length")

@@ -10,6 +10,10 @@ from __future__ import annotations
 import ast
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..generate import Generation
 
 TOP_LEVEL_STOPS = ("\ndef ", "\nclass ", "\n@", "\nif __name__", "\n# file:")
 
@@ -26,7 +30,7 @@ def parses(source: str) -> bool:
 
 def sample_definitions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128,
                        temperature: float = 0.8, top_p: float = 0.95, seed: int | None = 0,
-                       stop_strings: Sequence[str] = TOP_LEVEL_STOPS) -> list:
+                       stop_strings: Sequence[str] = TOP_LEVEL_STOPS) -> list[Generation]:
     """One sampled completion per prompt (a ``Generation``), cut at the next top-level statement.
     ``finish_reason`` tells a completed definition ("stop") from one cut by the token budget
     ("length"), which cannot parse however good the code so far is."""
