@@ -62,7 +62,7 @@ def main() -> None:
         result.pop("hypotheses")
         out.update(result)
     elif args.task == "code":
-        from zenlm.tasks.code import definition_prompts, parse_share, parses, sample_definitions
+        from zenlm.tasks.code import definition_prompts, parse_share, sample_definitions
 
         files = Path(args.valid).read_text(encoding="utf-8").split("# file: ")[1:]
         prompts = []
@@ -80,7 +80,7 @@ def main() -> None:
         out.update({"samples": len(prompts), "max_new_tokens": budget,
                     "parse_share": parse_share(prompts, completions),
                     "ended_definitions": len(ended),
-                    "parse_share_of_ended": (sum(parses(prompts[i] + completions[i]) for i in ended) / len(ended)
+                    "parse_share_of_ended": (parse_share([prompts[i] for i in ended], [completions[i] for i in ended])
                                              if ended else None),
                     "examples": [prompts[i] + completions[i] for i in range(min(3, len(prompts)))]})
     elif args.task == "poems":

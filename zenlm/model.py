@@ -236,7 +236,6 @@ def _cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     return scores.softmax(dim=-1) @ v
 
 
-
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state-dict keys) that takes the ``fast_cpu()`` path."""
 
