@@ -215,6 +215,37 @@ def test_seq2seq_loss_builds_decoder_inputs_from_labels():
     torch.testing.assert_close(out.loss, manual)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_blockwise_cross_entropy_equals_torch_value_and_gradient(dtype, smoothing):
+    # more rows than one block holds, ignored rows among them, logits in the training dtype
+    from zenlm.model import cross_entropy
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 1234) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 1234, (300,))
+    labels[::7] = -100
+    before = logits.detach().clone()
+    ours = cross_entropy(logits, labels, -100, smoothing)
+    (g_ours,) = torch.autograd.grad(ours * 2.5, logits)
+    ref = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, label_smoothing=smoothing)
+    (g_ref,) = torch.autograd.grad(ref * 2.5, logits)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert g_ours.dtype == dtype and not g_ours[::7].any()  # ignored rows get no gradient
+    tol = 1e-7 if dtype == torch.float32 else 2 ** -8 * float(g_ref.abs().max())
+    torch.testing.assert_close(g_ours.float(), g_ref.float(), rtol=0, atol=tol)
+    assert torch.equal(logits.detach(), before)  # the logits are read, never written (an fp32 block is a view)
+
+
+def test_cross_entropy_with_every_row_ignored_is_nan_like_torch_and_bad_labels_are_named():
+    from zenlm.model import cross_entropy
+    logits = torch.randn(4, 10)
+    assert torch.isnan(cross_entropy(logits, torch.full((4,), -100)))
+    with pytest.raises(ValueError, match=r"label 10 .*\[0, 10\)"):
+        cross_entropy(logits, torch.tensor([1, 2, 10, -100]))
+    with pytest.raises(ValueError, match=r"label -3 "):
+        cross_entropy(logits, torch.tensor([1, -3, 2, 3]))
+
+
 def test_masked_lm_loss_ignores_unmasked_positions():
     model = build(small(2, 0, **FLAVOURS["bert-like"]))
     ids = torch.randint(5, 97, (2, 8))

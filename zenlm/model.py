@@ -661,6 +661,76 @@ def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) ->
     return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
 
 
+# --------------------------------------------------------------------------- loss
+class _CrossEntropy(torch.autograd.Function):
+    """Mean token cross-entropy over rows whose label is not ``ignore_index``, read from the
+    logits a few rows at a time (each block of fp32 work stays in cache).
+
+    ``F.cross_entropy(logits.float())`` keeps an fp32 log-softmax of every (token, vocabulary)
+    pair for its backward and, under bf16, an fp32 copy of the logits too: on a CPU that is a
+    few passes over tens of megabytes per step. Here the forward keeps one log-sum-exp per row
+    and the backward writes softmax − target straight into the logits' dtype. Label smoothing ε
+    follows torch: (1 − ε)·nll + ε·(lse − mean logit), averaged over the counted rows."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float):
+        n, vocab = logits.shape
+        valid = labels != ignore_index
+        safe = labels.masked_fill(~valid, 0)
+        lse, target = logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+        mean = logits.new_empty(n, dtype=torch.float32) if smoothing else None
+        rows = _loss_rows(vocab)
+        for a in range(0, n, rows):
+            x = logits[a:a + rows].float()
+            lse[a:a + rows] = torch.logsumexp(x, dim=-1)
+            target[a:a + rows] = x.gather(1, safe[a:a + rows, None]).squeeze(1)
+            if smoothing:
+                mean[a:a + rows] = x.mean(dim=-1)
+        per_row = lse - target
+        if smoothing:
+            per_row = (1.0 - smoothing) * per_row + smoothing * (lse - mean)
+        count = valid.sum()
+        ctx.save_for_backward(logits, safe, valid, lse, count)
+        ctx.smoothing = smoothing
+        return per_row.masked_fill(~valid, 0.0).sum() / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        logits, safe, valid, lse, count = ctx.saved_tensors
+        s, vocab = ctx.smoothing, logits.size(1)
+        scale = (grad / count) * valid.float()  # d loss / d logit = scale · (softmax − target)
+        out = torch.empty_like(logits)
+        rows = _loss_rows(vocab)
+        for a in range(0, logits.size(0), rows):
+            p = torch.sub(logits[a:a + rows].float(), lse[a:a + rows, None]).exp_()  # a new block, never the logits
+            if s:
+                p.sub_(s / vocab)
+            p.scatter_add_(1, safe[a:a + rows, None], p.new_full((p.size(0), 1), s - 1.0))
+            out[a:a + rows] = p.mul_(scale[a:a + rows, None])
+        return out, None, None, None
+
+
+def _loss_rows(vocab: int) -> int:
+    return max(1, (1 << 20) // (4 * vocab))  # ~1 MB of fp32 per block: one core's L2
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """``F.cross_entropy(logits.float(), labels, ignore_index=..., label_smoothing=...)`` (mean over
+    counted rows; nan when none is counted, as torch). On CPU it takes the blockwise path above;
+    elsewhere, or while compiling, torch's own (one fused kernel on a GPU)."""
+    logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
+    counted = labels[labels != ignore_index]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= logits.size(-1)):
+        bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
+        raise ValueError(f"label {bad} is outside the vocabulary [0, {logits.size(-1)}) "
+                         f"(use {ignore_index} for positions without a target)")
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and logits.is_floating_point():
+        return _CrossEntropy.apply(logits.contiguous(), labels, ignore_index, float(label_smoothing))
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
 # --------------------------------------------------------------------------- heads
 class TransformerLM(TransformerModel):
     """The backbone plus a token-prediction head whose loss follows the family:
@@ -709,10 +779,7 @@ class TransformerLM(TransformerModel):
         if labels is not None:
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])}")
-            if config.family == "decoder-only":  # predict token t+1 from positions <= t
-                logits_, labels_ = logits[:, :-1], labels[:, 1:]
-            else:
-                logits_, labels_ = logits, labels
-            loss = F.cross_entropy(logits_.reshape(-1, logits_.size(-1)).float(), labels_.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+            if config.family == "decoder-only":  # position t predicts token t+1; the last predicts nothing
+                labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+            loss = cross_entropy(logits, labels, IGNORE_INDEX, label_smoothing)
         return LMOutput(**vars(out), logits=logits, loss=loss)
