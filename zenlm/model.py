@@ -724,11 +724,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     elsewhere, or while compiling, torch's own (one fused kernel on a GPU)."""
     logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
     counted = labels[labels != ignore_index]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= logits.size(-1)):
-        bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
-        raise ValueError(f"label {bad} is outside the vocabulary [0, {logits.size(-1)}) "
-                         f"(use {ignore_index} for positions without a target)")
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and logits.is_floating_point():
+    if counted.numel():
+        low, high = (int(t) for t in torch.aminmax(counted))
+        if low < 0 or high >= logits.size(-1):
+            raise ValueError(f"label {low if low < 0 else high} is outside the vocabulary [0, {logits.size(-1)}) "
+                             f"(use {ignore_index} for positions without a target)")
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
         return _CrossEntropy.apply(logits.contiguous(), labels, ignore_index, float(label_smoothing))
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
 
