@@ -42,7 +42,8 @@ def main() -> None:
     values = [torch.randn(ROWS, HEADS, CAPACITY, DIM) for _ in range(LAYERS)]
     q = torch.randn(ROWS, HEADS, 1, DIM)
     weights = torch.randn(27_150_000)  # 108.6 MB, the decoder step's weights
-    kernels = {"fused (sdpa)": F.scaled_dot_product_attention, "matmul+softmax": lambda q, k, v: _cpu_attention(q, k, v, None, False)}
+    kernels = {"fused (sdpa)": F.scaled_dot_product_attention,
+               "matmul+softmax": lambda q, k, v: _cpu_attention(q, k, v, None, False)}
     torch.testing.assert_close(kernels["fused (sdpa)"](q, keys[0], values[0]),
                                kernels["matmul+softmax"](q, keys[0], values[0]), rtol=1e-5, atol=1e-5)
     print(f"{ROWS} rows x {HEADS} heads x {DIM}, {LAYERS} layers, cache capacity {CAPACITY}; ms per step (6 layers)")
