@@ -9,6 +9,8 @@ Three schemes, all symmetric (zero maps to zero, so no zero-point to store):
 * ``dynamic`` int8: int8 weights as above, and each activation row (token) is quantized
   to int8 at run time so the matmul runs in integers (fbgemm's packed int8 GEMM on x86,
   else ``torch._int_mm``; int32 accumulation), then rescaled. This is what buys speed on a CPU; weight-only buys size.
+  On x86 CPUs without VNNI the activations get 7 bits, not 8 (``zenlm.cpu``): their int16
+  pair sums would saturate otherwise, and the answer would be silently wrong.
 
 The scheme is written into ``config.extra["quantization"]`` so ``zenlm.load`` rebuilds
 the same modules before reading the integer tensors (``prepare_quantized``). Norms and
@@ -25,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu import cpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +118,10 @@ def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, bits: int, dtype: t
 
 
 def _int8_matmul(x_q: torch.Tensor, w_q_t: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32; torch._int_mm where the backend offers it."""
-    if hasattr(torch, "_int_mm"):
+    """int8 (M, K) @ int8 (K, N) -> int32; torch._int_mm where the backend offers it and its
+    integer products are exact (an x86 CPU without VNNI may saturate them: the float product
+    of int8 values is exact there instead, up to K = 1040, and off by float rounding beyond)."""
+    if hasattr(torch, "_int_mm") and (x_q.device.type != "cpu" or cpu_info().int8_activation_bits == 8):
         try:
             return torch._int_mm(x_q, w_q_t)
         except RuntimeError:  # a shape or device the kernel does not take
@@ -148,7 +154,8 @@ def dynamic_int8_linear(module: nn.Module, x: torch.Tensor, bias: Optional[torch
     On x86 CPUs this runs fbgemm's packed int8 GEMM (AVX-512 VNNI where present), which is
     what makes int8 decoding fast: the packed weights are read once per call, a quarter of
     fp32's bytes, and the kernel fuses activation quantization and rescaling. fbgemm
-    quantizes the activations per call (one scale per matrix; one token at batch 1).
+    quantizes the activations per call (one scale per matrix; one token at batch 1), to 8 bits
+    where the CPU has VNNI and to 7 bits (``reduce_range``) where it has not.
     Elsewhere: per-token symmetric int8 activations through ``torch._int_mm``."""
     if module.scales.size(1) != 1:
         raise ValueError("dynamic int8 needs one scale per output channel (group_size=None)")
@@ -158,7 +165,8 @@ def dynamic_int8_linear(module: nn.Module, x: torch.Tensor, bias: Optional[torch
         key = (module.qweight.data_ptr(), module.qweight._version, None if bias is None else bias.data_ptr())
         if getattr(module, "_packed_key", None) != key:
             module._packed, module._packed_key = _prepack(module.qweight, module.scales, bias), key
-        out = torch.ops.quantized.linear_dynamic(flat.contiguous(), module._packed, False)
+        out = torch.ops.quantized.linear_dynamic(flat.contiguous(), module._packed,
+                                                 cpu_info().int8_activation_bits == 7)
     else:
         x_scale = (flat.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
         x_q = torch.round(flat / x_scale).clamp(-127, 127).to(torch.int8)
