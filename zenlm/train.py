@@ -32,6 +32,7 @@ import torch
 
 from .checkpoint import atomic_write, save_weights, unique_state_dict, load_weights, load_state
 from .config import TransformerConfig, estimate_costs
+from .cpu import PRECISIONS, cpu_info, resolve_precision
 from .data import DataConfig, Datasets, iter_texts, load_datasets
 from .model import IGNORE_INDEX, Block, TransformerLM
 from .tokenizer import Tokenizer
@@ -39,7 +40,6 @@ from .tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 STATE_NAME = "trainer_state.pt"
 COMPLETE_NAME = "COMPLETE"
@@ -93,7 +93,8 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0  # an improvement smaller than this does not count
     target_loss: Optional[float] = None  # stop once the validation loss reaches this (time-to-quality runs)
     label_smoothing: float = 0.0  # training loss only; validation loss and perplexity stay plain cross-entropy
-    precision: str = "auto"  # auto = bf16 autocast where the device supports it, else fp32
+    precision: str = "auto"  # auto = bf16 autocast where the device multiplies bf16 natively, else fp32
+    strict_precision: bool = False  # bf16 asked for on a device without native bf16: fail instead of fp32
     compile: bool = False
     # scaled-dot-product attention kernel: auto = torch's choice. On CPU under bf16 autocast with
     # short contexts "math" (matmul + softmax) trains ~25% faster than the flash kernel, whose
@@ -306,16 +307,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
             module.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool((check and check()) or (amx and amx()))
-    return False
-
-
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.3) -> float:
     """Best matmul FLOP/s at this precision, for MFU (nanoGPT's estimate_mfu uses a datasheet
     figure; here the machine measures itself)."""
@@ -458,8 +449,13 @@ class Trainer:
             self.data.train.group_by_length(config.batch_size)
         window = self._window()
 
-        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and bf16_supported(self.device))
-        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        # bf16 only where the device multiplies it natively: emulated bf16 on a CPU without
+        # AVX512_BF16/AMX is ~100x slower than fp32, so an explicit bf16 falls back, saying why
+        self.precision = resolve_precision(config.precision, self.device, strict=config.strict_precision)
+        self.amp_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        if self.main:
+            logger.info("precision %s (asked: %s; %s)", self.precision, config.precision, cpu_info().describe()
+                        if self.device.type == "cpu" else self.device.type)
         if config.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.wrapped = self._wrap(self.model)

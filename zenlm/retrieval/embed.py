@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..cpu import resolve_precision
 from ..model import POOLINGS, TransformerModel, pool
 from ..tokenizer import Tokenizer
 
@@ -120,6 +121,8 @@ class Embedder:
         if self.config.max_length > limit:
             raise ValueError(f"max_length={self.config.max_length} exceeds the model's "
                              f"max_position_embeddings={limit}")
+        if precision == "bf16":  # emulated bf16 (no AVX512_BF16/AMX) is ~100x slower: fp32, said once
+            precision = resolve_precision("bf16", next(model.parameters()).device, what="embeddings")
         self.precision, self.batch_size = precision, batch_size
         self.name = name or "unnamed"
         self.fingerprint = fingerprint(model)  # of the fp32 weights: precision does not change identity
