@@ -12,7 +12,8 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 @pytest.fixture
 def fast():
-    assert zenlm.fast_cpu() is True
+    # the oneDNN route itself, whatever this CPU's calibration chose for fp32 Linear layers
+    assert zenlm.fast_cpu(fp32_linear="onednn") is True
     yield
     zenlm.fast_cpu(False)
 
@@ -52,7 +53,7 @@ def test_fast_path_is_really_taken_and_off_by_default():
         torch.ops.mkldnn._linear_pointwise = lambda *a: calls.append(1) or original(*a)
         layer(x)
         assert calls == []  # default: F.linear
-        zenlm.fast_cpu()
+        zenlm.fast_cpu(fp32_linear="onednn")
         layer(x)
         assert calls == [1]
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps its own (bf16) path
@@ -86,7 +87,7 @@ def test_model_loss_logits_and_grads_match_plain_path(preset, overrides):
 
     zenlm.fast_cpu(False)
     logits_plain, loss_plain, grads_plain = run()
-    zenlm.fast_cpu()
+    zenlm.fast_cpu(fp32_linear="onednn")
     try:
         logits_fast, loss_fast, grads_fast = run()
     finally:
@@ -150,3 +151,40 @@ def test_bf16_attention_path_matches_fp32_sdpa(fast, case, length):
         v2[1, :, -1] += 100.0
         out2, _ = attention(q.bfloat16(), k.bfloat16(), v2.bfloat16(), mask, case == "causal")
         assert torch.equal(out2[1, :, :-1] if case == "causal" else out2[1], out[1, :, :-1] if case == "causal" else out[1])
+
+
+def test_fp32_linear_library_is_the_one_that_measured_faster_and_is_remembered(tmp_path, monkeypatch):
+    """fast_cpu() takes MKL or oneDNN for fp32 Linear layers by timing both on this CPU once:
+    oneDNN only when it wins by 3% (Zen 4/5), torch's MKL otherwise (Zen 3); cached on disk."""
+    from zenlm import model as m
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("ZENLM_FP32_LINEAR", raising=False)
+    calls = []
+    for times, expected in (({"mkl": 1.0, "onednn": 0.9}, "onednn"), ({"mkl": 1.0, "onednn": 0.99}, "mkl"),
+                            ({"mkl": 0.8, "onednn": 1.0}, "mkl")):
+        monkeypatch.setattr(m, "_BACKEND", {})
+        (tmp_path / "zenlm" / "kernels.json").unlink(missing_ok=True)
+        monkeypatch.setattr(m, "calibrate_fp32_linear", lambda times=times: calls.append(1) or times)
+        assert m.fp32_linear_backend() == expected
+        assert zenlm.fast_cpu() and m._FAST_CPU["onednn"] is (expected == "onednn")
+        zenlm.fast_cpu(False)
+        monkeypatch.setattr(m, "_BACKEND", {})  # a new process reads the choice back without timing again
+        assert m.fp32_linear_backend() == expected
+    assert len(calls) == 3
+    saved = (tmp_path / "zenlm" / "kernels.json").read_text()
+    assert "threads" in saved and "seconds" in saved
+    monkeypatch.setenv("ZENLM_FP32_LINEAR", "onednn")
+    assert m.fp32_linear_backend() == "onednn"
+    monkeypatch.setenv("ZENLM_FP32_LINEAR", "blas")
+    with pytest.raises(ValueError, match="ZENLM_FP32_LINEAR.*blas"):
+        m.fp32_linear_backend()
+    with pytest.raises(ValueError, match="fp32_linear.*cublas"):
+        zenlm.fast_cpu(fp32_linear="cublas")
+
+
+def test_calibration_times_both_libraries():
+    from zenlm.model import calibrate_fp32_linear
+
+    times = calibrate_fp32_linear(rows=16, d=32, reps=2)
+    assert set(times) == {"mkl", "onednn"} and all(0 < t < 1 for t in times.values())

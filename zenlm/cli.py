@@ -29,8 +29,11 @@ def _bytes(n: float) -> str:
 
 # --------------------------------------------------------------------------- info
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="parameters, FLOPs and memory of a preset or checkpoint folder")
-    p.add_argument("model", help="a preset name (see `zenlm info --list`), a checkpoint folder or a Hugging Face folder")
+    p = sub.add_parser("info", help="parameters, FLOPs and memory of a preset or checkpoint folder; --system: this CPU")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a preset name (see `zenlm info --list`), a checkpoint folder or a Hugging Face folder")
+    p.add_argument("--system", action="store_true",
+                   help="what this CPU has (ISA, VNNI, bf16, AMX, cores, caches) and the kernels zenlm picks for it")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="default: max_position_embeddings")
     p.add_argument("--bytes-per-param", type=int, default=4, choices=(2, 4))
@@ -42,6 +45,12 @@ def run_info(args) -> None:
 
     from .config import PRESETS, TransformerConfig, estimate_costs
 
+    if args.system:
+        _print_system()
+        if args.model is None:
+            return
+    if args.model is None:
+        raise ValueError("give a preset or model folder, or --system")
     if args.model in PRESETS:
         config = TransformerConfig.from_preset(args.model)
     elif os.path.isdir(args.model):
@@ -66,6 +75,24 @@ def run_info(args) -> None:
         print(f"  {key:<12} {_bytes(c[key + '_bytes'])}")
     total = sum(c[k + "_bytes"] for k in ("weights", "grads", "optimizer", "activations"))
     print(f"  {'total':<12} {_bytes(total)}")
+
+
+def _print_system() -> None:
+    import torch
+
+    from .cpu import cpu_info, resolve_precision
+    from .model import fp32_linear_backend
+
+    info = cpu_info()
+    print(info.describe())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ATen capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    print(f"int8 (dynamic): {info.int8_activation_bits}-bit activations "
+          + ("(VNNI: 8-bit products cannot saturate)" if info.int8_activation_bits == 8 else
+             "(no VNNI: 8-bit pair sums would saturate, so 7-bit, as torch's reduce_range)"))
+    print(f"precision auto -> {resolve_precision('auto')} "
+          + ("(native bf16)" if info.bf16 else "(no AVX512_BF16/AMX: emulated bf16 is ~100x slower, so fp32)"))
+    print(f"fp32 linear layers under fast_cpu(): {fp32_linear_backend()}")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -106,18 +133,21 @@ def add_demo(sub) -> None:
                                    "the docs with all-MiniLM-L6-v2, create a demo key and serve the playground.")
     p.add_argument("--seconds", type=float, default=120.0, help="training time budget (a second run reuses the model)")
     p.add_argument("--out", default="runs/demo", help="cache folder: model, index, database")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, batches and samples (default 0)")
     p.add_argument("--retrain", action="store_true", help="train again even if a model is cached in --out")
     p.add_argument("--no-serve", dest="serve", action="store_false", help="stop after training and samples")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port to serve on (default 8000, or the next free one when 8000 is taken); "
+                        "checked before training starts")
     p.set_defaults(func=run_demo)
 
 
 def run_demo(args) -> None:
     from .demo import run
 
-    if not 0 < args.port < 65536:
+    if args.port is not None and not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.seconds <= 0:
         raise ValueError(f"--seconds must be > 0, got {args.seconds}")
@@ -356,7 +386,7 @@ def add_billing(sub) -> None:
     p = sub.add_parser("billing", help="revenue, compute cost and gross margin")
     bsub = p.add_subparsers(dest="billing_command", required=True)
     r = bsub.add_parser("report", help="a month's report per customer, model and day")
-    r.add_argument("--month", required=True, help="YYYY-MM")
+    r.add_argument("--month", default=None, help="YYYY-MM (default: the current month, UTC, as the ledger counts)")
     r.add_argument("--by", choices=("customer", "model", "day"), default=None, help="one grouping (default: all three)")
     r.add_argument("--csv", default=None, metavar="FILE")
     r.add_argument("--plot", default=None, metavar="FILE.png", help="bars per day (or per --by)")
@@ -365,9 +395,13 @@ def add_billing(sub) -> None:
 
 
 def run_billing(args) -> None:
-    from .serve.billing import Billing, format_micros, plot_report, write_report_csv
+    from .serve.billing import Billing, format_micros, month_of, plot_report, write_report_csv
+
+    import time
 
     billing = Billing.open(args.database)
+    if args.month is None:
+        args.month = month_of(time.time())
     groupings = [args.by] if args.by else ["customer", "model", "day"]
     reports = [billing.report(args.month, by) for by in groupings]
     for report in reports:
@@ -500,6 +534,7 @@ def add_evaluate(sub) -> None:
     r.add_argument("--model", default=None, help="default: the model folder the index was built with")
     r.set_defaults(func=run_evaluate_retrieval)
     _add_evaluate_translation(esub)
+    _add_evaluate_chat(esub)
 
 
 def run_evaluate_retrieval(args) -> None:
@@ -726,6 +761,13 @@ def run_quantize(args) -> None:
     r = quantize_folder(args.model, args.out, args.scheme, args.group_size, not args.keep_embeddings)
     print(f"{r['scheme']}: {_bytes(r['source_bytes'])} -> {_bytes(r['quantized_bytes'])} "
           f"({r['ratio']:.2f}x smaller), written to {r['out']}")
+    if r["scheme"] == "dynamic":
+        from .cpu import cpu_info
+
+        bits = cpu_info().int8_activation_bits
+        print(f"on this CPU the activations are quantized to {bits} bits at run time "
+              + ("(VNNI)" if bits == 8 else "(no VNNI: 8-bit products would saturate)")
+              + "; each CPU picks its own width when the model runs")
 
 
 # --------------------------------------------------------------------------- average

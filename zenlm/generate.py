@@ -45,7 +45,7 @@ def _fast_cpu(enabled: bool):
         return
     with _FAST:
         if _FAST_STATE["users"] == 0:
-            _FAST_STATE["before"] = _model._FAST_CPU["enabled"]
+            _FAST_STATE["before"] = dict(_model._FAST_CPU)
             _model.fast_cpu(True)
         _FAST_STATE["users"] += 1
     try:
@@ -54,7 +54,7 @@ def _fast_cpu(enabled: bool):
         with _FAST:
             _FAST_STATE["users"] -= 1
             if _FAST_STATE["users"] == 0:
-                _model.fast_cpu(_FAST_STATE["before"])
+                _model._FAST_CPU.update(_FAST_STATE["before"])
 
 
 # --------------------------------------------------------------------------- settings

@@ -133,21 +133,93 @@ class KVCache:
 
 
 # --------------------------------------------------------------------------- linear layers
-# On CPU, torch sends fp32 matmuls to MKL, which on some CPUs (AMD EPYC here) reaches
-# well below the oneDNN kernels torch already ships; bf16 already goes to oneDNN.
-# fast_cpu() routes fp32 Linear layers (forward and both backward products) through
-# oneDNN: same math, results equal to float rounding. Off by default: it is opt-in state.
-_FAST_CPU = {"enabled": False}
+# On CPU, torch sends fp32 matmuls to MKL, which on some CPUs (AMD Zen 4/5 here) reaches
+# well below the oneDNN kernels torch already ships, and on others (Zen 3, AVX2 only) above
+# them; bf16 already goes to oneDNN. fast_cpu() turns on zenlm's CPU paths (cached bf16
+# weights, bf16 attention) and routes fp32 Linear layers (forward and both backward products)
+# through whichever of the two measures faster on this CPU: same math, results equal to
+# float rounding. Off by default: it is opt-in state.
+_FAST_CPU = {"enabled": False, "onednn": False}
+FP32_LINEAR_BACKENDS = ("mkl", "onednn")
+_BACKEND: dict = {}
 
 
-def fast_cpu(enabled: bool = True) -> bool:
-    """Opt in (or out) to oneDNN for zenlm's fp32 Linear layers on CPU; returns the new setting.
+def fast_cpu(enabled: bool = True, fp32_linear: Optional[str] = None) -> bool:
+    """Opt in (or out) to zenlm's CPU fast paths; returns the new setting.
 
-    Affects only zenlm modules (no torch flags change). Inputs under autocast, other
-    dtypes or devices, and code being compiled keep the default ``F.linear`` path.
+    ``fp32_linear`` picks the kernel library for fp32 Linear layers: "onednn", "mkl" (torch's
+    default) or None, which takes the one that measured faster on this CPU
+    (``fp32_linear_backend``). Affects only zenlm modules (no torch flags change). Inputs under
+    autocast, other dtypes or devices, and code being compiled keep the default ``F.linear`` path.
     """
+    if fp32_linear is not None and fp32_linear not in FP32_LINEAR_BACKENDS:
+        raise ValueError(f"fp32_linear must be one of {', '.join(FP32_LINEAR_BACKENDS)} or None, got {fp32_linear!r}")
     _FAST_CPU["enabled"] = bool(enabled) and torch.backends.mkldnn.is_available()
+    _FAST_CPU["onednn"] = _FAST_CPU["enabled"] and (fp32_linear or fp32_linear_backend()) == "onednn"
     return _FAST_CPU["enabled"]
+
+
+def fp32_linear_backend() -> str:
+    """'onednn' or 'mkl': the faster library for fp32 Linear layers on this CPU and thread count.
+
+    Decided once per CPU model, forcing switches, torch version and thread count by timing a
+    768x3072 Linear on 256 rows both ways (~0.2 s), and cached in ``$XDG_CACHE_HOME/zenlm``
+    (``~/.cache/zenlm``) so later processes skip it. ``ZENLM_FP32_LINEAR=mkl|onednn`` overrides.
+    oneDNN must win by 3% to be chosen: below that, torch's default path is the safer bet.
+    """
+    import os
+
+    forced = os.environ.get("ZENLM_FP32_LINEAR", "").strip().lower()
+    if forced:
+        if forced not in FP32_LINEAR_BACKENDS:
+            raise ValueError(f"ZENLM_FP32_LINEAR must be one of {', '.join(FP32_LINEAR_BACKENDS)}, got {forced!r}")
+        return forced
+    if not torch.backends.mkldnn.is_available():
+        return "mkl"
+    from .cpu import cpu_info
+
+    info = cpu_info()
+    key = f"{info.model}|{' '.join(info.forced)}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    if key not in _BACKEND:
+        import json
+        from pathlib import Path
+
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zenlm" / "kernels.json"
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key not in cache.get("fp32_linear", {}):
+            times = calibrate_fp32_linear()
+            cache.setdefault("fp32_linear", {})[key] = {
+                "choice": "onednn" if times["onednn"] < 0.97 * times["mkl"] else "mkl", "seconds": times}
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(cache, indent=1))
+                tmp.replace(path)
+            except OSError:  # a read-only home: decide again next process
+                pass
+        _BACKEND[key] = cache["fp32_linear"][key]["choice"]
+    return _BACKEND[key]
+
+
+def calibrate_fp32_linear(rows: int = 256, d: int = 768, reps: int = 5) -> dict:
+    """Best seconds of one (rows x d) @ (d x 4d) fp32 Linear through MKL and through oneDNN,
+    timed alternately so that load from other processes hits both alike."""
+    import time
+
+    x, w = torch.randn(rows, d), torch.randn(4 * d, d)
+    paths = {"mkl": lambda: F.linear(x, w), "onednn": lambda: _onednn(x, w, None)}
+    best = {name: float("inf") for name in paths}
+    with torch.inference_mode():
+        for rep in range(reps + 1):
+            for name, fn in paths.items():
+                start = time.perf_counter()
+                fn()
+                if rep:  # the first round warms up (packing, page faults)
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -200,7 +272,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             and weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.compiler.is_compiling()):
         return F.linear(x.to(torch.bfloat16), _bf16_copy(weight), None if bias is None else _bf16_copy(bias))
-    if (_FAST_CPU["enabled"] and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if (_FAST_CPU["onednn"] and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.numel() > 0
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
