@@ -37,6 +37,8 @@ def one_step(fn, q, keys, values, length: int) -> float:
 
 
 def main() -> None:
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(2)
     keys = [torch.randn(ROWS, HEADS, CAPACITY, DIM) for _ in range(LAYERS)]
     values = [torch.randn(ROWS, HEADS, CAPACITY, DIM) for _ in range(LAYERS)]

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=2, help="best of N timed runs per setting")
     args = ap.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(args.threads)
     from sentence_transformers import SentenceTransformer
 

@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calibration-steps", type=int, default=40)
     args = p.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     logging.basicConfig(level=logging.WARNING)
     cal = calibrate(steps=args.calibration_steps, threads=args.threads, data=str(SHAKESPEARE))
     print(f"calibration: {cal['tokens_per_s']:,.0f} tokens/s on the reference model, MFU {cal['mfu']:.1%} of "

@@ -29,6 +29,8 @@ def bench(name: str, fn, nbytes: int, reps: int = 7) -> None:
 
 
 def main() -> None:
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(2)
     x = torch.randn(27_000_000)
     bench("sum, 108 MB", x.sum, x.numel() * 4)

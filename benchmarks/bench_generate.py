@@ -251,6 +251,8 @@ def main() -> None:
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     if args.child:
         return child(args)
 

@@ -272,6 +272,8 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=("forward", "train"), default=None)
     ap.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     args = ap.parse_args(argv)
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
 
     torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 7)

@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--ref", help="reference translations for --translation")
     p.add_argument("--limit", type=int, default=200, help="sentences to translate for BLEU")
     args = p.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(args.threads)
     if args.translation:
         bleu_table(args)

@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--ef-construction", type=int, default=100)
     ap.add_argument("--ef-search", type=int, default=128)
     args = ap.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     import faiss
 
     torch.set_num_threads(args.threads)

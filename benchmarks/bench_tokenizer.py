@@ -16,6 +16,8 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 
 
 def main(target_mb: float = 10.0) -> None:
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     texts = stdlib_corpus(max_bytes=8_000_000)
     if SHAKESPEARE.exists():
         texts.append(SHAKESPEARE.read_text(encoding="utf-8"))

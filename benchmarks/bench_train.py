@@ -138,6 +138,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-fast-cpu", action="store_true", help="zenlm fp32 without zenlm.fast_cpu()")
     ap.add_argument("--attention", default="auto", help="zenlm's attention_backend under bf16 (auto | math)")
     args = ap.parse_args(argv)
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(args.threads)
     import zenlm
     from zenlm import Tokenizer

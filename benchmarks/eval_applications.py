@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     model_dir = run / "best" if (run / "best").is_dir() else run

@@ -73,6 +73,8 @@ def main() -> None:
                     help="share of SciFact train queries held out for a validation loss during fine-tuning")
     ap.add_argument("--results", default="results.json", help="file name inside --out (run stages in parallel)")
     args = ap.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     logging.basicConfig(level=logging.ERROR)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--groups", default="king,queen,lord,lady,man,woman")
     p.add_argument("--out", default="runs/bias.png")
     args = p.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     model, tok = zenlm.load(args.model), zenlm.load_tokenizer(args.model)
     report = bias_probe(model, tok, args.groups.split(","), TEMPLATES)
     print(report.table())

@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--repeats", default="1,5,40")
     p.add_argument("--candidates", type=int, default=1000)
     args = p.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(1)
     lines = SHAKESPEARE.read_text(encoding="utf-8").splitlines()[:args.lines]
     planted, control = make_canaries(2, seed=7)

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's operator table per cell")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from zenlm.cpu import cpu_info
+    print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         bg.build_folder(Path(tmp))
