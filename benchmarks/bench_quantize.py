@@ -3,6 +3,13 @@
 
     .venv/bin/python benchmarks/bench_quantize.py MODEL_DIR [--threads 1]
 
+    .venv/bin/python benchmarks/bench_quantize.py --isas [--isa-preset small]
+
+--isas: dynamic int8 on this CPU as it is and with the AVX2 kernels forced (fbgemm without
+VNNI, ATen at AVX2; each in its own process), in one run: relative error of the logits
+against fp32, top-1 agreement and speed, for the activation width zenlm picks per CPU and
+for full 8-bit activations everywhere (what zenlm did before: silently wrong without VNNI).
+
 MODEL_DIR: a decoder-only zenlm checkpoint trained on tinyshakespeare (e.g. the best folder of
 `zenlm train recipes/shakespeare-char.yaml`). Validation text: the last 10% of
 ../shared/data/tinyshakespeare/input.txt (the split the trainer holds out), scored in
@@ -10,6 +17,7 @@ non-overlapping windows of the model's context. Speed: prompt processing (batch 
 and greedy decoding (batch 1, 64 new tokens), best of 3, same threads for every variant.
 """
 import argparse
+import dataclasses
 import math
 import os
 import tempfile
@@ -62,10 +70,17 @@ def main() -> None:
     p.add_argument("--src", help="source sentences for --translation (one per line)")
     p.add_argument("--ref", help="reference translations for --translation")
     p.add_argument("--limit", type=int, default=200, help="sentences to translate for BLEU")
+    p.add_argument("--isas", action="store_true", help="dynamic int8 error and speed, native vs AVX2 forced")
+    p.add_argument("--isa-preset", default="small", help="model shape for --isas (random weights)")
+    p.add_argument("--isa-worker", choices=("native", "avx2"), help=argparse.SUPPRESS)
     args = p.parse_args()
     from zenlm.cpu import cpu_info
     print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
+    if args.isa_worker:
+        return isa_worker(args)
     torch.set_num_threads(args.threads)
+    if args.isas:
+        isa_table(args)
     if args.translation:
         bleu_table(args)
     if args.model:
@@ -130,6 +145,65 @@ def bleu_table(args) -> None:
         base = base if base is not None else r["bleu"]
         print(f"{scheme:<9} BLEU {r['bleu']:6.2f} ({r['bleu'] - base:+.2f})  {seconds:6.1f} s  {r['bleu_signature']}")
     print()
+
+
+FORCED_AVX2 = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def isa_table(args) -> None:
+    """One worker process per ISA (the forcing switches are read when torch starts)."""
+    import json
+    import subprocess
+    import sys
+
+    rows = {}
+    for isa in ("native", "avx2"):
+        env = {**os.environ, **(FORCED_AVX2 if isa == "avx2" else {})}
+        out = subprocess.run([sys.executable, __file__, "--isa-worker", isa, "--isa-preset", args.isa_preset,
+                              "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
+        print(out.stdout.splitlines()[0])  # the worker's CPU line
+        rows[isa] = json.loads(out.stdout.splitlines()[-1])
+    print(f"\ndynamic int8, {args.isa_preset} shape, random weights, {args.threads} thread(s); error = |logits - fp32| / "
+          f"|fp32| on 4 x 64 tokens; top-1 = argmax agreement with fp32")
+    print(f"{'ISA':<8} {'activations':>11} {'rel. error':>10} {'top-1':>6} {'prompt tok/s':>13} {'decode tok/s':>13} "
+          f"{'8-bit everywhere: error':>24} {'fp32 prompt':>12} {'fp32 decode':>12}")
+    for isa, r in rows.items():
+        print(f"{isa:<8} {r['bits']:>9}-bit {r['error']:>10.4f} {r['top1']:>6.3f} {r['prompt']:>13,.0f} "
+              f"{r['decode']:>13,.1f} {r['error_8bit']:>24.4f} {r['fp32_prompt']:>12,.0f} {r['fp32_decode']:>12,.1f}")
+
+
+def isa_worker(args) -> None:
+    import json
+
+    import zenlm.quantize
+    from zenlm.cpu import cpu_info
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fp32 = zenlm.TransformerLM(zenlm.TransformerConfig.from_preset(args.isa_preset)).eval()
+    ids = torch.randint(3, fp32.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = fp32(ids).logits
+
+        def measure(model):
+            logits = model(ids).logits
+            return (float((logits - ref).norm() / ref.norm()),
+                    float((logits.argmax(-1) == ref.argmax(-1)).float().mean()))
+
+        dynamic = quantize_model(fp32, "dynamic")
+        error, top1 = measure(dynamic)
+        info = cpu_info()
+        # what zenlm did before choosing per CPU: 8-bit activations whatever the CPU has
+        eight = dataclasses.replace(info, vnni=True, arch="x86_64")
+        zenlm.quantize.cpu_info = lambda: eight
+        for m in dynamic.modules():
+            m.__dict__.pop("_packed_key", None)
+        error_8bit, _ = measure(dynamic)
+        zenlm.quantize.cpu_info = lambda: info
+        prompt, decode = speed(dynamic, fp32.config.vocab_size, 64, reps=2, new_tokens=32)
+        fp32_prompt, fp32_decode = speed(fp32, fp32.config.vocab_size, 64, reps=2, new_tokens=32)
+    print(json.dumps({"bits": info.int8_activation_bits, "error": error, "top1": top1, "error_8bit": error_8bit,
+                      "prompt": prompt, "decode": decode, "fp32_prompt": fp32_prompt, "fp32_decode": fp32_decode}))
 
 
 def table(rows) -> None:
