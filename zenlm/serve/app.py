@@ -5,6 +5,14 @@ request's worst case (rate window + budget), runs it, and settles the ledger row
 bytes of the response go out — so a delivered response always has its row, and a response that
 never completed (server killed) holds only a reservation that its lease gives back. Streaming
 clients that leave are billed for the tokens they were sent; non-streaming ones for nothing.
+
+The key is checked before anything else about a request (a wrong key with a malformed body is a
+401, as OpenAI answers). Limits a client meets: a body of at most ``max_body_bytes`` (413, with or
+without Content-Length); an Idempotency-Key of 1-255 characters; at most ``MAX_SEQUENCES`` (128)
+sequences decoded per request (prompts x n for /v1/completions, n for chat, inputs for
+translations) and 2,048 inputs per /v1/embeddings request (400); a request whose sequences do not
+fit the engine's free room is refused as a whole before it is charged (503), and one key may hold
+at most ``max_batch_size + max_queue // 2`` sequences at once (429), so others always get a turn.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -89,7 +97,9 @@ class Metrics:
 # --------------------------------------------------------------------------- the gate
 class Gate:
     """Outermost ASGI layer: a request id on every response, a 413 for bodies over the limit
-    (by Content-Length, or counted as a chunked body arrives), and request metrics."""
+    (by Content-Length, or counted as a chunked body arrives), and request metrics. An error raised
+    after its response went out whole (Starlette re-raises what its 500 handler answered) stops
+    here, so the server keeps the client's keep-alive connection instead of closing it."""
 
     def __init__(self, app, metrics: Metrics, max_body_bytes: int):
         self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
@@ -99,7 +109,7 @@ class Gate:
             return await self.app(scope, receive, send)
         request_id = "req-" + secrets.token_hex(12)
         scope.setdefault("state", {})["request_id"] = request_id
-        start, status = time.perf_counter(), {"code": 500, "started": False}
+        start, status = time.perf_counter(), {"code": 500, "started": False, "done": False}
         route = scope.get("path", "")
 
         async def send_with_id(message):
@@ -107,6 +117,8 @@ class Gate:
                 status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["done"] = True
             await send(message)
 
         def too_large() -> JSONResponse:
@@ -116,31 +128,55 @@ class Gate:
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await too_large()(scope, receive, send_with_id)
-        else:
-            seen = 0
+        elif length is not None:
+            await self._run(scope, receive, send_with_id, status)
+        else:  # chunked: read the body whole (at most max_body bytes), then hand it on as one message
+            body = await self._read_counted(receive)
+            if body is None:
+                status["code"] = 499  # the client left before its body arrived
+            elif body is _TOO_LARGE:
+                await too_large()(scope, receive, send_with_id)
+            else:
+                replayed = False
 
-            async def counted_receive():
-                nonlocal seen
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > self.max_body:
-                        raise _BodyTooLarge()
-                return message
+                async def replay():
+                    nonlocal replayed
+                    if replayed:
+                        return await receive()
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
 
-            try:
-                await self.app(scope, counted_receive, send_with_id)
-            except _BodyTooLarge:
-                if not status["started"]:
-                    await too_large()(scope, receive, send_with_id)
+                await self._run(scope, replay, send_with_id, status)
         if route.startswith(("/v1/", "/admin/")):
             label = _route_label(route)
             self.metrics.requests.labels(label, str(status["code"])).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - start)
 
+    async def _read_counted(self, receive):
+        """A body without Content-Length (chunked), read whole while counting: its bytes, _TOO_LARGE
+        once past the limit, or None when the client left first."""
+        parts, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_body:
+                return _TOO_LARGE
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
 
-class _BodyTooLarge(Exception):
-    pass
+    async def _run(self, scope, receive, send, status) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            if not status["done"]:
+                raise  # a response cut short: the connection must close
+
+
+_TOO_LARGE = object()
 
 
 def _route_label(path: str) -> str:
@@ -179,17 +215,13 @@ class Server:
             raise InvalidKey("the admin API needs the admin token; customer keys cannot use it")
 
     # ------------------------------------------------------------------ metering helpers
-    async def begin(self, request: Request, key: KeyContext, model: str, prompt_tokens: int, max_completion: int
-                    ) -> tuple[Reservation, Optional[dict]]:
-        """Replay a stored response for a retried Idempotency-Key, else reserve the worst case."""
-        idem = request.headers.get("idempotency-key")
-        ledger_id = self.billing.ledger_id(key, request.state.request_id, idem, request.url.path)
-        if idem is not None:
-            stored = await run_in_threadpool(self.billing.stored_response, ledger_id)
-            if stored is not None:
-                return None, stored
-        res = await run_in_threadpool(self.billing.reserve, key, ledger_id, model, prompt_tokens, max_completion)
-        return res, None
+    async def begin(self, request: Request, key: KeyContext, model: str, prompt_tokens: int, max_completion: int,
+                    room: Optional[Callable[[], None]] = None) -> tuple[Reservation, Optional[dict]]:
+        """Replay a stored response for a retried Idempotency-Key, else check ``room`` (raises when
+        the engine cannot take the request now) and reserve the worst case (``Billing.begin``)."""
+        return await run_in_threadpool(self.billing.begin, key, request.state.request_id,
+                                       request.headers.get("idempotency-key"), request.url.path, model,
+                                       prompt_tokens, max_completion, room)
 
     async def settle(self, request: Request, res: Reservation, usage: Usage, route: str, response: Optional[dict],
                      billable: bool = True) -> int:
@@ -266,7 +298,7 @@ async def generate(server: Server, request: Request, body, chat: bool):
     key = await server.authenticate(request)
     served = server.catalog.get(body.model, "generate")
     if chat:
-        prompts = [served.encode_chat([m.model_dump() for m in body.messages])]
+        prompts = [served.encode_chat([{"role": m.role, "content": m.text} for m in body.messages])]
         param = "messages"
     else:
         prompts = []
@@ -279,7 +311,9 @@ async def generate(server: Server, request: Request, body, chat: bool):
     max_tokens = [served.fit(len(p), body.max_tokens, param) for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)
     max_completion = sum(m * body.n for m in max_tokens)
-    res, stored = await server.begin(request, key, served.id, prompt_tokens, max_completion)
+    sequences = len(prompts) * body.n
+    res, stored = await server.begin(request, key, served.id, prompt_tokens, max_completion,
+                                     room=lambda: served.engine.check_room(sequences, key.key_id))
     if stored is not None:
         return _replay(stored, body, chat)
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -308,8 +342,7 @@ async def generate(server: Server, request: Request, body, chat: bool):
                     ids, params, lambda ev, k=index: mailbox.post(events, (k, ev)),
                     request_id=request.state.request_id)
                 choices.append(choice)
-        for choice in choices:
-            served.engine.submit(choice.request)
+        served.engine.submit_all([c.request for c in choices], owner=key.key_id)  # all or none
     except BaseException:
         for choice in choices:
             if choice.request is not None:
@@ -580,6 +613,13 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
+        try:  # a client learns that its key is wrong before what is wrong with its body, as with OpenAI
+            if request.url.path.startswith("/admin/"):
+                server.check_admin(request)
+            elif request.url.path.startswith("/v1/"):
+                await server.authenticate(request)
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -587,7 +627,8 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
             message, param = "we could not parse the JSON body of your request (it is not valid JSON)", None
         else:
             where = ".".join(loc)
-            message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid body")
+            msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+            message = f"{where}: {msg}" if where else msg
             param = where or None
             if len(errors) > 1:
                 message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
@@ -608,13 +649,15 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
     responses = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
 
     # -------------------------------------------------------------- models, health, metrics, playground
-    @app.get("/v1/models", response_model=P.ModelList)
-    async def list_models():
+    @app.get("/v1/models", response_model=P.ModelList, responses=responses)
+    async def list_models(request: Request):
+        await server.authenticate(request)  # as OpenAI: listing models needs a key
         return P.ModelList(data=[P.ModelCard(id=m.id, kind=m.kind, context_length=m.context_length)
                                  for m in catalog.models.values()])
 
     @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=responses)
-    async def get_model(model_id: str):
+    async def get_model(model_id: str, request: Request):
+        await server.authenticate(request)
         m = catalog.get(model_id)
         return P.ModelCard(id=m.id, kind=m.kind, context_length=m.context_length)
 
@@ -691,13 +734,17 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
             raise InvalidRequest(f"max_tokens={max_tokens} exceeds this model's output window of {limit - 1}",
                                  param="max_tokens", code="context_length_exceeded")
         prompt_tokens = sum(len(r) for r in rows)
-        res, stored = await server.begin(request, key, served.id, prompt_tokens, max_tokens * len(rows))
+        batched = body.num_beams == 1 and served.engine is not None
+        res, stored = await server.begin(request, key, served.id, prompt_tokens, max_tokens * len(rows),
+                                         room=lambda: served.engine.check_room(len(rows), key.key_id) if batched
+                                         else None)
         if stored is not None:
             return JSONResponse(stored)
         queue_ms = 0
         try:
-            if body.num_beams == 1 and served.engine is not None:  # greedy: joins the running batch
-                out, queue_ms, compute_ms = await _engine_translate(server, request, served, rows, max_tokens)
+            if batched:  # greedy: joins the running batch
+                out, queue_ms, compute_ms = await _engine_translate(server, request, served, rows, max_tokens,
+                                                                    key.key_id)
             else:  # beam search: one request at a time through zenlm.generate
                 start = time.perf_counter()
                 out = await run_in_threadpool(_translate, served, rows, body.num_beams, max_tokens)
@@ -735,8 +782,8 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
             await run_in_threadpool(billing.release, res)
             raise
         response = P.SearchResponse(model=served.id, usage=P.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
-                                    data=[P.SearchHit(index=i, id=h.id, score=h.score, title=h.title, text=h.text)
-                                          for i, h in enumerate(hits)])
+                                    data=[P.SearchHit(index=i, id=h.id, score=h.score, title=_hit_title(h),
+                                                      text=h.text) for i, h in enumerate(hits)])
         payload = response.model_dump()
         payload["usage"]["cost_micros"] = await server.settle(request, res, Usage(tokens, 0, 0, compute_ms),
                                                               "/v1/search", payload)
@@ -782,6 +829,23 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
     return Gate(app, server.metrics, config.max_body_bytes)  # type: ignore[return-value]
 
 
+def _hit_title(hit) -> str:
+    """What to call a search hit: its title, else the first Markdown heading of its text, else the
+    name of the file it came from (plain-text and Markdown corpora index files without titles)."""
+    if hit.title:
+        return hit.title
+    metadata = hit.metadata if isinstance(hit.metadata, dict) else {}
+    if isinstance(metadata.get("title"), str) and metadata["title"].strip():
+        return metadata["title"].strip()
+    for line in hit.text.splitlines():
+        heading = line.strip()
+        if heading.startswith("#") and heading.lstrip("#").strip():
+            return heading.lstrip("#").strip()
+    if isinstance(metadata.get("path"), str) and metadata["path"]:
+        return Path(metadata["path"]).name
+    return hit.id.split("#")[0]
+
+
 def _user_error(fn, *args):
     try:
         return fn(*args)
@@ -798,7 +862,7 @@ def _plan_out(plan) -> P.PlanOut:
 
 
 async def _engine_translate(server: Server, request: Request, served: ServedModel, rows: list[list[int]],
-                            max_tokens: int):
+                            max_tokens: int, owner: int):
     """Greedy translation of each input as a row of the continuous batch; (generations, queue ms,
     compute ms), with generations None when the client left first."""
     from ..generate import Generation
@@ -812,15 +876,7 @@ async def _engine_translate(server: Server, request: Request, served: ServedMode
         choice.request = EngineRequest(ids, params, lambda ev, k=i: mailbox.post(events, (k, ev)),
                                        request_id=request.state.request_id)
         choices.append(choice)
-    submitted = []
-    try:
-        for c in choices:
-            served.engine.submit(c.request)
-            submitted.append(c)
-    except BaseException:
-        for c in submitted:
-            c.request.cancel()
-        raise
+    served.engine.submit_all([c.request for c in choices], owner=owner)  # all or none
     watcher = asyncio.create_task(_watch_disconnect(request, choices))
     try:
         while any(c.finish_reason is None for c in choices):

@@ -10,7 +10,13 @@ Every request goes through three calls, each one database transaction:
   processes can never together pass a limit or a budget.
 * ``settle`` – writes the ledger row (primary key: the request id or the client's
   Idempotency-Key, so a retry is never charged twice), moves the actual cost from reserved to
-  spent and drops the reservation, all in one commit. ``release`` gives a reservation back when
+  spent and drops the reservation, all in one commit.
+
+Idempotency (as Stripe and OpenMeter treat it): a retry of a *finished* request gets the stored
+response and is not charged again; a retry while the first is still running is a 409; a request
+that did not finish (its client left, or it failed) is recorded under its own request id, so a
+retry after it has settled runs and is billed as a new request. Every generation that reached a
+client therefore has exactly one ledger row. ``release`` gives a reservation back when
   a request dies before its response is sent; a server that is killed leaves reservations whose
   lease runs out, and ``sweep`` gives those back.
 
@@ -30,20 +36,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Optional
+from typing import Callable, Optional
 
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from . import store
-from .errors import Conflict, InsufficientQuota, InvalidKey, ModelNotFound, RateLimited
+from .errors import Conflict, IdempotentReplay, InsufficientQuota, InvalidKey, InvalidRequest, ModelNotFound, RateLimited
 from .store import api_keys, customers, key_months, plan_prices, plans, rate_windows, reservations, usage_ledger
 
 MICROS = 1_000_000
 KEY_PREFIX = "zk-"
 WINDOW_S = 60
 LIMIT = 2 ** 53  # the largest price, budget or count stored: well inside a 64-bit column
+IDEMPOTENCY_KEY_MAX = 255  # characters in an Idempotency-Key header (Stripe's limit)
 
 
 # --------------------------------------------------------------------------- money
@@ -302,10 +309,33 @@ class Billing:
     @staticmethod
     def ledger_id(key: KeyContext, request_id: str, idempotency_key: Optional[str], route: str = "") -> str:
         """Retries carry the same Idempotency-Key; scoped by key and route so that neither another
-        customer nor another kind of request can collide with it."""
+        customer nor another kind of request can collide with it. The whole key is compared (by its
+        SHA-256); keys of 1 to ``IDEMPOTENCY_KEY_MAX`` characters are accepted."""
         if idempotency_key is None:
             return request_id
-        return f"idem:{key.key_id}:{route}:{idempotency_key[:128]}"
+        if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
+            raise InvalidRequest(f"the Idempotency-Key header has {len(idempotency_key)} characters; it must have "
+                                 f"1 to {IDEMPOTENCY_KEY_MAX}", param="Idempotency-Key")
+        return f"idem:{key.key_id}:{route}:{_hash(idempotency_key)}"
+
+    def begin(self, key: KeyContext, request_id: str, idempotency_key: Optional[str], route: str, model: str,
+              prompt_tokens: int, max_completion_tokens: int, room: Optional[Callable[[], None]] = None
+              ) -> tuple[Optional[Reservation], Optional[dict]]:
+        """The start of every metered request: (None, stored response) for a retry of a finished
+        Idempotency-Key, else (reservation, None) once ``room`` (raises when the server cannot take
+        the request now) has passed and the worst case is held. Conflict (409) while a request with
+        the same key still runs."""
+        ledger_id = self.ledger_id(key, request_id, idempotency_key, route)
+        if idempotency_key is not None:
+            stored = self.stored_response(ledger_id)
+            if stored is not None:
+                return None, stored
+        if room is not None:
+            room()
+        try:
+            return self.reserve(key, ledger_id, model, prompt_tokens, max_completion_tokens), None
+        except IdempotentReplay as done:  # the first request with this key finished while we looked
+            return None, done.response
 
     def stored_response(self, ledger_id: str) -> Optional[dict]:
         with self._connect() as conn:
@@ -315,7 +345,9 @@ class Billing:
     # ------------------------------------------------------------------ reserve / settle
     def reserve(self, key: KeyContext, ledger_id: str, model: str, prompt_tokens: int,
                 max_completion_tokens: int) -> Reservation:
-        """Hold the request's worst case against the rate window and the month's budget, atomically."""
+        """Hold the request's worst case against the rate window and the month's budget, atomically.
+        Raises Conflict (409) while a request with the same ``ledger_id`` runs, and IdempotentReplay
+        when one has finished meanwhile (its stored response is the answer; nothing is held)."""
         plan = key.plan
         p_price, c_price = plan.price(model)
         estimate = prompt_tokens + max_completion_tokens
@@ -366,6 +398,13 @@ class Billing:
                     id=ledger_id, key_id=key.key_id, month=month, window=window, estimate_tokens=estimate,
                     reserved_micros=0 if free else max_cost, reserved_free_tokens=estimate if free else 0, free=free,
                     instance_id=self.instance_id, lease_until=now + self.lease_s, created_at=now))
+                if ledger_id.startswith("idem:"):
+                    # checked after the insert: on PostgreSQL the insert waits for a settle of the same id
+                    # that is committing, and this read then sees its row (one statement, fresh snapshot)
+                    stored = conn.execute(select(usage_ledger.c.response).where(usage_ledger.c.id == ledger_id)
+                                          ).scalar()
+                    if stored is not None:
+                        raise IdempotentReplay(json.loads(stored))  # rolls back everything held above
         except IntegrityError:
             raise Conflict("a request with this Idempotency-Key is still running; retry when it has finished") from None
         return Reservation(ledger_id, key, model, month, window, estimate, 0 if free else max_cost, free, headers)
@@ -377,7 +416,26 @@ class Billing:
                response: Optional[dict] = None, billable: bool = True) -> int:
         """Write the ledger row and charge the actual cost, in one commit; returns the charge in micros.
         ``billable=False`` (nothing reached the client) records the row and its compute at no charge.
-        A second settle of the same id (a retry that raced past the idempotency check) charges nothing."""
+
+        A finished request (``response`` given) is stored under the reservation's id — the
+        Idempotency-Key's, when there is one — for retries to get back; an unfinished one under its
+        request id, leaving the Idempotency-Key free for a retry that runs (and is billed) anew. If
+        the id is taken already (a lease that ran out let a retry run alongside), the row goes under
+        the request id: what a client received is always recorded. A request id already in the ledger
+        is neither written nor charged again."""
+        ids = [res.id] if response is not None else []
+        if request_id not in ids:
+            ids.append(request_id)
+        for ledger_id in ids:
+            try:
+                return self._settle_as(ledger_id, res, usage, request_id, route, response, billable)
+            except IntegrityError:
+                continue
+        self.release(res)
+        return 0
+
+    def _settle_as(self, ledger_id: str, res: Reservation, usage: Usage, request_id: str, route: str,
+                   response: Optional[dict], billable: bool) -> int:
         plan, key = res.key.plan, res.key
         tokens = usage.prompt_tokens + usage.completion_tokens
         charge = 0 if res.free or not billable else min(
@@ -386,35 +444,31 @@ class Billing:
         now = time.time()
         if response is not None and "usage" in response and isinstance(response["usage"], dict):
             response["usage"]["cost_micros"] = charge
-        try:
-            with self._begin() as conn:
-                held = conn.execute(delete(reservations).where(reservations.c.id == res.id)).rowcount
-                conn.execute(usage_ledger.insert().values(
-                    id=res.id, request_id=request_id, key_id=key.key_id, customer_id=key.customer_id,
-                    model=res.model, route=route, status=usage.status, prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens, queue_ms=int(usage.queue_ms),
-                    compute_ms=int(usage.compute_ms), revenue_micros=charge,
-                    compute_cost_micros=self.compute_cost(usage.compute_ms), created_at=now, day=day_of(now),
-                    month=res.month, response=None if response is None else json.dumps(response)))
-                m = key_months.c
-                here = and_(m.key_id == key.key_id, m.month == res.month)
-                if held:  # give back the reservation and count what was used (rows locked in reserve's order)
-                    w = rate_windows.c
-                    conn.execute(update(rate_windows).where(w.key_id == key.key_id, w.window == res.window).values(
-                        tokens=w.tokens - (res.estimate_tokens - tokens)))
-                    conn.execute(update(key_months).where(here).values(
-                        spent_micros=m.spent_micros + charge, reserved_micros=m.reserved_micros - res.reserved_micros,
-                        free_tokens_used=m.free_tokens_used + free_used,
-                        free_tokens_reserved=m.free_tokens_reserved - (res.estimate_tokens if res.free else 0),
-                        tokens_used=m.tokens_used + tokens))
-                else:  # the lease ran out (and was swept) while we ran: count the use all the same
-                    conn.execute(update(key_months).where(here).values(
-                        spent_micros=m.spent_micros + charge,
-                        free_tokens_used=m.free_tokens_used + free_used,
-                        tokens_used=m.tokens_used + tokens))
-        except IntegrityError:
-            self.release(res)
-            return 0
+        with self._begin() as conn:
+            held = conn.execute(delete(reservations).where(reservations.c.id == res.id)).rowcount
+            conn.execute(usage_ledger.insert().values(
+                id=ledger_id, request_id=request_id, key_id=key.key_id, customer_id=key.customer_id,
+                model=res.model, route=route, status=usage.status, prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens, queue_ms=int(usage.queue_ms),
+                compute_ms=int(usage.compute_ms), revenue_micros=charge,
+                compute_cost_micros=self.compute_cost(usage.compute_ms), created_at=now, day=day_of(now),
+                month=res.month, response=None if response is None else json.dumps(response)))
+            m = key_months.c
+            here = and_(m.key_id == key.key_id, m.month == res.month)
+            if held:  # give back the reservation and count what was used (rows locked in reserve's order)
+                w = rate_windows.c
+                conn.execute(update(rate_windows).where(w.key_id == key.key_id, w.window == res.window).values(
+                    tokens=w.tokens - (res.estimate_tokens - tokens)))
+                conn.execute(update(key_months).where(here).values(
+                    spent_micros=m.spent_micros + charge, reserved_micros=m.reserved_micros - res.reserved_micros,
+                    free_tokens_used=m.free_tokens_used + free_used,
+                    free_tokens_reserved=m.free_tokens_reserved - (res.estimate_tokens if res.free else 0),
+                    tokens_used=m.tokens_used + tokens))
+            else:  # the lease ran out (and was swept) while we ran: count the use all the same
+                conn.execute(update(key_months).where(here).values(
+                    spent_micros=m.spent_micros + charge,
+                    free_tokens_used=m.free_tokens_used + free_used,
+                    tokens_used=m.tokens_used + tokens))
         return charge
 
     def release(self, res: Reservation) -> None:

@@ -8,7 +8,12 @@ for every row at once; (3) picks each row's next token with the logits rules of
 generator; (4) drops finished or cancelled rows from the cache. A cancelled request (its client
 left) leaves at the next step boundary, so its slot is free at once.
 
-The waiting queue is bounded: ``submit`` raises ``Overloaded`` (503 with Retry-After) when full.
+Admission is bounded and fair. A request's sequences (its prompts x n) are queued together or
+not at all: ``submit_all`` raises ``Overloaded`` (503 with Retry-After) when they would take the
+engine past ``max_batch_size + max_queue`` sequences, and ``RateLimited`` (429) when one owner (an
+API key) would hold more than its share, ``max_batch_size + max_queue // 2``, so another owner's
+request always finds room. Free batch slots go round-robin over the owners with waiting sequences:
+one key's backlog never makes another key's small request wait behind all of it.
 Each row is charged its share of every step's wall time (a step's time divided by the rows in
 it, plus its own prefill), which the ledger turns into a compute cost.
 """
@@ -28,7 +33,7 @@ import torch
 
 from ..generate import Generator, GenerationConfig, _first_stop, process_scores
 from ..model import KVCache
-from .errors import Overloaded
+from .errors import Overloaded, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,8 @@ class EngineRequest:
         self.finish_reason: Optional[str] = None
         self.cancelled = False
         self.submitted = time.perf_counter()
+        self.owner = None  # who queued it (an API key id): free slots go round-robin over owners
+        self._counted = False  # whether it still counts against its owner's share
         self.started: Optional[float] = None
         self.first_token: Optional[float] = None
         self.compute_s = 0.0
@@ -135,7 +142,10 @@ class BatchEngine:
         # padded to the longest source in the batch, with this mask over them
         self.seq2seq = model.config.is_encoder_decoder
         self.memory_mask: Optional[torch.Tensor] = None
-        self.waiting: collections.deque[EngineRequest] = collections.deque()
+        # waiting sequences per owner, in rotation order: the owner served next is the first key
+        self.waiting: dict[object, collections.deque[EngineRequest]] = {}
+        self._queued = 0
+        self._in_flight: dict[object, int] = collections.defaultdict(int)  # waiting + running, per owner
         self.running: list[EngineRequest] = []
         self.cache: Optional[KVCache] = None
         self.mask: Optional[torch.Tensor] = None  # (B, L) True on real cache columns
@@ -168,14 +178,60 @@ class BatchEngine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return self._queued
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine holds at most, running and waiting."""
+        return self.max_batch_size + self.max_queue
+
+    @property
+    def share(self) -> int:
+        """Sequences one owner may hold at once: a full batch plus half the queue."""
+        return self.max_batch_size + self.max_queue // 2
 
     @property
     def batch_size(self) -> int:
         return len(self.running)
 
-    def submit(self, request: EngineRequest) -> EngineRequest:
-        """Queue a request; Overloaded (503) when the queue is full. Bad settings raise ValueError."""
+    def submit(self, request: EngineRequest, owner=None) -> EngineRequest:
+        """Queue one sequence; see ``submit_all``."""
+        self.submit_all([request], owner)
+        return request
+
+    def submit_all(self, requests: list[EngineRequest], owner=None) -> None:
+        """Queue a request's sequences together or none of them: Overloaded (503) when they do not
+        fit now, RateLimited (429) when ``owner`` would pass its share. Bad settings raise ValueError."""
+        for request in requests:
+            self._check(request)
+        with self._wake:
+            self.check_room(len(requests), owner)
+            queue = self.waiting.setdefault(owner, collections.deque())
+            for request in requests:
+                request.owner, request._counted = owner, True
+                queue.append(request)
+            self._queued += len(requests)
+            self._in_flight[owner] += len(requests)
+            self._wake.notify()
+
+    def check_room(self, sequences: int, owner=None) -> None:
+        """Raise unless ``sequences`` more from ``owner`` fit now (a request is refused as a whole)."""
+        held = len(self.running) + self._queued
+        if sequences > self.capacity:
+            raise Overloaded(f"this request needs {sequences} sequences at once and the server is at capacity "
+                             f"with {self.capacity} ({self.max_batch_size} running + {self.max_queue} queued); "
+                             f"send fewer prompts or a smaller n per request", headers={"retry-after": "1"})
+        if held + sequences > self.capacity:
+            raise Overloaded(f"the server is at capacity ({len(self.running)} running, {self._queued} queued, "
+                             f"{self.capacity} at most; this request needs {sequences}); retry shortly",
+                             headers={"retry-after": "1"})
+        mine = self._in_flight.get(owner, 0)
+        if owner is not None and mine + sequences > self.share:
+            raise RateLimited(f"this key has {mine} sequences running or queued and this request needs {sequences}; "
+                              f"one key may hold at most {self.share} at once so that others get a turn; retry "
+                              f"when some have finished", type="requests", headers={"retry-after": "1"})
+
+    def _check(self, request: EngineRequest) -> None:
         if not request.prompt_ids:
             raise ValueError("prompt is empty (0 tokens)")
         if self.seq2seq:
@@ -186,13 +242,19 @@ class BatchEngine:
         elif len(request.prompt_ids) + request.params.max_tokens > self.window:
             raise ValueError(f"prompt of {len(request.prompt_ids)} tokens + max_tokens {request.params.max_tokens} "
                              f"exceeds the context window of {self.window} tokens")
-        with self._wake:
-            if len(self.waiting) >= self.max_queue and len(self.running) >= self.max_batch_size:
-                raise Overloaded(f"the server is at capacity ({self.max_batch_size} running, {len(self.waiting)} "
-                                 f"queued); retry shortly", headers={"retry-after": "1"})
-            self.waiting.append(request)
-            self._wake.notify()
+
+    def _next_waiting(self) -> EngineRequest:
+        """The first waiting sequence of the owner whose turn it is; that owner goes to the back."""
+        owner = next(iter(self.waiting))
+        queue = self.waiting.pop(owner)
+        request = queue.popleft()
+        if queue:
+            self.waiting[owner] = queue
+        self._queued -= 1
         return request
+
+    def _all_waiting(self) -> list[EngineRequest]:
+        return [r for queue in self.waiting.values() for r in queue]
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -209,23 +271,27 @@ class BatchEngine:
                         self._step()
                 except Exception:  # a bug must not leave clients hanging: end every request, keep serving
                     log.exception("engine step failed; ending the running requests")
-                    for req in list(self.running) + list(self.waiting):
+                    with self._wake:
+                        ended, self.running, self.waiting, self._queued = (
+                            list(self.running) + self._all_waiting(), [], {}, 0)
+                    for req in ended:
                         self._emit(req, TokenEvent("", None, finish_reason="error"))
-                    self.running, self.waiting = [], collections.deque()
                     self.cache = self.mask = self.positions = self.pending = self.memory_mask = None
-        for req in list(self.running) + list(self.waiting):
+        with self._wake:
+            ended, self.running, self.waiting, self._queued = list(self.running) + self._all_waiting(), [], {}, 0
+        for req in ended:
             self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
 
     def _admit(self) -> None:
         """Prefill every waiting request that fits, together (left-padded), and merge them into the batch."""
         reqs = []
         with self._wake:
+            cancelled = []
             while self.waiting and len(self.running) + len(reqs) < self.max_batch_size:
-                req = self.waiting.popleft()
-                if req.cancelled:
-                    self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
-                else:
-                    reqs.append(req)
+                req = self._next_waiting()
+                (cancelled if req.cancelled else reqs).append(req)
+        for req in cancelled:
+            self._emit(req, TokenEvent("", None, finish_reason="cancelled"))
         if not reqs:
             return
         start = time.perf_counter()
@@ -394,10 +460,16 @@ class BatchEngine:
         """Decoder positions the row has taken."""
         return 1 + len(req.token_ids) if self.seq2seq else len(req.prompt_ids) + len(req.token_ids)
 
-    @staticmethod
-    def _emit(req: EngineRequest, event: TokenEvent) -> None:
-        if event.finish_reason is not None and req.finish_reason is None:
-            req.finish_reason = event.finish_reason
+    def _emit(self, req: EngineRequest, event: TokenEvent) -> None:
+        if event.finish_reason is not None:
+            if req.finish_reason is None:
+                req.finish_reason = event.finish_reason
+            if req._counted:  # it no longer counts against its owner's share
+                with self._wake:
+                    req._counted = False
+                    self._in_flight[req.owner] -= 1
+                    if not self._in_flight[req.owner]:
+                        del self._in_flight[req.owner]
         try:
             req.on_event(event)
         except Exception:  # a listener that went away must not stop the batch

@@ -8,6 +8,12 @@ from __future__ import annotations
 from typing import Optional
 
 
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (a lone surrogate echoed from a request) written as
+    a backslash escape, so that an error body can always be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class APIError(Exception):
     status = 400
     type = "invalid_request_error"
@@ -15,6 +21,7 @@ class APIError(Exception):
 
     def __init__(self, message: str, *, status: Optional[int] = None, type: Optional[str] = None,
                  code: Optional[str] = None, param: Optional[str] = None, headers: Optional[dict] = None):
+        message, param = printable(message), None if param is None else printable(param)
         super().__init__(message)
         self.message = message
         self.status = status or self.status
@@ -52,6 +59,14 @@ class ModelNotFound(APIError):
 
 class Conflict(APIError):
     status, type, code = 409, "invalid_request_error", "idempotency_conflict"
+
+
+class IdempotentReplay(Exception):
+    """Not an error: the Idempotency-Key's request has finished; ``response`` is what it answered."""
+
+    def __init__(self, response: dict):
+        super().__init__("stored response")
+        self.response = response
 
 
 class PayloadTooLarge(APIError):

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 BIG = 2 ** 53  # limits stored numbers: far beyond any real price or count, inside a 64-bit column
+# how many sequences one request may put in the decoding queue: prompts x n for /v1/completions,
+# n for chat, inputs for /v1/translations (a larger job is several requests, so others get a turn)
+MAX_SEQUENCES = 128
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit for /v1/embeddings
 
 
 def random_id(prefix: str) -> str:
@@ -24,10 +28,43 @@ def now() -> int:
     return int(time.time())
 
 
+def _lone_surrogate(value) -> Optional[str]:
+    """The first lone UTF-16 surrogate in a (nested) value, as ``\\udXXX``; JSON allows ``"\\ud800"``
+    escapes that decode to no character at all, which no tokenizer (and no UTF-8 encoder) takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"\\u{ord(value[e.start]):04x}"
+        return None
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _lone_surrogate(item)
+            if found:
+                return found
+    if isinstance(value, dict):
+        for k, item in value.items():
+            found = _lone_surrogate(k) or _lone_surrogate(item)
+            if found:
+                return found
+    if isinstance(value, BaseModel):
+        return _lone_surrogate(value.__dict__)
+    return None
+
+
 class Request(BaseModel):
-    """Base of request bodies: unknown fields are ignored, wrong types are 400s."""
+    """Base of request bodies: unknown fields are ignored, wrong types are 400s, and text that is
+    not valid Unicode (a lone surrogate escape) is a 400 naming its field."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        found = _lone_surrogate(value)
+        if found:
+            raise ValueError(f"holds a lone surrogate escape ({found}); text must be valid Unicode")
+        return value
 
 
 class Response(BaseModel):
@@ -105,10 +142,37 @@ class StreamOptions(Request):
 
 
 # --------------------------------------------------------------------------- chat
+class ContentPart(Request):
+    """One part of a message's content; this server's models read only ``{"type": "text", "text": ...}``."""
+
+    type: str
+    text: Optional[str] = None
+
+
 class ChatMessage(Request):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: Union[str, list[ContentPart]] = Field(
+        description="a string, or a list of parts of which only text parts are accepted (joined in order)")
     name: Optional[str] = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("content is an empty list of parts")
+            for i, part in enumerate(v):
+                if part.type != "text":
+                    raise ValueError(f"part {i} has type {part.type!r}: this model takes text only "
+                                     f"(parts of type 'text')")
+                if part.text is None:
+                    raise ValueError(f"part {i} is a text part without 'text'")
+        return v
+
+    @property
+    def text(self) -> str:
+        """The content as one string: text parts are concatenated, as chat templates render them."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -199,7 +263,17 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("prompt is an empty list")
         if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
             raise ValueError("prompt holds an empty list of token ids")
+        if isinstance(v, list) and not all(isinstance(x, int) for x in v) and len(v) > MAX_SEQUENCES:
+            raise ValueError(f"prompt holds {len(v)} prompts; a request takes at most {MAX_SEQUENCES} "
+                             f"(send the rest as further requests)")
         return v
+
+    @model_validator(mode="after")
+    def _check_sequences(self) -> "CompletionRequest":
+        if len(self.prompts) * self.n > MAX_SEQUENCES:
+            raise ValueError(f"n={self.n} x {len(self.prompts)} prompts = {len(self.prompts) * self.n} sequences; "
+                             f"a request may decode at most {MAX_SEQUENCES}")
+        return self
 
     @property
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -252,6 +326,8 @@ class EmbeddingRequest(Request):
             raise ValueError("input is an empty string")
         if isinstance(v, list) and any((isinstance(x, (str, list)) and not x) for x in v):
             raise ValueError("input holds an empty string or an empty list of token ids")
+        if isinstance(v, list) and not all(isinstance(x, int) for x in v) and len(v) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input holds {len(v)} inputs; a request takes at most {MAX_EMBEDDING_INPUTS}")
         return v
 
     @property
@@ -292,6 +368,8 @@ class TranslationRequest(Request):
         items = [v] if isinstance(v, str) else v
         if not items or any(not s for s in items):
             raise ValueError("input must be a non-empty string or a non-empty list of non-empty strings")
+        if len(items) > MAX_SEQUENCES:
+            raise ValueError(f"input holds {len(items)} texts; a request takes at most {MAX_SEQUENCES}")
         return v
 
     @property
