@@ -6,7 +6,7 @@ bench_generate's BART-shaped decoder at batch 16 x beam 4: 64 rows, 8 heads of 6
 cache of 65 positions per layer, 6 layers (K and V: 102 MB when full). Times one step's six
 single-query attentions over the first L positions two ways, torch's fused kernel
 (``F.scaled_dot_product_attention``, what zenlm uses for fp32) and written out as matmul + softmax
-+ matmul (zenlm's bf16 path, ``zenlm.model._cpu_attention``), first with the caches hot (the same
++ matmul (zenlm's bf16 path, ``zenlm.kernels.cpu_attention``), first with the caches hot (the same
 layer again and again) and then cold (between steps 108 MB of weights stream through, as the
 step's linear layers do), and prints the bytes of cache read; last, the average step of a whole
 64-token decode.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
-from zenlm.model import _cpu_attention
+from zenlm.kernels import cpu_attention as _cpu_attention
 
 ROWS, HEADS, DIM, CAPACITY, LAYERS = 64, 8, 64, 65, 6
 

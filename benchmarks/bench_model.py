@@ -202,7 +202,7 @@ def train_step_fn(model, loss_fn, batch, bf16: bool, fused: bool, fast: bool | N
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
 
     def step():
-        previous = zenlm.model._FAST_CPU["enabled"]
+        previous = zenlm.kernels._FAST_CPU["enabled"]
         if fast is not None:
             zenlm.fast_cpu(fast)
         try:
@@ -223,7 +223,7 @@ def forward_fns(zen, hf, bf16: bool, fast: bool, compiled=None):
     backbone = hf.model  # BartModel
 
     def zen_fwd(fast=fast):
-        previous = zenlm.model._FAST_CPU["enabled"]
+        previous = zenlm.kernels._FAST_CPU["enabled"]
         zenlm.fast_cpu(fast)
         try:
             with torch.inference_mode(), autocast(bf16):

@@ -64,7 +64,7 @@ def zen_run(workdir: Path, model_dir: Path, tokenizer_path: Path, steps: int, wa
     timed = t[-1] - t[warmup - 1]
     tokens = sum(_tokens(trainer.data.train.batch(trainer._indices(s, 0))) for s in range(warmup, steps))
     if fast_cpu:
-        from zenlm.model import fast_cpu as toggle
+        from zenlm.kernels import fast_cpu as toggle
 
         toggle(False)
     # the batches this run drew (seeded shuffle), handed to transformers' Trainer so both see the same data

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import zenlm
 from zenlm import TransformerConfig, TransformerLM
-from zenlm.model import Linear, linear
+from zenlm.kernels import linear
+from zenlm.model import Linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -156,7 +157,7 @@ def test_bf16_attention_path_matches_fp32_sdpa(fast, case, length):
 def test_fp32_linear_library_is_the_one_that_measured_faster_and_is_remembered(tmp_path, monkeypatch):
     """fast_cpu() takes MKL or oneDNN for fp32 Linear layers by timing both on this CPU once:
     oneDNN only when it wins by 3% (Zen 4/5), torch's MKL otherwise (Zen 3); cached on disk."""
-    from zenlm import model as m
+    from zenlm import kernels as m
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("ZENLM_FP32_LINEAR", raising=False)
@@ -184,7 +185,7 @@ def test_fp32_linear_library_is_the_one_that_measured_faster_and_is_remembered(t
 
 
 def test_calibration_times_both_libraries():
-    from zenlm.model import calibrate_fp32_linear
+    from zenlm.kernels import calibrate_fp32_linear
 
     times = calibrate_fp32_linear(rows=16, d=32, reps=2)
     assert set(times) == {"mkl", "onednn"} and all(0 < t < 1 for t in times.values())

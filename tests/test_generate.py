@@ -375,7 +375,7 @@ def test_fast_cpu_decoding_matches_default_path_and_restores_the_setting(family)
     """fast_cpu (default) sends linear layers through oneDNN while decoding: same tokens as torch's
     default path (greedy and beams), log-probs equal to float rounding, and the caller's global
     ``zenlm.fast_cpu`` setting is what it was afterwards."""
-    from zenlm.model import _FAST_CPU, fast_cpu
+    from zenlm.kernels import _FAST_CPU, fast_cpu
 
     before = _FAST_CPU["enabled"]
     gen = Generator(build(family))

@@ -219,7 +219,7 @@ def test_seq2seq_loss_builds_decoder_inputs_from_labels():
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_blockwise_cross_entropy_equals_torch_value_and_gradient(dtype, smoothing):
     # more rows than one block holds, ignored rows among them, logits in the training dtype
-    from zenlm.model import cross_entropy
+    from zenlm.kernels import cross_entropy
     torch.manual_seed(0)
     logits = (torch.randn(300, 1234) * 3).to(dtype).requires_grad_()
     labels = torch.randint(0, 1234, (300,))
@@ -237,7 +237,7 @@ def test_blockwise_cross_entropy_equals_torch_value_and_gradient(dtype, smoothin
 
 
 def test_cross_entropy_with_every_row_ignored_is_nan_like_torch_and_bad_labels_are_named():
-    from zenlm.model import cross_entropy
+    from zenlm.kernels import cross_entropy
     logits = torch.randn(4, 10)
     assert torch.isnan(cross_entropy(logits, torch.full((4,), -100)))
     with pytest.raises(ValueError, match=r"label 10 .*\[0, 10\)"):

@@ -1,6 +1,7 @@
 """zenlm: build, train, run and sell your own transformer language models."""
 from .config import PRESETS, TransformerConfig
-from .model import KVCache, LMOutput, TransformerLM, TransformerModel, TransformerOutput, fast_cpu, pool
+from .kernels import fast_cpu
+from .model import KVCache, LMOutput, TransformerLM, TransformerModel, TransformerOutput, pool
 from .tokenizer import Tokenizer
 from . import generate  # a module you can call: zenlm.generate(model, prompt, tokenizer=tok)
 

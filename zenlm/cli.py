@@ -81,7 +81,7 @@ def _print_system() -> None:
     import torch
 
     from .cpu import cpu_info, resolve_precision
-    from .model import fp32_linear_backend
+    from .kernels import fp32_linear_backend
 
     info = cpu_info()
     print(info.describe())

@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import model as _model
+from . import kernels as _kernels
 from .model import KVCache
 
 Prompt = Union[str, Sequence[int], torch.Tensor]
@@ -45,8 +45,8 @@ def _fast_cpu(enabled: bool):
         return
     with _FAST:
         if _FAST_STATE["users"] == 0:
-            _FAST_STATE["before"] = dict(_model._FAST_CPU)
-            _model.fast_cpu(True)
+            _FAST_STATE["before"] = dict(_kernels._FAST_CPU)
+            _kernels.fast_cpu(True)
         _FAST_STATE["users"] += 1
     try:
         yield
@@ -54,7 +54,7 @@ def _fast_cpu(enabled: bool):
         with _FAST:
             _FAST_STATE["users"] -= 1
             if _FAST_STATE["users"] == 0:
-                _model._FAST_CPU.update(_FAST_STATE["before"])
+                _kernels._FAST_CPU.update(_FAST_STATE["before"])
 
 
 # --------------------------------------------------------------------------- settings

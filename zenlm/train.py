@@ -433,7 +433,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.fast_cpu and self.device.type == "cpu":
-            from .model import fast_cpu
+            from .kernels import fast_cpu
 
             fast_cpu(True)
         self.main = self.dist.main
