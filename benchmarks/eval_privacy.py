@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -233,9 +234,10 @@ def old_scrubber():
                              check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None
-    namespace: dict = {"__name__": "old_privacy"}
-    exec(compile(src, "old_privacy.py", "exec"), namespace)
-    return namespace["find_pii"]
+    module = types.ModuleType("old_privacy")
+    sys.modules["old_privacy"] = module  # dataclasses look their module up there
+    exec(compile(src, "old_privacy.py", "exec"), module.__dict__)
+    return module.find_pii
 
 
 def cpu_name() -> str:

@@ -310,6 +310,7 @@ def _find_ssn(text: str) -> Iterator[Span]:
 
 
 _DECIMAL = re.compile(r"\d+[.,]\d+")
+_DECIMAL_RANGE = re.compile(r"\d\.\d+ ?[-\u2010-\u2015/] ?\d+\.\d|(?<![\d.])0\.\d")
 _DATE_SHAPES = (re.compile(r"(\d{4})[-./](\d{1,2})[-./](\d{1,2})"), re.compile(r"(\d{1,2})[-./](\d{1,2})[-./](\d{4})"))
 
 
@@ -343,6 +344,14 @@ class _PhoneFinder:
             return False
         return not _DECIMAL.fullmatch(text[s:e])
 
+    @classmethod
+    def _plausible(cls, text: str, a: int, b: int) -> bool:
+        """What the matcher took is not a date, a decimal, a range of decimals (95% CI 0.55-0.92) or
+        a piece cut out of a longer number (the "07-5232" in "2766.07-5232.43")."""
+        raw = text[a:b]
+        return (cls._free_standing(text, a, b) and not _is_date(raw) and not _DECIMAL.fullmatch(raw)
+                and not _DECIMAL_RANGE.search(raw))
+
     def __call__(self, text: str) -> Iterator[Span]:
         for run in _DIGIT_RUN.finditer(text):
             s, e = run.span()
@@ -356,7 +365,7 @@ class _PhoneFinder:
             for region in regions:
                 for m in PhoneNumberMatcher(window, region, leniency=Leniency.VALID):
                     a, b = lo + m.start, lo + m.end
-                    if b - a > found.get(a, 0) - a and not _is_date(m.raw_string):
+                    if b - a > found.get(a, 0) - a and self._plausible(text, a, b):
                         found[a] = b
             last = -1
             for a in sorted(found):
