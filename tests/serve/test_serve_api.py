@@ -416,12 +416,21 @@ def test_search_route_returns_what_the_index_returns(tmp_path, model_dir):
 
     docs = [Document(f"d{i}", text, title=f"doc {i}") for i, text in enumerate([
         "the quick brown fox jumps over the lazy dog", "serving models with continuous batching",
-        "a ledger row is written exactly once", "budgets hold under concurrency", "hello world program"])]
+        "a ledger row is written exactly once", "budgets hold under concurrency"])]
+    # files indexed without a title (zenlm index build over .md/.txt): a heading, else the file name
+    docs += [Document("notes#0", "intro\n## Idempotent retries\nthe ledger keeps one row per retry key",
+                      metadata={"path": "/docs/notes.md"}),
+             Document("hello", "hello world program", metadata={"path": "/docs/hello.txt"})]
     Index.build(tmp_path / "idx", docs, Embedder.load(model_dir)).close()
     running = start_server(tmp_path, [model_dir], indexes=[f"docs={tmp_path / 'idx'}"])
     try:
         key = running.key()
-        assert "docs" in [m["id"] for m in httpx.get(running.base_url + "/models").json()["data"]]
+        listed = httpx.get(running.base_url + "/models", headers={"Authorization": f"Bearer {key}"}).json()
+        assert "docs" in [m["id"] for m in listed["data"]]
+        titles = {h["id"]: h["title"] for h in post(running, "/search", {"model": "docs", "query": "ledger row hello",
+                                                                          "k": 6, "mode": "bm25"}, key).json()["data"]}
+        assert titles["notes#0"] == "Idempotent retries" and titles["hello"] == "hello.txt"
+        assert titles["d2"] == "doc 2"
         reference = Index.open(tmp_path / "idx")
         for mode in ("bm25", "dense", "hybrid"):
             r = post(running, "/search", {"model": "docs", "query": "ledger written once", "k": 3, "mode": mode}, key)
@@ -432,7 +441,7 @@ def test_search_route_returns_what_the_index_returns(tmp_path, model_dir):
             assert r.json()["usage"]["prompt_tokens"] == 3
         assert_error(post(running, "/search", {"model": "docs", "query": ""}, key), 400)
         assert_error(post(running, "/search", {"model": "tiny", "query": "x"}, key), 400)
-        assert len([row for row in running.billing.ledger() if row["route"] == "/v1/search"]) == 3
+        assert len([row for row in running.billing.ledger() if row["route"] == "/v1/search"]) == 4
     finally:
         running.stop()
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from zenlm.serve.billing import Billing, Usage, format_micros, price_micros, to_micros
-from zenlm.serve.errors import Conflict, InsufficientQuota, InvalidKey, RateLimited
+from zenlm.serve.errors import Conflict, IdempotentReplay, InsufficientQuota, InvalidKey, InvalidRequest, RateLimited
 from zenlm.serve.store import api_keys, metadata
 
 from .conftest import fresh_postgres, postgres_url
@@ -94,10 +94,13 @@ def test_settle_writes_one_row_and_duplicates_are_refused(url):
         b.reserve(ctx, lid, "m", 5, 5)
     assert b.settle(res, Usage(5, 3), "req-1", "/v1/chat/completions", {"id": "x", "usage": {}}) == 8
     assert b.stored_response(lid)["usage"]["cost_micros"] == 8
-    again = b.reserve(ctx, lid + "-other", "m", 5, 5)
-    again.id = lid  # a retry that raced past the idempotency check settles into the same row
-    assert b.settle(again, Usage(5, 3), "req-2", "/v1/chat/completions") == 0
-    assert len(b.ledger()) == 1 and b.key_month(ctx.prefix)["spent_micros"] == 8
+    # a retry that looked before the first finished, and reserves after: it gets the stored response
+    with pytest.raises(IdempotentReplay) as replay:
+        b.reserve(ctx, lid, "m", 5, 5)
+    assert replay.value.response == b.stored_response(lid)
+    assert b.settle(res, Usage(5, 3), "req-1", "/v1/chat/completions") == 0  # settling twice charges nothing
+    assert len(b.ledger()) == 1
+    assert b.key_month(ctx.prefix)["spent_micros"] == 8 and b.key_month(ctx.prefix)["reserved_micros"] == 0
 
 
 def test_dead_servers_reservations_are_swept_after_their_lease(url):
@@ -158,3 +161,83 @@ def test_report_revenue_cost_margin_and_csv(url, tmp_path):
     assert rows[-1]["group"] == "total" and rows[-1]["revenue"] == "0.000047"
     with pytest.raises(ValueError):
         b.report("2026-13")
+
+
+def test_idempotency_keys_are_compared_whole_and_bounded(tmp_path):
+    b = make(str(tmp_path / "b.sqlite3"))
+    b.create_plan("p", {"*": (1_000_000, 1_000_000)}, monthly_budget_micros=10_000)
+    ctx = b.authenticate(b.create_key("acme", "p")[0])
+    shared = "k" * 128
+    assert b.ledger_id(ctx, "r1", shared + "a") != b.ledger_id(ctx, "r2", shared + "b")
+    assert len(b.ledger_id(ctx, "r1", "x" * 255, "/v1/chat/completions")) <= 200  # fits the ledger's id column
+    for bad in ("", "x" * 256):
+        with pytest.raises(InvalidRequest, match="1 to 255") as e:
+            b.ledger_id(ctx, "r1", bad)
+        assert e.value.param == "Idempotency-Key"
+
+
+# --------------------------------------------------------------------------- idempotency under interleavings
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@pytest.fixture(scope="module")
+def shared_billing(tmp_path_factory):
+    b = make(str(tmp_path_factory.mktemp("idem") / "b.sqlite3"))
+    b.create_plan("p", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12, requests_per_minute=10 ** 6,
+                  tokens_per_minute=10 ** 12)
+    return b
+
+
+# one client request: its Idempotency-Key (None: none) and how it ends once running
+request_plan = st.tuples(st.sampled_from([None, "a", "b"]),
+                         st.sampled_from(["complete", "disconnect", "disconnect-early", "fail"]),
+                         st.integers(1, 9))
+
+
+@hypothesis.settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(plans=st.lists(request_plan, min_size=1, max_size=8), order=st.randoms(use_true_random=False))
+def test_the_ledger_holds_exactly_what_clients_received_in_any_interleaving(shared_billing, plans, order):
+    """Requests with shared Idempotency-Keys start and end in a random interleaving; some complete,
+    some lose their client after a few tokens (billed for those), some before any (free), some fail.
+    Whatever the order, every generation a client received is in the ledger once with the tokens it
+    received, a replay is a finished generation of the same key, and the key's spend is the ledger's."""
+    b = shared_billing
+    ctx = b.authenticate(b.create_key("acme", "p")[0])
+    received: dict[str, int] = {}  # generation (request id) -> completion tokens its client received
+    finished: dict[str, str] = {}  # request id of a completed generation -> its Idempotency-Key
+    running: dict[int, object] = {}
+    steps = [(i, "start") for i in range(len(plans))]
+    pending = list(steps)
+    while pending:
+        i, step = pending.pop(order.randrange(len(pending)))
+        idem, end, tokens = plans[i]
+        rid = f"req-{ctx.key_id}-{i}"
+        if step == "start":
+            try:
+                res, stored = b.begin(ctx, rid, idem, "/v1/completions", "m", 5, 9)
+            except Conflict:
+                continue  # refused while the first runs: nothing received, nothing charged
+            if stored is not None:
+                assert finished[stored["id"]] == idem  # the stored result of a finished request, same key
+                continue
+            running[i] = res
+            pending.append((i, "end"))
+        else:
+            res = running.pop(i)
+            if end == "fail":
+                b.release(res)
+            elif end == "complete":
+                b.settle(res, Usage(5, tokens), rid, "/v1/completions", {"id": rid, "usage": {}})
+                received[rid], finished[rid] = tokens, idem
+            else:
+                sent = tokens if end == "disconnect" else 0
+                b.settle(res, Usage(5, sent, status="disconnected"), rid, "/v1/completions", None, billable=sent > 0)
+                received[rid] = sent
+    rows = [r for r in b.ledger() if r["key_id"] == ctx.key_id]
+    assert sorted(r["request_id"] for r in rows) == sorted(received)  # one row per generation, no more
+    assert {r["request_id"]: r["completion_tokens"] for r in rows} == received
+    assert sum(r["revenue_micros"] for r in rows) == sum(5 + 2 * n for n in received.values() if n)
+    month = b.key_month(ctx.prefix)
+    assert month["spent_micros"] == sum(r["revenue_micros"] for r in rows) and month["reserved_micros"] == 0

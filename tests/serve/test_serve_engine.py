@@ -9,7 +9,7 @@ import pytest
 import zenlm
 from zenlm.generate import Generator
 from zenlm.serve.engine import BatchEngine, EngineRequest, SamplingParams
-from zenlm.serve.errors import Overloaded
+from zenlm.serve.errors import Overloaded, RateLimited
 
 
 class Collector:
@@ -163,3 +163,48 @@ def test_encoder_decoder_rows_batch_with_their_own_sources(seq2seq_dir):
             assert c.text == ref.text
     finally:
         engine.stop()
+
+
+def test_a_request_is_queued_whole_or_not_at_all(lm):
+    model, tok = lm
+    engine = BatchEngine(model, tok, max_batch_size=2, max_queue=4)  # not started: nothing is admitted
+    ids = tok.encode("hi")
+
+    def reqs(k):
+        return [EngineRequest(ids, SamplingParams(max_tokens=2), Collector()) for _ in range(k)]
+
+    assert (engine.capacity, engine.share) == (6, 4)
+    engine.submit_all(reqs(4), owner="a")
+    with pytest.raises(RateLimited, match="at most 4") as e:  # a's share is full; b's room is kept
+        engine.submit_all(reqs(1), owner="a")
+    assert e.value.status == 429 and e.value.headers["retry-after"]
+    with pytest.raises(Overloaded, match="capacity") as e:  # 3 more would pass 6: refused whole
+        engine.submit_all(reqs(3), owner="b")
+    assert e.value.status == 503 and engine.queue_depth == 4
+    with pytest.raises(Overloaded, match="needs 7 sequences"):
+        engine.submit_all(reqs(7), owner="c")
+    engine.submit_all(reqs(2), owner="b")
+    assert engine.queue_depth == 6
+
+
+def test_free_slots_go_round_robin_over_keys(lm):
+    """Key a queues ten requests, then key b one: b's is admitted second, not eleventh."""
+    model, tok = lm
+    order = []
+    engine = BatchEngine(model, tok, max_batch_size=1, max_queue=32)
+    collectors = []
+    for owner, n in (("a", 10), ("b", 1)):
+        for j in range(n):
+            c = Collector()
+            collectors.append(c)
+            engine.submit(EngineRequest(tok.encode("hello"), SamplingParams(max_tokens=3, temperature=0),
+                                        lambda ev, c=c, name=f"{owner}{j}": (order.append(name) if ev.finish_reason
+                                                                             else None, c(ev))), owner=owner)
+    engine.start()
+    try:
+        for c in collectors:
+            assert c.done.wait(30)
+    finally:
+        engine.stop()
+    assert order[:3] == ["a0", "b0", "a1"] and len(order) == 11
+    assert engine._in_flight == {}  # every finished sequence gave its owner's share back

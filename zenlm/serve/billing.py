@@ -142,6 +142,7 @@ class Reservation:
     reserved_micros: int
     free: bool
     headers: dict = field(default_factory=dict)  # x-ratelimit-* for the response
+    settled: bool = False  # its ledger row is written: a second settle charges nothing
 
 
 @dataclass
@@ -421,16 +422,20 @@ class Billing:
         Idempotency-Key's, when there is one — for retries to get back; an unfinished one under its
         request id, leaving the Idempotency-Key free for a retry that runs (and is billed) anew. If
         the id is taken already (a lease that ran out let a retry run alongside), the row goes under
-        the request id: what a client received is always recorded. A request id already in the ledger
-        is neither written nor charged again."""
+        the request id: what a client received is always recorded. A reservation settles once; a
+        second settle writes and charges nothing."""
+        if res.settled:
+            return 0
         ids = [res.id] if response is not None else []
         if request_id not in ids:
             ids.append(request_id)
         for ledger_id in ids:
             try:
-                return self._settle_as(ledger_id, res, usage, request_id, route, response, billable)
+                charge = self._settle_as(ledger_id, res, usage, request_id, route, response, billable)
             except IntegrityError:
                 continue
+            res.settled = True
+            return charge
         self.release(res)
         return 0
 
