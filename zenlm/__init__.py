@@ -4,30 +4,15 @@ from .kernels import fast_cpu
 from .model import KVCache, LMOutput, TransformerLM, TransformerModel, TransformerOutput, pool
 from .tokenizer import Tokenizer
 from . import generate  # a module you can call: zenlm.generate(model, prompt, tokenizer=tok)
+from . import model as _model
+from .checkpoint import load_model as _load_model, save_pretrained as _save_pretrained
+from .folders import load, load_tokenizer
+from .hf import load_hf as _load_hf
+
+# model.py is the ground floor: the conveniences on the model come from the floors above
+_model.provide(generate=generate.generate, save_pretrained=_save_pretrained, load_model=_load_model, load_hf=_load_hf)
 
 __version__ = "0.1.0"
-
-
-def load(path, **kwargs) -> TransformerLM:
-    """Load a model folder: a zenlm checkpoint (config.json + model.safetensors), or a local
-    Hugging Face folder (config.json with a "model_type": BERT, GPT-2, BART, Marian, Llama),
-    converted on the fly by ``zenlm.hf``. The tokenizer beside either comes from
-    ``zenlm.load_tokenizer(path)``."""
-    from .hf import is_hf_folder, load_hf
-
-    if is_hf_folder(path):
-        return load_hf(path, **kwargs)
-    from .checkpoint import load_model
-
-    return load_model(path, **kwargs)
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer.json beside a model folder (zenlm or Hugging Face). To encode exactly as
-    transformers does, pass ``add_special_tokens=True`` (its default) when encoding."""
-    from .hf import load_tokenizer as _load
-
-    return _load(path)
 
 
 def embed(texts, model, **options):

@@ -756,7 +756,7 @@ def add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> None:
-    from .quantize import quantize_folder
+    from .folders import quantize_folder
 
     r = quantize_folder(args.model, args.out, args.scheme, args.group_size, not args.keep_embeddings)
     print(f"{r['scheme']}: {_bytes(r['source_bytes'])} -> {_bytes(r['quantized_bytes'])} "

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -182,14 +182,22 @@ class TransformerConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     # ---------------------------------------------------------------- costs
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count computed from the shape alone (matches the built model)."""
-        from .model import TransformerLM  # local import: building a meta model is cheap
+    _model_class: ClassVar[Optional[type]] = None  # TransformerLM, registered by model.py on import
 
+    @classmethod
+    def register_model(cls, model_class: type) -> None:
+        """model.py hands its class over, so that counting parameters (below) builds the real
+        model without this ground-floor module importing the floor above it."""
+        cls._model_class = model_class
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count of the model this config describes (built on the meta device: no memory)."""
         import torch
 
+        if TransformerConfig._model_class is None:
+            raise RuntimeError("no model class registered; import zenlm (or zenlm.model) first")
         with torch.device("meta"):
-            model = TransformerLM(self)
+            model = TransformerConfig._model_class(self)
         params = {id(p): p for p in model.parameters()}
         total = sum(p.numel() for p in params.values())
         if exclude_embeddings:

@@ -297,7 +297,7 @@ def load_with_adapter(model_dir: str | os.PathLike, adapter: str | os.PathLike |
                       merged: bool = True) -> nn.Module:
     """A model folder, with a LoRA adapter loaded onto it (checked against the base) and, by
     default, merged so that inference costs nothing extra."""
-    from . import load
+    from .folders import load
 
     model = load(model_dir)
     if adapter is not None:

@@ -22,6 +22,23 @@ from .config import POOLINGS, TransformerConfig
 from .kernels import IGNORE_INDEX, causal_mask, cross_entropy, linear
 
 
+# --------------------------------------------------------------------------- services from above
+_SERVICES: dict = {}
+
+
+def provide(**services) -> None:
+    """Register the functions behind ``model.generate``, ``save_pretrained``, ``from_pretrained``
+    and ``from_hf`` (names: generate, save_pretrained, load_model, load_hf). ``zenlm/__init__.py``
+    does it on import, so this ground floor never imports the floors above it."""
+    _SERVICES.update(services)
+
+
+def _service(name: str):
+    if name not in _SERVICES:
+        raise RuntimeError(f"{name} is provided by the zenlm package; import zenlm (it registers it on import)")
+    return _SERVICES[name]
+
+
 # --------------------------------------------------------------------------- outputs
 @dataclass
 class TransformerOutput:
@@ -507,23 +524,19 @@ class TransformerModel(nn.Module):
         return pool(hidden, attention_mask, pooling, normalize)
 
     # ---------------------------------------------------------------- checkpoints
+    # Saving, loading and generating live on the floors above (checkpoint.py, hf/, generate.py),
+    # which this file does not import: ``import zenlm`` hands them to ``provide`` below.
     def save_pretrained(self, directory, tokenizer=None) -> None:
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory, tokenizer)
+        _service("save_pretrained")(self, directory, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs):
-        from .checkpoint import load_model
-
-        return load_model(directory, cls, **kwargs)
+        return _service("load_model")(directory, cls, **kwargs)
 
     @classmethod
     def from_hf(cls, directory, **kwargs):
         """Import a local Hugging Face folder (BERT, GPT-2, BART, Marian, Llama); see zenlm.hf."""
-        from .hf import load_hf
-
-        return load_hf(directory, cls, **kwargs)
+        return _service("load_hf")(directory, cls, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -582,10 +595,8 @@ class TransformerLM(TransformerModel):
         return linear(hidden, weight, bias)
 
     def generate(self, prompt, tokenizer=None, **options):
-        """Text in, text out (ids in, ids out); options as in ``zenlm.generate.GenerationConfig``."""
-        from .generate import generate
-
-        return generate(self, prompt, tokenizer=tokenizer, **options)
+        """Text in, text out (ids in, ids out); options as in ``zenlm.GenerationConfig``."""
+        return _service("generate")(self, prompt, tokenizer=tokenizer, **options)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, decoder_input_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, label_smoothing: float = 0.0, **kwargs) -> LMOutput:
@@ -604,3 +615,6 @@ class TransformerLM(TransformerModel):
                 labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
             loss = cross_entropy(logits, labels, IGNORE_INDEX, label_smoothing)
         return LMOutput(**vars(out), logits=logits, loss=loss)
+
+
+TransformerConfig.register_model(TransformerLM)  # lets a config count its model's parameters (config.py)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -328,28 +327,5 @@ def prepare_quantized(model: nn.Module, spec: dict) -> nn.Module:
     return model
 
 
-def quantize_folder(source, out, scheme: str = "int8", group_size: Optional[int] = None,
-                    embeddings: bool = True) -> dict:
-    """``zenlm quantize``: read a model folder, write the quantized one (config, weights,
-    tokenizer). Returns sizes on disk for the report."""
-    import shutil
-
-    from . import load
-    from .checkpoint import TOKENIZER_NAME, WEIGHTS_NAME, save_pretrained
-
-    source, out = Path(source), Path(out)
-    model = load(source)
-    quantized = quantize_model(model, scheme, group_size, embeddings)
-    if out.resolve() == source.resolve():
-        raise ValueError(f"output folder {out} is the source folder; choose another so the original is kept")
-    save_pretrained(quantized, out)
-    if (source / TOKENIZER_NAME).exists():
-        shutil.copyfile(source / TOKENIZER_NAME, out / TOKENIZER_NAME)
-    before = sum(f.stat().st_size for f in source.iterdir() if f.suffix in (".safetensors", ".bin"))
-    after = (out / WEIGHTS_NAME).stat().st_size
-    return {"scheme": scheme, "source_bytes": before, "quantized_bytes": after, "ratio": before / after,
-            "out": str(out)}
-
-
 __all__ = ["QuantizationSpec", "QuantizedLinear", "QuantizedEmbedding", "quantize_weight", "dequantize_weight",
-           "quantize_model", "prepare_quantized", "quantize_folder", "is_quantized", "SCHEMES"]
+           "quantize_model", "prepare_quantized", "is_quantized", "SCHEMES"]

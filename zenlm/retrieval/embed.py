@@ -176,7 +176,7 @@ class Embedder:
              pooling: Optional[str] = None, normalize: Optional[bool] = None, max_length: Optional[int] = None,
              name: Optional[str] = None) -> "Embedder":
         """From a zenlm checkpoint or a Hugging Face / sentence-transformers folder."""
-        from .. import load, load_tokenizer
+        from ..folders import load, load_tokenizer
 
         path = Path(path)
         if not path.is_dir():

@@ -1,0 +1,57 @@
+"""Model folders: open any folder zenlm can read (its own checkpoints and local Hugging Face
+folders) with the tokenizer beside it, and the folder-to-folder operations built on that.
+
+This floor sits above checkpoint.py, hf/ and quantize.py and below everything that takes a
+folder name from a user (retrieval, tasks, the server, the CLI), so none of those needs to
+import the package root.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import TOKENIZER_NAME, WEIGHTS_NAME, load_model, save_pretrained
+from .hf import is_hf_folder, load_hf, load_tokenizer as _hf_tokenizer
+from .model import TransformerLM
+from .quantize import quantize_model
+from .tokenizer import Tokenizer
+
+
+def load(path, **kwargs) -> TransformerLM:
+    """Load a model folder: a zenlm checkpoint (config.json + model.safetensors), or a local
+    Hugging Face folder (config.json with a "model_type"), converted on the fly by ``zenlm.hf``.
+    The folder's tokenizer.json, when there is one, comes along as ``model.tokenizer``, so
+    ``zenlm.load(path).generate("text")`` works as it reads."""
+    model = load_hf(path, **kwargs) if is_hf_folder(path) else load_model(path, **kwargs)
+    if os.path.isfile(os.path.join(path, TOKENIZER_NAME)):
+        model.tokenizer = load_tokenizer(path)
+    return model
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer.json beside a model folder (zenlm or Hugging Face). To encode exactly as
+    transformers does, pass ``add_special_tokens=True`` (its default) when encoding."""
+    return _hf_tokenizer(path)
+
+
+def quantize_folder(source, out, scheme: str = "int8", group_size: Optional[int] = None,
+                    embeddings: bool = True) -> dict:
+    """``zenlm quantize``: read a model folder, write the quantized one (config, weights,
+    tokenizer). Returns sizes on disk for the report."""
+    source, out = Path(source), Path(out)
+    model = load(source)
+    quantized = quantize_model(model, scheme, group_size, embeddings)
+    if out.resolve() == source.resolve():
+        raise ValueError(f"output folder {out} is the source folder; choose another so the original is kept")
+    save_pretrained(quantized, out)
+    if (source / TOKENIZER_NAME).exists():
+        shutil.copyfile(source / TOKENIZER_NAME, out / TOKENIZER_NAME)
+    before = sum(f.stat().st_size for f in source.iterdir() if f.suffix in (".safetensors", ".bin"))
+    after = (out / WEIGHTS_NAME).stat().st_size
+    return {"scheme": scheme, "source_bytes": before, "quantized_bytes": after, "ratio": before / after,
+            "out": str(out)}
+
+
+__all__ = ["load", "load_tokenizer", "quantize_folder"]
