@@ -6,6 +6,7 @@ from .tokenizer import Tokenizer
 from . import generate  # a module you can call: zenlm.generate(model, prompt, tokenizer=tok)
 from . import model as _model
 from .checkpoint import load_model as _load_model, save_pretrained as _save_pretrained
+from .api import LLM
 from .folders import load, load_tokenizer
 from .hf import load_hf as _load_hf
 
@@ -23,5 +24,5 @@ def embed(texts, model, **options):
     return _embed(texts, model, **options)
 
 
-__all__ = ["TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",
+__all__ = ["LLM", "TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",
            "Tokenizer", "PRESETS", "pool", "fast_cpu", "load", "load_tokenizer", "embed", "generate", "__version__"]
