@@ -30,12 +30,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, save_weights, unique_state_dict, load_weights, load_state
-from .config import TransformerConfig, estimate_costs
-from .cpu import PRECISIONS, cpu_info, resolve_precision
-from .data import DataConfig, Datasets, iter_texts, load_datasets
-from .model import IGNORE_INDEX, Block, TransformerLM
-from .tokenizer import Tokenizer
+from ..checkpoint import atomic_write, save_weights, unique_state_dict, load_weights, load_state
+from ..config import TransformerConfig, estimate_costs
+from ..cpu import PRECISIONS, cpu_info, resolve_precision
+from ..data import DataConfig, Datasets, iter_texts, load_datasets
+from ..model import IGNORE_INDEX, Block, TransformerLM
+from ..tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class TrainConfig:
         rule(self.tokenizer.vocab_size > 0, "tokenizer.vocab_size", "must be > 0", self.tokenizer.vocab_size)
         model = dict(self.model)
         preset = model.pop("preset", None)
-        from .config import PRESETS
+        from ..config import PRESETS
 
         rule(preset is None or preset in PRESETS, "model.preset", f"must be one of {', '.join(PRESETS)}", preset)
         known = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -433,7 +433,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.fast_cpu and self.device.type == "cpu":
-            from .kernels import fast_cpu
+            from ..kernels import fast_cpu
 
             fast_cpu(True)
         self.main = self.dist.main
@@ -507,7 +507,7 @@ class Trainer:
     def _train_tokenizer(self, spec: TokenizerSpec) -> Tokenizer:
         logger.info("training a %s tokenizer (vocab %d) on the training files", spec.kind, spec.vocab_size)
         if self.config.data.format == "text":
-            from .data import list_files
+            from ..data import list_files
 
             return Tokenizer.train([str(f) for f in list_files(self.config.data.train)], vocab_size=spec.vocab_size,
                                    kind=spec.kind)
@@ -541,7 +541,7 @@ class Trainer:
 
     def _model(self) -> TransformerLM:
         if self.config.init_from:
-            from .checkpoint import load_model
+            from ..checkpoint import load_model
 
             model = load_model(self.config.init_from).train()
         else:
