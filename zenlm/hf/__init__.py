@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
-from .checkpoint import CONFIG_NAME, TOKENIZER_NAME, PathLike, atomic_write, read_json, save_weights, unique_state_dict
-from .config import TransformerConfig
+from ..checkpoint import CONFIG_NAME, TOKENIZER_NAME, PathLike, atomic_write, read_json, save_weights, unique_state_dict
+from ..config import TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def generation_from_hf(settings: dict, encoder_decoder: bool, eos_token_id: Opti
     start token in an encoder-decoder (new tokens = length - 1); a decoder-only model's count the
     prompt, which zenlm cannot know in advance, so they are left out there. Settings zenlm cannot
     combine (sampling with beams) are dropped with a warning rather than making the model unloadable."""
-    from .generate import GenerationConfig
+    from ..generate import GenerationConfig
 
     out: dict[str, Any] = {}
     for key, default in HF_GENERATION.items():
@@ -520,7 +520,7 @@ def _strip(family: Family, name: str) -> str:
 
 
 def _state_names(config: TransformerConfig, cls=None) -> list[str]:
-    from .model import TransformerLM
+    from ..model import TransformerLM
 
     with torch.device("meta"):
         model = (cls or TransformerLM)(config)
@@ -760,7 +760,7 @@ def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
 
     Weights stay in fp32 unless ``dtype`` is given; head tensors are dropped when ``cls``
     is the bare ``TransformerModel``. Every error names the file and the tensor."""
-    from .model import TransformerLM
+    from ..model import TransformerLM
 
     cls = cls or TransformerLM
     directory = Path(directory)
@@ -840,7 +840,7 @@ def save_hf(model: torch.nn.Module, directory: PathLike, tokenizer=None, side_fi
             ) -> Path:
     """Write ``model`` as a Hugging Face folder (config.json, model.safetensors, tokenizer files)
     that transformers' ``AutoModel…from_pretrained`` loads with the same outputs."""
-    from .model import TransformerLM
+    from ..model import TransformerLM
 
     family = family_for(model.config)
     # a BERT without its MLM head (MiniLM) is a bare BertModel; any bare backbone likewise
@@ -898,7 +898,7 @@ def load_tokenizer(directory: PathLike):
     The pad token named in an HF folder's tokenizer_config.json is honoured. transformers adds
     special tokens by default; to encode exactly as it does, pass ``add_special_tokens=True``
     (BERT's [CLS] … [SEP]) to ``encode``/``encode_batch``."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     directory = Path(directory)
     if not (directory / TOKENIZER_NAME).exists():
@@ -928,7 +928,7 @@ def convert_from_hf(source: PathLike, out: PathLike, dtype: Optional[torch.dtype
 
     The HF tokenizer_config/special_tokens_map/generation_config files ride along so that
     ``convert_to_hf`` gives them back unchanged."""
-    from .checkpoint import save_pretrained
+    from ..checkpoint import save_pretrained
 
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
@@ -946,7 +946,7 @@ def convert_from_hf(source: PathLike, out: PathLike, dtype: Optional[torch.dtype
 
 def convert_to_hf(source: PathLike, out: PathLike) -> Path:
     """zenlm checkpoint folder → HF folder that transformers loads."""
-    from .checkpoint import load_model
+    from ..checkpoint import load_model
 
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
@@ -955,7 +955,7 @@ def convert_to_hf(source: PathLike, out: PathLike) -> Path:
         raise ValueError(f"{source} is already a Hugging Face folder (its config.json has a model_type)")
     model = load_model(source)
     if (source / POOLER_FILE).is_file():
-        from .checkpoint import load_weights
+        from ..checkpoint import load_weights
 
         model.hf_pooler = load_weights(source / POOLER_FILE)
     tokenizer = load_tokenizer(source) if (source / TOKENIZER_NAME).exists() else None
