@@ -28,10 +28,18 @@ def test_playground_chat_streams_and_shows_usage(tmp_path, model_dir):
                 "--disable-background-networking", "--no-first-run", "--disable-extensions"])
             page = browser.new_page(viewport={"width": 1000, "height": 700})
             page.goto(running.url + "/")
+            # before a key: the page says where one comes from, and lists nothing (/v1/models needs a key)
+            assert "make demo" in page.text_content("#key-hint") and "zenlm keys create" in page.text_content("#key-hint")
+            assert "Paste the API key" in page.text_content("#status")
             page.fill("#key", key)
             page.dispatch_event("#key", "change")
             page.wait_for_function("document.querySelector('#model').options.length > 0")
             assert page.input_value("#model") == "tiny"
+            # only what this server can answer: no translation model, no index -> no such tabs, and a line
+            # that says which command serves a translation model
+            assert page.is_hidden("#translate-tab") and page.is_hidden("#search-tab") and page.is_visible("#embed-tab")
+            assert "zenlm serve runs/multi30k-en-de/best" in page.text_content("#missing")
+            assert page.is_hidden("#ground-row")
             page.fill("#max-tokens", "12")
             page.fill("#chat-input", "hello world")
             page.click("#send")
@@ -53,7 +61,7 @@ def test_playground_chat_streams_and_shows_usage(tmp_path, model_dir):
         rows = running.billing.ledger()
         assert len(rows) == 2
         first = rows[0]
-        m = re.search(r"tokens: (\d+) prompt \+ (\d+) completion = (\d+) · cost (\d+\.\d+)", line)
+        m = re.search(r"tokens: (\d+) prompt \+ (\d+) completion = (\d+) · cost (\d+\.\d+) USD", line)
         assert m, line
         assert (int(m[1]), int(m[2]), int(m[3])) == (first["prompt_tokens"], first["completion_tokens"],
                                                     first["prompt_tokens"] + first["completion_tokens"])
