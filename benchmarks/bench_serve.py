@@ -12,7 +12,15 @@ server, so it must cost little per token). Then the same levels through the Batc
 process, no HTTP (the ceiling), and the ledger's own work per request (authenticate + reserve +
 settle) on SQLite and, when ZENLM_TEST_POSTGRES_URL (or --postgres) is set, on PostgreSQL.
 
+Flood latency (issue 22): key A floods the server from --flood-clients connections, each sending
+/v1/completions requests of --flood-prompts prompts x --max-tokens tokens back to back (a refused
+one, 429 or 503, is sent again 50 ms later), while key B sends --flood-probes 4-token chat requests
+one after another; prints p50/p99 of B's latency with and without the flood, and how many of B's
+requests were refused. Fair admission should keep B's latency near one decoding wave of A's, not
+behind A's whole backlog.
+
     python benchmarks/bench_serve.py [--levels 1 8 32] [--requests 4] [--max-tokens 64] [--no-engine-alone]
+    python benchmarks/bench_serve.py --flood-only [--flood-clients 8] [--flood-prompts 32] [--flood-probes 30]
 """
 from __future__ import annotations
 
@@ -154,6 +162,98 @@ async def run_level(port: int, key: str, clients: int, requests: int, max_tokens
             "p50": statistics.median(ttft), "p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
 
 
+class JSONClient:
+    """One keep-alive HTTP/1.1 connection for small JSON requests: (status, seconds, body)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, payload: dict, key: str) -> tuple[int, float, bytes]:
+        import json
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(payload).encode()
+        start = time.perf_counter()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {key}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        data = await self.reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
+            await self.close()
+        return status, time.perf_counter() - start, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+
+async def flood_latency(port: int, key_a: str, key_b: str, clients: int, prompts: int, max_tokens: int,
+                        probes: int) -> dict:
+    """p50/p99 of key B's 4-token requests, alone and while key A floods; B's refusals; A's tokens."""
+    probe = {"model": "m", "messages": [{"role": "user", "content": "a short question"}], "max_tokens": 4,
+             "temperature": 0}
+
+    async def probe_latencies(n: int) -> tuple[list[float], dict]:
+        client, times, refused = JSONClient("127.0.0.1", port), [], {}
+        try:
+            for _ in range(n):
+                status, seconds, body = await client.post("/v1/chat/completions", probe, key_b)
+                if status == 200:
+                    times.append(seconds)
+                else:
+                    refused[status] = refused.get(status, 0) + 1
+        finally:
+            await client.close()
+        return sorted(times), refused
+
+    alone, _ = await probe_latencies(max(5, probes // 3))
+    stop, counts = asyncio.Event(), {"requests": 0, "refused": 0, "tokens": 0}
+
+    async def flooder(i: int) -> None:
+        client = JSONClient("127.0.0.1", port)
+        body = {"model": "m", "prompt": [f"flood {i} line {j}" for j in range(prompts)], "max_tokens": max_tokens,
+                "temperature": 0}
+        try:
+            while not stop.is_set():
+                status, _, reply = await client.post("/v1/completions", body, key_a)
+                counts["requests" if status == 200 else "refused"] += 1
+                if status == 200:
+                    counts["tokens"] += json.loads(reply)["usage"]["completion_tokens"]
+                if status != 200:
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.close()
+
+    import json
+
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(flooder(i)) for i in range(clients)]
+    await asyncio.sleep(2.0)  # let the backlog build
+    flooded, refused = await probe_latencies(probes)
+    stop.set()
+    await asyncio.gather(*tasks)
+    seconds = time.perf_counter() - started
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {"alone_p50": pct(alone, 0.5), "alone_p99": pct(alone, 0.99), "p50": pct(flooded, 0.5),
+            "p99": pct(flooded, 0.99), "ok": len(flooded), "refused": refused, "a_requests": counts["requests"],
+            "a_refused": counts["refused"], "a_tps": counts["tokens"] / seconds}
+
+
 def engine_steps(port: int) -> tuple[float, float, float]:
     """(decoding steps, rows summed over them, seconds in them) from the server's /metrics."""
     import urllib.request
@@ -229,7 +329,13 @@ def main() -> None:
     ap.add_argument("--no-engine-alone", dest="engine_alone", action="store_false",
                     help="skip the in-process engine figure (the ceiling without HTTP)")
     ap.add_argument("--postgres", default=os.environ.get("ZENLM_TEST_POSTGRES_URL"))
+    ap.add_argument("--flood-only", action="store_true", help="run only the flood-latency measurement")
+    ap.add_argument("--flood-clients", type=int, default=8, help="key A's concurrent connections")
+    ap.add_argument("--flood-prompts", type=int, default=32, help="prompts in each of key A's requests")
+    ap.add_argument("--flood-probes", type=int, default=30, help="key B's 4-token requests during the flood")
     args = ap.parse_args()
+    if args.flood_only:
+        return flood_main(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"preset {args.preset}, {args.max_tokens} new tokens per request, {args.requests} requests per client")
     with tempfile.TemporaryDirectory() as tmp:
@@ -283,6 +389,35 @@ def main() -> None:
             print(f", PostgreSQL {metering_cost(args.postgres):.2f} ms")
         else:
             print(" (PostgreSQL: set ZENLM_TEST_POSTGRES_URL)")
+
+
+def flood_main(args) -> None:
+    """Key B's small-request latency while key A floods, on a default `zenlm serve` (batch 32, queue 256)."""
+    import socket
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_model(Path(tmp) / "m", args.preset)
+        db = str(Path(tmp) / "bench.sqlite3")
+        billing = Billing.open(db)
+        billing.create_plan("bench", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12,
+                            requests_per_minute=10 ** 7, tokens_per_minute=10 ** 12)
+        key_a, key_b = billing.create_key("a", "bench")[0], billing.create_key("b", "bench")[0]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = start(folder, db, port, 32)
+        try:
+            r = asyncio.run(flood_latency(port, key_a, key_b, args.flood_clients, args.flood_prompts,
+                                          args.max_tokens, args.flood_probes))
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"flood: key A {args.flood_clients} connections x {args.flood_prompts} prompts x {args.max_tokens} tokens "
+          f"({r['a_requests']} requests served, {r['a_refused']} refused, {r['a_tps']:.0f} completion tokens/s); "
+          f"key B 4-token chat requests")
+    print(f"key B alone:        p50 {1000 * r['alone_p50']:.0f} ms, p99 {1000 * r['alone_p99']:.0f} ms")
+    print(f"key B under flood:  p50 {1000 * r['p50']:.0f} ms, p99 {1000 * r['p99']:.0f} ms, {r['ok']} answered, "
+          f"refused {r['refused'] or 'none'}")
 
 
 if __name__ == "__main__":
