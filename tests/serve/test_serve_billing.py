@@ -181,9 +181,11 @@ hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
 
-@pytest.fixture(scope="module")
-def shared_billing(tmp_path_factory):
-    b = make(str(tmp_path_factory.mktemp("idem") / "b.sqlite3"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def shared_billing(request, tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("idem") / "b.sqlite3") if request.param == "sqlite" else \
+        fresh_postgres(postgres_url())
+    b = make(url)
     b.create_plan("p", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12, requests_per_minute=10 ** 6,
                   tokens_per_minute=10 ** 12)
     return b
