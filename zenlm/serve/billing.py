@@ -43,7 +43,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from . import store
-from .errors import Conflict, IdempotentReplay, InsufficientQuota, InvalidKey, InvalidRequest, ModelNotFound, RateLimited
+from .errors import (Conflict, IdempotentReplay, InsufficientQuota, InvalidKey, InvalidRequest, ModelNotFound,
+                     RateLimited)
 from .store import api_keys, customers, key_months, plan_prices, plans, rate_windows, reservations, usage_ledger
 
 MICROS = 1_000_000
