@@ -332,7 +332,7 @@ def test_half_written_checkpoint_is_never_latest(tmp_path, corpus, monkeypatch):
     def die(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("zenlm.train.save_weights", die)
+    monkeypatch.setattr("zenlm.train.state.save_weights", die)
     with pytest.raises(OSError):
         trainer.save_checkpoint()
     assert find_latest_checkpoint(out).name == "step-00000004"

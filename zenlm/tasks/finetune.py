@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from ..checkpoint import atomic_write, save_weights, unique_state_dict
+from ..checkpoint import unique_state_dict
 from ..lora import (
     LoRAConfig,
     apply_lora,
@@ -28,7 +28,7 @@ from ..lora import (
     save_adapter,
     trainable_parameters,
 )
-from ..train import TrainConfig, Trainer, _set_dotted, _write_dir_atomically
+from ..train import TrainConfig, Trainer, apply_overrides, load_yaml, run_trainer, write_model_folder
 
 METHODS = ("lora", "full")
 DEFAULTS = {  # a short, gentle schedule; LoRA takes a larger learning rate than full fine-tuning
@@ -86,14 +86,8 @@ class LoRATrainer(Trainer):
             return
         save_adapter(self.model, self.out_dir / "adapter")
         plain = merge_and_unload(copy.deepcopy(self.model).cpu())
-
-        def fill(tmp: Path) -> None:
-            atomic_write(tmp / "config.json", lambda p: self.model_config.save(p))
-            save_weights(unique_state_dict(plain), tmp / "model.safetensors",
-                         metadata={"format": "pt", "step": str(self.step), "val_loss": repr(self.best_loss)})
-            self.tokenizer.save(tmp)
-
-        _write_dir_atomically(self.out_dir / "best", fill)
+        write_model_folder(self.out_dir / "best", self.model_config, unique_state_dict(plain), self.tokenizer,
+                           metadata=self.best_metadata())
 
 
 def build_config(base: os.PathLike, data: os.PathLike, method: str = "lora", config_path: os.PathLike | None = None,
@@ -110,26 +104,15 @@ def build_config(base: os.PathLike, data: os.PathLike, method: str = "lora", con
     raw: dict = {}
     base_dir = Path.cwd()
     if config_path is not None:
-        import yaml
-
-        config_path = Path(config_path)
-        if not config_path.is_file():
-            raise FileNotFoundError(f"no config at {config_path}")
-        try:
-            raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{config_path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{config_path} must hold a mapping of keys")
-        base_dir = config_path.parent
+        raw = load_yaml(config_path)
+        base_dir = Path(config_path).parent
     merged = copy.deepcopy(DEFAULTS[method])
     for key, value in raw.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    for key, value in (overrides or {}).items():
-        _set_dotted(merged, key, value)
+    apply_overrides(merged, overrides)
     lora_raw = merged.pop("lora", {}) or {}
     if method == "full" and lora_raw:
         raise ValueError("the config has a lora: section but --method is full")
@@ -166,13 +149,7 @@ def finetune(base: os.PathLike, data: os.PathLike, method: str = "lora", config_
     """Run the fine-tuning; returns the trainer's summary plus where the results are."""
     config, lora = build_config(base, data, method, config_path, overrides, out_dir, valid)
     trainer = LoRATrainer(config, lora) if lora is not None else Trainer(config)
-    try:
-        summary = trainer.train()
-    finally:
-        if trainer.dist.enabled:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    summary = run_trainer(trainer)
     out = Path(config.out_dir)
     summary["model"] = str(out / "best")
     if lora is not None:
