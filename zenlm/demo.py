@@ -271,13 +271,13 @@ def pick_port(host: str, port: Optional[int] = None, tries: int = 100) -> int:
 
 def demo_plan(database: str) -> str:
     """Create (or bring up to date) the demo plan; returns the line that describes it."""
-    from .serve.billing import Billing, format_micros
+    from .serve.billing import Billing
 
     Billing.open(database).create_plan("demo", replace=True, **PLAN)
     prompt, completion = PLAN["prices"]["*"]
-    return (f"demo plan: {format_micros(prompt)} / {format_micros(completion)} {CURRENCY} per million prompt / "
-            f"completion tokens, the first {PLAN['included_tokens']:,} tokens each month included (free), "
-            f"budget {format_micros(PLAN['monthly_budget_micros'])} {CURRENCY}/month; this machine is costed at "
+    return (f"demo plan: {prompt / 1e6:.2f} / {completion / 1e6:.2f} {CURRENCY} per million prompt / completion "
+            f"tokens, the first {PLAN['included_tokens']:,} tokens each month included (free), budget "
+            f"{PLAN['monthly_budget_micros'] / 1e6:.2f} {CURRENCY}/month; this machine is costed at "
             f"{HARDWARE_PRICE_PER_HOUR} {CURRENCY}/hour for the margin report")
 
 
@@ -311,10 +311,10 @@ def run(out: str = "runs/demo", seconds: float = 120.0, seed: int = 0, serve: bo
           f"the {INDEX!r} search index of the Python documentation.")
     print("Open the playground and paste the key: chat answers documentation questions with numbered passages "
           "from the index, then the toy model's own words.")
+    print(f"  {plan}")
+    print(f"  billing:    .venv/bin/zenlm billing report --database {config.database}")
     print(f"  playground: {info['url']}")
     print(f"  API key:    {info['key']}")
-    print(f"  try:        {info['curl']}")
-    print(f"  {plan}")
-    print(f"  billing:    .venv/bin/zenlm billing report --database {config.database}\n")
+    print(f"  try:        {info['curl']}\n")
     run_server(config, host, port)
     return model_dir
