@@ -96,7 +96,8 @@ def test_int8_and_precision_tests_hold_with_avx2_kernels_forced():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, **FORCED, "OMP_NUM_THREADS": "1"}
     tests = ["tests/test_quantize.py", "tests/test_cpu.py", "tests/test_fast_cpu.py",
-             "tests/test_train.py::test_bf16_autocast_trains", "tests/test_train.py::test_precision_on_the_cpu_it_has",
+             "tests/train/test_loop.py::test_bf16_autocast_trains",
+             "tests/train/test_loop.py::test_precision_on_the_cpu_it_has",
              "tests/test_retrieval.py::test_embedder_precisions_and_truncation"]
     me = "tests/test_cpu.py::test_int8_and_precision_tests_hold_with_avx2_kernels_forced"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--deselect", me, *tests],

@@ -1,97 +1,19 @@
-"""The trainer: config validation, schedule, every objective end to end, exact resume after
-SIGKILL, atomic checkpoints, and 2-process DDP equal to one process on the same global batch."""
+"""zenlm.train.loop: the schedule, weight-decay groups, activation checkpointing, every objective
+end to end, init_from, early stopping, attention kernels, precision, compile, label smoothing."""
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import zenlm
 from zenlm.checkpoint import load_weights
 from zenlm.config import estimate_costs
 from zenlm.train import (OptimConfig, TrainConfig, Trainer, enable_activation_checkpointing, find_latest_checkpoint,
-                         lr_lambda, make_optimizer, parse_overrides)
+                         lr_lambda, make_optimizer)
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = {"num_encoder_layers": 0, "num_decoder_layers": 2, "num_attention_heads": 2, "hidden_size": 32,
-              "intermediate_size": 64, "max_position_embeddings": 64}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
-
-
-def run_config(tmp_path: Path, corpus: Path, **over) -> dict:
-    config = {"out_dir": str(tmp_path / "run"), "model": dict(TINY_MODEL), "tokenizer": {"kind": "char"},
-              "data": {"train": [str(corpus)], "seq_len": 32, "cache_dir": str(tmp_path / "cache"), "num_workers": 1},
-              "optim": {"lr": 3e-3, "warmup_steps": 2}, "max_steps": 12, "batch_size": 4, "eval_interval": 6,
-              "eval_batches": 2, "log_interval": 1, "precision": "fp32", "threads": 1, "peak_flops": 1e11,
-              "progress": False, "plot": False, "seed": 7}
-    for key, value in over.items():
-        node = config
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return config
-
-
-def losses(out_dir: Path) -> list:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
-
-
-# --------------------------------------------------------------------------- config
-def test_config_errors_name_the_key(tmp_path, corpus):
-    base = run_config(tmp_path, corpus)
-    cases = [({"optim": {**base["optim"], "lrr": 1}}, "unknown key optim.lrr"),
-             ({"optim": {**base["optim"], "lr": -1.0}}, "optim.lr must be > 0"),
-             ({"max_steps": "many"}, "max_steps must be int"),
-             ({"batch_size": 0}, "batch_size must be > 0"),
-             ({"data": {**base["data"], "objective": "magic"}}, "data.objective must be one of"),
-             ({"data": {**base["data"], "seq_len": 1.5}}, "data.seq_len must be int"),
-             ({"model": {**TINY_MODEL, "hidden": 3}}, "unknown key model.hidden"),
-             ({"precision": "fp8"}, "precision must be one of"),
-             ({"attention_backend": "fast"}, "attention_backend must be one of auto, math"),
-             ({"optim": {**base["optim"], "schedule": "step"}}, "optim.schedule must be one of")]
-    for change, message in cases:
-        with pytest.raises(ValueError, match=message):
-            TrainConfig.from_dict({**base, **change})
-
-
-def test_yaml_overrides_and_relative_paths(tmp_path, corpus):
-    cfg = run_config(tmp_path, corpus)
-    cfg["data"]["train"] = ["../corpus.txt"]
-    (tmp_path / "corpus.txt").write_text("x")
-    (tmp_path / "sub").mkdir()
-    path = tmp_path / "sub" / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    overrides = parse_overrides(["--optim.lr", "1e-2", "--data.seq_len=16", "--compile", "true"])
-    assert overrides == {"optim.lr": "1e-2", "data.seq_len": 16, "compile": True}
-    config = TrainConfig.from_yaml(path, overrides)
-    assert config.optim.lr == 0.01 and config.data.seq_len == 16 and config.compile is True
-    assert config.data.train == [str((tmp_path / "corpus.txt").resolve())]
-    with pytest.raises(ValueError, match="--optim.lr"):
-        parse_overrides(["--optim.lr"])
-
-
-def test_cli_bad_config_is_one_line_exit_2(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("max_steps: 10\noptim: {lr: -3}\ndata: {train: [x]}\n")
-    result = subprocess.run([sys.executable, "-m", "zenlm.cli", "train", str(path)], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: optim.lr must be > 0, got -3.0"]
+from .conftest import TINY_MODEL, losses, run_config
 
 
 def test_lr_schedule_matches_nanogpt():
@@ -306,107 +228,6 @@ def test_compiled_training_follows_eager(tmp_path, corpus):
         runs[compiled] = [loss for _, loss in losses(Path(cfg["out_dir"]))]
         assert math.isfinite(summary["best_val_loss"])
     assert runs[True] == pytest.approx(runs[False], rel=1e-3) and len(runs[True]) == 4
-
-
-# --------------------------------------------------------------------------- checkpoints and resume
-def test_half_written_checkpoint_is_never_latest(tmp_path, corpus, monkeypatch):
-    cfg = run_config(tmp_path, corpus, max_steps=4, eval_interval=2)
-    trainer = Trainer(TrainConfig.from_dict(cfg))
-    trainer.train()
-    out = Path(cfg["out_dir"])
-    assert find_latest_checkpoint(out).name == "step-00000004"
-    ckpts = out / "checkpoints"
-    # a crash while writing step 6: the temporary folder exists with a truncated file
-    tmp = ckpts / ".step-00000006.tmp-999"
-    tmp.mkdir()
-    (tmp / "model.safetensors").write_bytes(b"\x00" * 10)
-    # a folder with the right name but no COMPLETE marker (e.g. copied by hand, interrupted)
-    (ckpts / "step-00000008").mkdir()
-    (ckpts / "step-00000008" / "model.safetensors").write_bytes(b"\x00" * 10)
-    assert find_latest_checkpoint(out).name == "step-00000004"
-    (out / "latest").unlink()  # even without the pointer
-    assert find_latest_checkpoint(out).name == "step-00000004"
-    # a save that dies half-way leaves the previous checkpoint as latest
-    trainer.step = 10
-
-    def die(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("zenlm.train.state.save_weights", die)
-    with pytest.raises(OSError):
-        trainer.save_checkpoint()
-    assert find_latest_checkpoint(out).name == "step-00000004"
-    assert not (ckpts / "step-00000010").exists()
-
-
-def test_sigkill_after_checkpoint_resumes_bit_exact(tmp_path, corpus):
-    """A CPU run killed (SIGKILL) after a checkpoint and resumed logs exactly the losses of an
-    uninterrupted run."""
-    steps = 80
-    cfg = run_config(tmp_path, corpus, **{"max_steps": steps, "eval_interval": 0, "checkpoint_interval": 10,
-                                          "data.sampling": "random", "model.dropout": 0.1,
-                                          "data.objective": "causal"})
-    reference = run_config(tmp_path, corpus, **{"max_steps": steps, "eval_interval": 0, "checkpoint_interval": 10,
-                                                "data.sampling": "random", "model.dropout": 0.1,
-                                                "out_dir": str(tmp_path / "reference")})
-    Trainer(TrainConfig.from_dict(reference)).train()
-    expected = losses(tmp_path / "reference")
-    assert len(expected) == steps
-
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    out = Path(cfg["out_dir"])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "zenlm.cli", "train", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while find_latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    killed_at = int(find_latest_checkpoint(out).name[5:])
-    assert killed_at < steps
-    result = subprocess.run([sys.executable, "-m", "zenlm.cli", "train", str(path)], env=env, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed from" in result.stderr
-    assert losses(out) == expected  # bit-exact: floats compared for equality
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_ddp_equals_single_process(tmp_path, corpus, strategy):
-    """torchrun --nproc_per_node=2 (gloo) with batch 2 per rank ends with the parameters of one
-    process training on the same global batch of 4 (DDP replicates, FSDP shards the model)."""
-    base = {"max_steps": 6, "eval_interval": 3, "checkpoint_interval": 3, "data.sampling": "packed",
-            "optim.grad_clip": 0.5, "eval_batch_size": 4, "distributed": strategy}
-    single = run_config(tmp_path, corpus, **{**base, "batch_size": 4, "out_dir": str(tmp_path / "single")})
-    Trainer(TrainConfig.from_dict(single)).train()
-    ddp = run_config(tmp_path, corpus, **{**base, "batch_size": 2, "out_dir": str(tmp_path / "ddp")})
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(ddp))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "zenlm.cli", "train",
-                             str(path)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = load_weights(tmp_path / "single" / "checkpoints" / "step-00000006" / "model.safetensors")
-    b = load_weights(tmp_path / "ddp" / "checkpoints" / "step-00000006" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        # atol covers the key half of qkv.bias: its true gradient is 0 (softmax ignores a per-key
-        # constant), so Adam scales rounding noise of order 1e-10 up to ~1e-6 steps
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
-    la, lb = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert [s for s, _ in la] == [s for s, _ in lb]
-    for (_, x), (_, y) in zip(la, lb):
-        assert x == pytest.approx(y, rel=1e-5)
-    va, vb = ([json.loads(r)["val_loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
-               if "val_loss" in r] for d in ("single", "ddp"))
-    assert len(va) == len(vb) == 2 and va == pytest.approx(vb, rel=1e-5)  # evaluation split across ranks
-    # only rank 0 wrote: one metrics file, one set of checkpoints
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
 
 
 def test_label_smoothing_shapes_the_training_loss_only(tmp_path):
