@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zenlm.serve.app import _chunk, _sse, _TokenChunks
+from zenlm.serve.routes.generation import _chunk, _sse, _TokenChunks
 
 TEXTS = ["hi", "", " \"quoted\" \\ back\\slash", "line\nbreak\ttab\r", "é 中文 🙂", "\u2028\u2029", "\x00\x1f\x7f",
          _TokenChunks.SLOT, "{\"choices\":[]}", "</script>"]

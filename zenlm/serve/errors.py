@@ -83,3 +83,11 @@ class InsufficientQuota(APIError):
 
 class Overloaded(APIError):
     status, type = 503, "server_error"
+
+
+def user_error(fn, *args):
+    """``fn(*args)``, with a ValueError (the library's word for a bad argument) turned into a 400."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None

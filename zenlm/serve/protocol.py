@@ -83,6 +83,10 @@ class ErrorResponse(Response):
     error: ErrorInfo
 
 
+# the error bodies a route may answer, for the OpenAPI document (FastAPI's ``responses=``)
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+
+
 # --------------------------------------------------------------------------- usage
 class UsageInfo(Response):
     prompt_tokens: int = 0
