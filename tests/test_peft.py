@@ -348,3 +348,20 @@ def test_finetune_an_hf_llama_then_export_merged_and_peft(tmp_path, capsys, monk
     assert (ours - logits(original, batch)).abs().max() > 1e-3, "fine-tuning should have changed the model"
     # zenlm reads the PEFT adapter back onto the original HF folder, to the same logits
     close(logits(load_with_adapter(base, out / "adapter"), batch), ours, batch)
+
+
+def test_adapter_format_option_is_checked(tmp_path):
+    from tiny_app_models import save_tiny
+
+    from zenlm.tasks.finetune import build_config, finetune
+
+    base = save_tiny(tmp_path / "base", family="decoder-only")
+    data = tmp_path / "train.txt"
+    data.write_text("hello there\n" * 20)
+    with pytest.raises(ValueError, match="adapter_format must be one of zenlm, peft, got 'gguf'"):
+        build_config(base, data, "lora", overrides={"adapter_format": "gguf"})
+    with pytest.raises(ValueError, match="adapter_format='peft' applies to --method lora"):
+        build_config(base, data, "full", overrides={"adapter_format": "peft"})
+    with pytest.raises(ValueError, match="adapter_format must be one of zenlm, peft, got 'safetensors'"):
+        finetune(base, data, "lora", adapter_format="safetensors", out_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

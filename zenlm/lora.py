@@ -8,6 +8,14 @@ kilobytes instead of the whole model, and is checked against the base before it
 loads onto it. ``merge`` folds the update into the base weights for inference at
 no extra cost; ``unmerge`` takes it out again.
 
+Adapters also travel in the ecosystem's format: ``save_adapter(model, dir, format="peft")``
+writes a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``, named after the
+Hugging Face modules of the model's family) that ``peft.PeftModel.from_pretrained`` loads onto
+the transformers model, and ``load_adapter`` reads PEFT folders (LoRA with ``bias: none``;
+``use_rslora``, ``rank_pattern`` and ``alpha_pattern`` honoured; ``lora_dropout`` acts only in
+training). zenlm's fused q|k|v and gate|up Linears are converted exactly both ways; the
+comment above ``PEFT_CONFIG`` gives the argument.
+
 Targets are chosen by name pattern over the model's Linear modules: a pattern
 matches a module whose name equals it, ends with ``.pattern``, or matches it as a
 glob (``decoder.layers.*.attn.qkv``). zenlm's Linear names are ``attn.qkv``,

@@ -216,6 +216,11 @@ def finetune(base: os.PathLike, data: os.PathLike, method: str = "lora", config_
 
     base = Path(base)
     hf_base = is_hf_folder(base)
+    if method not in METHODS:  # the cheap checks before a base is converted
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if adapter_format is not None and adapter_format not in ADAPTER_FORMATS:
+        raise ValueError(f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)}, got {adapter_format!r}")
+    infer_data(data)
     if hf_base:  # where the run goes, worked out as build_config does, to hold the converted base
         target = Path(out_dir) if out_dir is not None else None
         if target is None:
