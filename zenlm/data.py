@@ -127,9 +127,22 @@ def chat_segments(messages: Sequence[dict], add_generation_prompt: bool = False)
     return pieces
 
 
-def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False
-                ) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and a 0/1 mask marking the tokens that carry loss."""
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False,
+                tools: Optional[Sequence[dict]] = None, **template_kwargs) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a 0/1 mask marking the tokens that carry loss: the one
+    function that formats a chat for training, evaluation, ``zenlm chat``, the server and RAG.
+
+    A tokenizer with a model's own template (``tokenizer.has_chat_template``) renders it as
+    transformers' ``apply_chat_template`` does; the loss then falls on each assistant turn (its
+    content, tool calls and end-of-turn token), found by rendering the conversation's prefixes,
+    which works for every template (see ``zenlm.tokenizer.chat_spans``). ``add_generation_prompt``
+    (inference) appends the assistant header and gives an all-zero mask. ``tools`` and
+    ``template_kwargs`` (``enable_thinking=False``, ...) go to the template. Without a template,
+    zenlm's ``<|role|>`` template (``chat_segments``) is used; it takes no tools."""
+    if tokenizer.has_chat_template:
+        return _encode_with_template(tokenizer, messages, add_generation_prompt, tools, template_kwargs)
+    if tools:
+        raise ValueError("tools need a model's own chat template; zenlm's <|role|> template has no place for them")
     ids: list[int] = []
     mask: list[int] = []
     for text, trained in chat_segments(messages, add_generation_prompt):
@@ -137,6 +150,34 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_p
         ids.extend(piece)
         mask.extend([int(trained)] * len(piece))
     return ids, mask
+
+
+def _encode_with_template(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool,
+                          tools: Optional[Sequence[dict]], template_kwargs: dict) -> tuple[list[int], list[int]]:
+    from .tokenizer import chat_spans
+
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {i} must be a dict with a 'role', got {message!r}"[:300])
+    messages = list(messages)
+    if add_generation_prompt:
+        text = tokenizer.render_chat(messages, tools=tools, add_generation_prompt=True, **template_kwargs)
+        ids = tokenizer.encode(text)
+        return ids, [0] * len(ids)
+
+    def render(prefix, prompt):
+        return tokenizer.render_chat(prefix, tools=tools, add_generation_prompt=prompt, **template_kwargs)
+
+    text, spans = chat_spans(render, messages)
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    mask, k = [], 0
+    for start, end in encoding.offsets:  # a token overlapping an assistant span carries loss
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        mask.append(int(k < len(spans) and end > spans[k][0]))
+    return list(encoding.ids), mask
 
 
 # --------------------------------------------------------------------------- reading
@@ -207,7 +248,7 @@ def _bad(bad: Counter, where: dict, reason: str, path: str, offset: int) -> None
 def _tokenize_chunk(task: tuple) -> dict:
     """Worker: read one byte range, tokenize, write ``<prefix>.tokens.bin`` (+ mask, index)."""
     path, start, end, last_chunk, options, prefix = task
-    tok: Tokenizer = _WORKER["tokenizer"]
+    tok: Tokenizer = _WORKER["tokenizer"].with_chat_options(options.get("chat"))
     fmt, eos = options["format"], tok.eos_id
     dtype = np.dtype(options["dtype"])
     bad: Counter = Counter()
@@ -432,6 +473,8 @@ def build_shards(paths: Sequence[str], tokenizer: Tokenizer, config: DataConfig,
                # seq_len (nor get rebuilt when it changes)
                "max_len": None if fmt == "pairs" else config.seq_len,
                **({"scrub_pii": True} if config.scrub_pii else {}),
+               # a model's own chat template formats the conversations (and so keys the cache)
+               **({"chat": tokenizer.chat_options()} if fmt == "chat" and tokenizer.has_chat_template else {}),
                "dtype": "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"}
     tokenizer_json = tokenizer.backend.to_str()
     key = _fingerprint(files, tokenizer_json, options)

@@ -3,12 +3,23 @@
 Byte-level BPE is the default because it covers any UTF-8 text (Chinese, emoji,
 code) with no unknown token. The same ``tokenizer.json`` format is what
 transformers writes, so imported tokenizers load here unchanged.
+
+Chat templates: a tokenizer read from a Hugging Face folder carries the folder's Jinja chat
+template (``chat_template`` in tokenizer_config.json, chat_template.jinja, additional_chat_templates/)
+and its named special tokens; ``Tokenizer.apply_chat_template`` renders it exactly as transformers'
+method of the same name does (same sandbox, globals and filters). ``chat_spans`` finds the assistant
+turns of a rendered conversation for any template, by rendering its prefixes; ``stop_token_ids``
+names every token a reply ends on. jinja2 is imported only when a template is rendered.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
@@ -19,15 +30,35 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK) + ROLE_TOKENS  # ids 0..8 in every tokenizer zenlm trains
 KINDS = ("bpe", "unigram", "char")
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' names for a folder's templates
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# the named special tokens a chat template sees as variables (transformers' SPECIAL_TOKENS_ATTRIBUTES)
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# tokens that end a turn in the templates of open models; one that a template writes is a stop token
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|end_of_text|>",
+                      "<|endoftext|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<|return|>", "<|call|>")
+# zenlm's own template (``zenlm.data.chat_segments``) written in Jinja, for apply_chat_template on a
+# tokenizer with the role tokens and no template of its own
+ZENLM_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                       "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 class Tokenizer:
     """A thin, typed wrapper: encode/decode, batches as tensors with masks, save/load."""
 
-    def __init__(self, backend: _RustTokenizer, pad_token: Optional[str] = None):
+    def __init__(self, backend: _RustTokenizer, pad_token: Optional[str] = None,
+                 chat_template: Union[str, dict, None] = None, special_tokens: Optional[dict] = None,
+                 eos_token_ids: Sequence[int] = ()):
         self.backend = backend
         vocab = backend.get_vocab(with_added_tokens=True)
         self.pad_token = pad_token or next((t for t in (PAD, "[PAD]", "<|endoftext|>") if t in vocab), None)
+        # the folder's Jinja template: one string, or {name: template} ("default", "tool_use", ...)
+        self.chat_template = chat_template
+        # bos_token, eos_token, ... as tokenizer_config.json names them: the template's variables
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if isinstance(v, str)}
+        # end tokens named elsewhere in the folder (generation_config.json eos_token_id lists)
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -135,6 +166,170 @@ class Tokenizer:
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
 
+    # ------------------------------------------------------------------ chat templates
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer carries a model's own template (zenlm's ``<|role|>`` format otherwise)."""
+        return bool(self.chat_template)
+
+    def get_chat_template(self, chat_template: Optional[str] = None, tools: Optional[Sequence] = None) -> str:
+        """The template text to render, chosen as transformers chooses: ``chat_template`` is a template
+        or the name of one of the folder's templates; by default "tool_use" when tools are given and the
+        folder has it, else "default". A tokenizer without a template of its own but with zenlm's role
+        tokens uses zenlm's ``<|role|>`` template."""
+        templates = self.chat_template
+        if isinstance(templates, dict):
+            if chat_template is not None and chat_template in templates:
+                return templates[chat_template]
+            if chat_template is None:
+                if tools is not None and "tool_use" in templates:
+                    return templates["tool_use"]
+                if "default" in templates:
+                    return templates["default"]
+                raise ValueError("This model has multiple chat templates with no default specified! Please either "
+                                 "pass a chat template or the name of the template you wish to use to the "
+                                 f"`chat_template` argument. Available template names are {sorted(templates)}.")
+        elif chat_template is None:
+            if templates:
+                return templates
+            if all(self.token_to_id(t) is not None for t in ROLE_TOKENS):
+                return ZENLM_CHAT_TEMPLATE
+            raise ValueError("this tokenizer has no chat template (no chat_template in tokenizer_config.json, no "
+                             "chat_template.jinja, no zenlm role tokens); pass chat_template=TEXT")
+        return chat_template
+
+    def template_variables(self) -> dict:
+        """The special tokens a template sees (bos_token, eos_token, ...), as transformers passes them."""
+        return {k: self.special_tokens[k] for k in SPECIAL_TOKEN_KEYS if self.special_tokens.get(k) is not None}
+
+    def render_chat(self, messages: Sequence, tools: Optional[Sequence] = None, add_generation_prompt: bool = False,
+                    chat_template: Optional[str] = None, **kwargs) -> str:
+        """One conversation rendered to text (``apply_chat_template(..., tokenize=False)``)."""
+        template = self.get_chat_template(chat_template, tools)
+        return render_chat_template(template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                    **{**self.template_variables(), **kwargs})[0]
+
+    def apply_chat_template(self, conversation, tools: Optional[Sequence] = None,
+                            documents: Optional[Sequence] = None, chat_template: Optional[str] = None,
+                            add_generation_prompt: bool = False, continue_final_message: Union[bool, str] = False,
+                            tokenize: bool = True, padding: bool = False, truncation: bool = False,
+                            max_length: Optional[int] = None, return_tensors: Optional[str] = None,
+                            return_dict: bool = True, return_assistant_tokens_mask: bool = False,
+                            tokenizer_kwargs: Optional[dict] = None, **kwargs):
+        """transformers' ``apply_chat_template``: the same arguments, the same results (as of transformers
+        5: ``tokenize=True`` gives ``{"input_ids", "attention_mask"}`` unless ``return_dict=False``, which
+        gives the ids). ``conversation``: a list of messages or a list of conversations (a batch).
+        ``return_assistant_tokens_mask`` marks the template's ``{% generation %}`` blocks, as
+        transformers does; for a mask that works with every template see ``zenlm.data.encode_chat``.
+        Extra keyword arguments are template variables. A template's ``raise_exception`` is a
+        ``ChatTemplateError`` (a ValueError) carrying its message."""
+        if not tokenize:
+            return_dict = False
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise ValueError("`return_assistant_tokens_mask=True` requires `return_dict=True` and `tokenize=True`")
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt' (torch), got {return_tensors!r}")
+        template = self.get_chat_template(chat_template, tools)
+        if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
+            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
+        batched = isinstance(conversation, (list, tuple)) and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
+        conversations = list(conversation) if batched else [conversation]
+        variables = {**self.template_variables(), **kwargs}
+        texts, spans = [], []
+        for chat in conversations:
+            text, found = render_chat_template(template, chat, tools=tools, documents=documents,
+                                               add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message,
+                                               track_generation=return_assistant_tokens_mask, **variables)
+            texts.append(text)
+            spans.append(found)
+        if not tokenize:
+            return texts if batched else texts[0]
+        encodings = [self.backend.encode(t, add_special_tokens=False) for t in texts]
+        rows = [e.ids for e in encodings]
+        masks = []
+        for enc, found in zip(encodings, spans):
+            mask = [0] * len(enc.ids)
+            if return_assistant_tokens_mask:
+                for t, (a, b) in enumerate(enc.offsets):
+                    mask[t] = int(any(b > s and a < e for s, e in found))
+            masks.append(mask)
+        if max_length is not None and truncation:
+            rows, masks = [r[:max_length] for r in rows], [m[:max_length] for m in masks]
+        elif max_length is not None and any(len(r) > max_length for r in rows):
+            raise ValueError(f"the conversation is {max(map(len, rows))} tokens, longer than max_length={max_length} "
+                             "(pass truncation=True to cut it)")
+        attention = [[1] * len(r) for r in rows]
+        if padding or (return_tensors and batched):
+            width = max(map(len, rows)) if padding != "max_length" or max_length is None else max_length
+            if return_tensors and not padding and len({len(r) for r in rows}) > 1:
+                raise ValueError("conversations have different lengths; pass padding=True to return tensors")
+            pad = self.pad_id if self.pad_id is not None else 0
+            rows = [r + [pad] * (width - len(r)) for r in rows]
+            masks = [m + [0] * (width - len(m)) for m in masks]
+            attention = [a + [0] * (width - len(a)) for a in attention]
+        if not return_dict:
+            if return_tensors:
+                return torch.tensor(rows if batched else rows[:1], dtype=torch.long)
+            return rows if batched else rows[0]
+        out = {"input_ids": rows, "attention_mask": attention}
+        if return_assistant_tokens_mask:
+            out["assistant_masks"] = masks
+        if return_tensors:
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        return out if batched else {k: v[0] for k, v in out.items()}
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every token a reply may end on: the folder's ``eos_token_id`` list (generation_config.json), its
+        eos token, and the end-of-turn tokens its chat template writes after an assistant reply
+        (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ...). zenlm's own template ends at ``<|end|>``."""
+        ids: list[int] = list(self.eos_token_ids)
+        eos = self.special_tokens.get("eos_token")
+        names = [eos] if eos else []
+        if not self.has_chat_template:
+            names.append(ROLE_TOKENS[3])
+        else:
+            names += self._template_end_tokens()
+        for name in names:
+            i = self.token_to_id(name)
+            if i is not None and i not in ids:
+                ids.append(i)
+        return ids
+
+    def _template_end_tokens(self) -> list[str]:
+        """Special tokens the template writes right after an assistant's reply, plus the known
+        end-of-turn tokens its text names."""
+        templates = self.chat_template.values() if isinstance(self.chat_template, dict) else [self.chat_template]
+        added = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        names = []
+        for template in templates:
+            names += [t for t in END_OF_TURN_TOKENS if t in template and t in added]
+            probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "zenlm-probe-reply"}]
+            try:
+                text, _ = render_chat_template(template, probe, **self.template_variables())
+            except ValueError:
+                continue
+            tail = text[text.rfind("zenlm-probe-reply") + len("zenlm-probe-reply"):]
+            enc = self.backend.encode(tail, add_special_tokens=False)
+            names += [tok for tok in enc.tokens if tok in added][:1]  # the first special token after the reply
+        return list(dict.fromkeys(names))
+
+    def chat_options(self) -> dict:
+        """What the chat template needs besides tokenizer.json (for worker processes and caches)."""
+        return {"chat_template": self.chat_template, "special_tokens": dict(self.special_tokens),
+                "eos_token_ids": list(self.eos_token_ids)}
+
+    def with_chat_options(self, options: Optional[dict]) -> "Tokenizer":
+        if options:
+            self.chat_template = options.get("chat_template")
+            self.special_tokens = dict(options.get("special_tokens") or {})
+            self.eos_token_ids = list(options.get("eos_token_ids") or [])
+        return self
+
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Save to ``path`` (a folder gets ``tokenizer.json`` inside)."""
@@ -145,7 +340,40 @@ class Tokenizer:
             path.mkdir(parents=True, exist_ok=True)
             path = path / TOKENIZER_FILE
         atomic_write(path, lambda tmp: self.backend.save(tmp))
+        if path.name == TOKENIZER_FILE and (self.chat_template or self.special_tokens):
+            self._save_chat_files(path.parent)
         return path
+
+    def _save_chat_files(self, directory: Path) -> None:
+        """The template as transformers writes it (chat_template.jinja, named ones in
+        additional_chat_templates/) and the special tokens in tokenizer_config.json (merged into one
+        already there), so the folder renders the same here and in transformers."""
+        from .checkpoint import atomic_write
+
+        templates = self.chat_template if isinstance(self.chat_template, dict) else \
+            ({"default": self.chat_template} if self.chat_template else {})
+        for name, text in templates.items():
+            if name == "default":
+                target = directory / CHAT_TEMPLATE_FILE
+            else:
+                if not name or "/" in name or "\\" in name or name.startswith("."):
+                    raise ValueError(f"invalid chat template name {name!r}")
+                (directory / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+                target = directory / CHAT_TEMPLATE_DIR / f"{name}.jinja"
+            atomic_write(target, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        config_path = directory / TOKENIZER_CONFIG_FILE
+        config = {}
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                config = {}
+        config.pop("chat_template", None)  # the .jinja files carry it
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for key, value in self.special_tokens.items():
+            config.setdefault(key, value)
+        atomic_write(config_path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, ensure_ascii=False)
+                                                                   + "\n", encoding="utf-8"))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
@@ -162,10 +390,69 @@ class Tokenizer:
         # every text at 128); like transformers, pad and truncate only when encode_batch is asked to
         backend.no_padding()
         backend.no_truncation()
-        return cls(backend)
+        return cls(backend, **read_chat_files(path.parent))
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def _token_text(value) -> Optional[str]:
+    if isinstance(value, dict):  # an AddedToken as transformers serialises it
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def read_chat_files(directory: Union[str, os.PathLike]) -> dict:
+    """A folder's chat template, named special tokens and end tokens, read as transformers reads them:
+    chat_template.jinja and additional_chat_templates/*.jinja first, else ``chat_template`` in
+    tokenizer_config.json (a string, or a list of ``{"name", "template"}``), else chat_template.json;
+    special tokens from tokenizer_config.json over special_tokens_map.json; ``eos_token_id`` (an id or a
+    list) from generation_config.json and config.json. Returns Tokenizer keyword arguments."""
+    directory = Path(directory)
+    config = _read_json(directory / TOKENIZER_CONFIG_FILE) if (directory / TOKENIZER_CONFIG_FILE).is_file() else {}
+    special_map = directory / "special_tokens_map.json"
+    special_map = _read_json(special_map) if special_map.is_file() else {}
+    special = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = _token_text(config.get(key)) if config.get(key) is not None else _token_text(special_map.get(key))
+        if value is not None:
+            special[key] = value
+    templates: dict = {}
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        templates["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (directory / CHAT_TEMPLATE_DIR).is_dir():
+        for f in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    template: Union[str, dict, None]
+    if templates:
+        template = templates["default"] if list(templates) == ["default"] else templates
+    else:
+        template = config.get("chat_template")
+        if template is None and (directory / "chat_template.json").is_file():  # processors' older file
+            template = _read_json(directory / "chat_template.json").get("chat_template")
+        if isinstance(template, (list, tuple)):
+            template = {t["name"]: t["template"] for t in template if isinstance(t, dict) and "name" in t}
+        if not isinstance(template, (str, dict)) or not template:
+            template = None
+    eos: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        if (directory / name).is_file():
+            try:
+                value = _read_json(directory / name).get("eos_token_id")
+            except ValueError:  # a broken model config is the model loader's error to report, not ours
+                continue
+            for i in (value if isinstance(value, list) else [value]):
+                if isinstance(i, int) and not isinstance(i, bool) and i not in eos:
+                    eos.append(i)
+    return {"chat_template": template, "special_tokens": special, "eos_token_ids": eos}
 
 
 class StreamDecoder:
@@ -185,3 +472,320 @@ class StreamDecoder:
         delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
         self.emitted = text
         return delta
+
+
+# --------------------------------------------------------------------------- chat templates
+class ChatTemplateError(ValueError):
+    """A chat template refused the conversation (its ``raise_exception(...)`` message) or failed to render."""
+
+
+@lru_cache(maxsize=64)
+def compile_chat_template(template: str):
+    """The Jinja template in the sandbox transformers renders chat templates in: an immutable
+    sandboxed environment with trim_blocks/lstrip_blocks, loop controls, the ``{% generation %}``
+    tag, ``raise_exception``, ``strftime_now``, a ``tojson`` that neither escapes HTML nor sorts
+    keys (with indent, separators, ensure_ascii, sort_keys), and the guarded ``dict``/``namespace``."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}``: marks assistant text (transformers'
+        ``return_assistant_tokens_mask``); renders its body unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_generation", []), [], [], body).set_lineno(lineno)
+
+        def _generation(self, caller):
+            text = caller()
+            tracker = _GENERATION.get()
+            if tracker is not None:
+                blocks, spans = tracker
+                start = sum(map(len, blocks))
+                spans.append((start, start + len(text)))
+            return text
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        from datetime import datetime
+
+        return datetime.now().strftime(format)
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
+                       namespace=TemplateNamespace)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
+
+
+def _generation_tracker():
+    from contextvars import ContextVar
+
+    return ContextVar("zenlm_generation_tracker", default=None)
+
+
+_GENERATION = _generation_tracker()
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def plain_template_data(value: Any) -> Any:
+    """What a template may see: plain JSON-like data (as transformers rebuilds it), dataclasses and
+    pydantic models as dicts, anything else an inert ``<TypeName>`` placeholder."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {plain_template_data(k): plain_template_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_template_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain_template_data(v) for v in value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():  # numpy/torch scalars
+        return plain_template_data(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_template_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return plain_template_data(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _as_dicts(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _as_dicts(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_dicts(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_as_dicts(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _as_dicts(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _as_dicts(value.model_dump())
+    return value
+
+
+def normalize_messages(conversation: Any) -> list[dict]:
+    """Messages as dicts (dataclasses and pydantic models, e.g. the OpenAI SDK's, converted), keys whose
+    value is None dropped (``content=None`` beside tool calls), as transformers does before rendering."""
+    messages = _as_dicts(getattr(conversation, "messages", conversation))
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}"[:300])
+        out.append({k: v for k, v in message.items() if v is not None})
+    return out
+
+
+def _tool_schemas(tools) -> Optional[list]:
+    if tools is None:
+        return None
+    schemas = []
+    for tool in tools:
+        if isinstance(tool, dict):
+            schemas.append(tool)
+        elif callable(tool):
+            try:  # a Python function: transformers turns its signature and docstring into a JSON schema
+                from transformers.utils import get_json_schema
+            except ImportError:
+                raise ValueError("tools must be JSON schemas (dicts); converting a Python function needs "
+                                 "transformers (transformers.utils.get_json_schema)") from None
+            schemas.append(get_json_schema(tool))
+        else:
+            raise ValueError("Tools should either be a JSON schema, or a callable function with type hints "
+                             "and a docstring suitable for auto-conversion to a schema.")
+    return schemas
+
+
+def render_chat_template(template: str, messages: Sequence, tools: Optional[Sequence] = None,
+                         documents: Optional[Sequence] = None, add_generation_prompt: bool = False,
+                         continue_final_message: Union[bool, str] = False, track_generation: bool = False,
+                         **variables) -> tuple[str, list[tuple[int, int]]]:
+    """Render one conversation: the text and, with ``track_generation``, the character spans of the
+    template's ``{% generation %}`` blocks. ``variables`` are further template variables (the special
+    tokens, ``enable_thinking``, ``date_string``, ...). A template's ``raise_exception`` and any
+    rendering failure are a ``ChatTemplateError`` (a ValueError) carrying its message."""
+    import jinja2
+
+    compiled = compile_chat_template(template)
+    if documents is not None and any(not isinstance(d, dict) for d in documents):
+        raise ValueError("Documents should be a list of dicts with 'title' and 'text' keys!")
+    tools = plain_template_data(_tool_schemas(tools))
+    documents = plain_template_data(documents)
+    variables = plain_template_data(variables)
+    chat = plain_template_data(normalize_messages(messages))
+    aliased = []
+    for message in chat:  # reasoning under its older names too, as transformers passes it
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        aliased.append(message)
+    chat = aliased
+    tag = "CONTINUE_FINAL_MESSAGE_TAG "
+    final_message = None
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+        if not chat:
+            raise ValueError("continue_final_message is set but the conversation is empty!")
+        field_name = continue_final_message if isinstance(continue_final_message, str) else "content"
+        final_message = chat[-1].get(field_name)
+        if final_message is None:
+            raise ValueError(f'continue_final_message is set but the final message has no "{field_name}" to continue!')
+        fields = [field_name]
+        if field_name in _REASONING_FIELDS:
+            fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final_message]
+        if not any(f in template for f in fields):
+            raise ValueError(f'continue_final_message is set to "{field_name}" but this is not an accepted field '
+                             "in the chat_template")
+        if isinstance(final_message, (list, tuple)):
+            for block in reversed(final_message):
+                if "text" in block:
+                    final_message = block["text"]
+                    block["text"] = block["text"] + tag
+                    break
+            else:
+                raise ValueError("continue_final_message is set but we could not find any text to continue in the "
+                                 "final message!")
+        else:
+            for f in fields:
+                chat[-1][f] = chat[-1][f] + tag
+    context = dict(variables, messages=chat, tools=tools, documents=documents,
+                   add_generation_prompt=add_generation_prompt)
+    spans: list[tuple[int, int]] = []
+    try:
+        if track_generation:
+            blocks: list[str] = []
+            token = _GENERATION.set((blocks, spans))
+            try:
+                for block in compiled.generate(**context):
+                    blocks.append(block)
+            finally:
+                _GENERATION.reset(token)
+            text = "".join(blocks)
+        else:
+            text = compiled.render(**context)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(str(e.message if e.message is not None else e)) from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
+        raise ChatTemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
+    if continue_final_message:
+        if final_message.strip() not in text or tag.strip() not in text:
+            raise ValueError("continue_final_message is set but the final message does not appear in the chat after "
+                             "applying the chat template")
+        at = text.rindex(tag.strip())
+        text = text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
+    return text, spans
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _after_prompt(prompt: str, text: str) -> Optional[int]:
+    """Where ``prompt`` ends inside ``text``, whitespace aside (templates without whitespace control
+    render the generation prompt and the same header before a reply with different blank lines), with
+    the whitespace that follows skipped; None when ``text`` does not start with the prompt."""
+    j = 0
+    for ch in prompt:
+        if ch.isspace():
+            continue
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j >= len(text) or text[j] != ch:
+            return None
+        j += 1
+    while j < len(text) and text[j].isspace():
+        j += 1
+    return j
+
+
+def chat_spans(render, messages: Sequence[dict], roles: Sequence[str] = ("assistant",)
+               ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every message whose role is in ``roles``
+    (its content, tool calls and end-of-turn token, not the header before it), found by rendering
+    prefixes of the conversation, so it works for any template, with or without ``{% generation %}``.
+
+    ``render(messages, add_generation_prompt)`` renders a conversation. A turn spans from the end of
+    ``render(messages[:i], True)`` (the prompt a model answers, whitespace aside) to the end of
+    ``render(messages[:i+1], False)``, trailing whitespace excluded; a template without a generation
+    prompt (Llama 2, Mistral) starts the turn where the two renderings part. Where a template renders
+    a prefix differently from the start of the whole conversation (Mistral's tools move to the last
+    user message), the turn's text is searched for in the whole rendering after the previous turn. A
+    template that rewrites past turns depending on later ones (dropping earlier reasoning) gives a
+    ChatTemplateError naming the turn."""
+    full = render(messages, False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message.get("role") not in roles:
+            continue
+        before = ""
+        for prompt in (True, False):  # a template may refuse a prefix (one that needs a user message first)
+            try:
+                before = render(messages[:i], prompt)
+                break
+            except ChatTemplateError:
+                continue
+        through = render(messages[:i + 1], False)
+        start = _after_prompt(before, through)
+        if start is None:  # no generation prompt, or not how the turn starts: where the renderings part
+            start = _common_prefix(before, through)
+        turn = through[start:].rstrip()
+        if not turn:
+            continue
+        if not full.startswith(through) or start < cursor:
+            start = full.find(turn, cursor)
+            if start < 0:
+                raise ChatTemplateError(f"message {i} ({message.get('role')}) is rendered differently inside the "
+                                        "whole conversation than at its end: the template rewrites past turns, so "
+                                        "its assistant tokens cannot be found by rendering")
+        spans.append((start, start + len(turn)))
+        cursor = start + len(turn)
+    return full, spans
