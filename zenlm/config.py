@@ -12,10 +12,21 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
+GATED = ("swiglu", "geglu", "geglu_tanh")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
 POOLINGS = ("mean", "cls", "last")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# rotary scalings (``rope_scaling["rope_type"]``) and the keys each reads: (required, optional)
+ROPE_SCALINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "dynamic": (("factor", "original_max_position_embeddings"), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("factor", "attention_factor")),
+}
 
 
 @dataclass
@@ -44,7 +55,20 @@ class TransformerConfig:
     position: str = "learned"
     position_offset: int = 0  # BART's learned positions start at row 2
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": one of ROPE_SCALINGS, ...its keys}; None = plain RoPE
+    rope_local_theta: Optional[float] = None  # RoPE base of the sliding-window layers (Gemma 3); None = rope_theta
+    partial_rotary_factor: float = 1.0  # share of each head's dims that rotate (Phi-4-mini: 0.75)
+    head_size: Optional[int] = None  # width of one attention head; None = hidden_size // num_attention_heads
     bias: bool = True
+    qkv_bias: Optional[bool] = None  # bias on the q/k/v projections only (Qwen2); None = ``bias``
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3)
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), weight starting at 0 (Gemma)
+    sandwich_norm: bool = False  # a norm after attention and after the MLP as well as before (Gemma 2/3)
+    sliding_window: Optional[int] = None  # a query sees the last ``sliding_window`` positions (itself included)
+    layer_types: Optional[list] = None  # per decoder layer, one of LAYER_TYPES; None = all sliding if a window is set
+    query_pre_attn_scalar: Optional[float] = None  # scores scaled by 1/sqrt(this) instead of 1/sqrt(head_dim) (Gemma)
+    attn_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    final_logit_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     scale_embedding: bool = False  # multiply token embeddings by sqrt(hidden_size)
     embedding_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     final_norm: bool = True  # a norm after the last layer of each stack (pre-LN models)
@@ -90,7 +114,9 @@ class TransformerConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.num_encoder_layers == 0 and self.num_decoder_layers == 0:
             raise ValueError("num_encoder_layers and num_decoder_layers are both 0: a model needs at least one layer")
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_size is not None:
+            positive("head_size")
+        elif self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})")
@@ -106,6 +132,28 @@ class TransformerConfig:
             raise ValueError(f"unknown position {self.position!r}; valid: {', '.join(POSITIONS)}")
         if self.position == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        if not (isinstance(self.partial_rotary_factor, (int, float)) and 0 < self.partial_rotary_factor <= 1):
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.position == "rotary" and self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} gives an odd rotary width "
+                             f"{self.rotary_dim} of head_dim {self.head_dim}")
+        self._validate_rope_scaling()
+        if self.sliding_window is not None:
+            positive("sliding_window")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                raise ValueError(f"layer_types holds {bad[0]!r}; valid: {', '.join(LAYER_TYPES)}")
+            if len(self.layer_types) != self.num_decoder_layers:
+                raise ValueError(f"layer_types lists {len(self.layer_types)} layers; the decoder has "
+                                 f"{self.num_decoder_layers}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types names sliding_attention layers but sliding_window is None")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be > 0 (or None), got {value!r}")
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
@@ -119,10 +167,44 @@ class TransformerConfig:
             if value is not None and not (0 <= value < self.vocab_size):
                 raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
 
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling is None:
+            return
+        if not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be a dict with a rope_type, got {self.rope_scaling!r}")
+        kind = self.rope_scaling.get("rope_type")
+        if kind not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported; supported: "
+                             f"{', '.join(ROPE_SCALINGS)} (or rope_scaling=None for plain RoPE)")
+        required, optional = ROPE_SCALINGS[kind]
+        missing = [k for k in required if self.rope_scaling.get(k) is None]
+        if missing:
+            raise ValueError(f"rope_scaling: rope_type {kind!r} needs {', '.join(missing)}")
+        unknown = sorted(set(self.rope_scaling) - {"rope_type", *required, *optional})
+        if unknown:
+            raise ValueError(f"rope_scaling: {unknown[0]}={self.rope_scaling[unknown[0]]!r} is not supported for "
+                             f"rope_type {kind!r} (it reads {', '.join(required + optional)})")
+        if kind == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(self.rope_scaling[key]) != self.rotary_dim // 2:
+                    raise ValueError(f"rope_scaling: {key} has {len(self.rope_scaling[key])} values; "
+                                     f"the rotary width {self.rotary_dim} needs {self.rotary_dim // 2}")
+
     # ------------------------------------------------------------ properties
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_size if self.head_size is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dims rotate (the first ones); the rest pass through."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` attends within ``sliding_window`` only."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     @property
     def family(self) -> str:

@@ -3,9 +3,10 @@
     norm → attention → MLP → block → stack (encoder / decoder) → model → heads
 
 Encoder-decoder, decoder-only and encoder-only models are the same code with
-different layer counts; BERT, GPT-2, BART, Marian and Llama differ only by the
-flags in ``TransformerConfig`` (norm type and placement, activation, position
-scheme, bias, key/value heads).
+different layer counts; BERT, GPT-2, BART, Marian, Llama, Qwen, Mistral, Gemma and
+Phi differ only by the flags in ``TransformerConfig`` (norm type and placement,
+activation, position scheme and its scaling, bias, key/value heads, sliding windows,
+soft-capping).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .config import POOLINGS, TransformerConfig
+from .config import GATED, POOLINGS, TransformerConfig
 from .kernels import IGNORE_INDEX, causal_mask, cross_entropy, linear
 
 
@@ -60,10 +61,27 @@ class LMOutput(TransformerOutput):
 
 
 # --------------------------------------------------------------------------- norms
-def make_norm(config: TransformerConfig) -> nn.Module:
+class UnitOffsetRMSNorm(nn.Module):
+    """RMSNorm scaled by (1 + weight), weight starting at zero, computed in fp32 (Gemma)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def make_norm(config: TransformerConfig, dim: Optional[int] = None) -> nn.Module:
+    dim = dim or config.hidden_size
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        if config.norm_unit_offset:
+            return UnitOffsetRMSNorm(dim, config.norm_eps)
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
 
 
 # --------------------------------------------------------------------------- positions
@@ -78,16 +96,110 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-def rotary_tables(num_positions: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for rotary embeddings (Su et al.), halves layout as in Llama."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-    angles = torch.outer(torch.arange(num_positions).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+def rotary_frequencies(dim: int, theta: float, scaling: Optional[dict] = None, seq_len: int = 0,
+                       max_positions: int = 0) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies θ^(-2i/d) of rotary embeddings (Su et al.), and the factor cos/sin are
+    multiplied by, under a context-extension scaling:
+
+    * linear (position interpolation, Chen et al.): every frequency divided by ``factor``;
+    * dynamic (NTK-aware): past the original length L, the base grows to
+      θ·(factor·n/L − (factor − 1))^(d/(d−2)) for a sequence of n positions;
+    * llama3: low frequencies (wavelength > L/low_freq_factor) divided by ``factor``, high ones
+      (wavelength < L/high_freq_factor) kept, those between interpolated smoothly;
+    * yarn (Peng et al.): per-dimension blend of interpolated and original frequencies along a
+      ramp between the dims that turn beta_slow and beta_fast times over L; cos/sin scaled by
+      0.1·ln(factor) + 1;
+    * longrope (Phi-3): per-dimension ``short_factor`` divisors, ``long_factor`` past L; cos/sin
+      scaled by sqrt(1 + ln(factor)/ln(L)) with factor = max_positions / L.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    kind = (scaling or {}).get("rope_type")
+    if kind is None:
+        return inv_freq, 1.0
+    factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "dynamic":
+        if seq_len <= original:
+            return inv_freq, 1.0
+        base = theta * ((factor * seq_len / original) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim), 1.0
+    if kind == "llama3":
+        low_wavelen = original / scaling["low_freq_factor"]
+        high_wavelen = original / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling["low_freq_factor"]) / (scaling["high_freq_factor"] - scaling["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+                attention_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+            else:
+                attention_factor = mscale(factor)
+
+        def correction_dim(rotations):  # the dim that turns ``rotations`` times over the original length
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+        powers = theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+        extrapolate = 1 - ramp
+        inv_freq = (1.0 / (factor * powers)) * (1 - extrapolate) + (1.0 / powers) * extrapolate
+        return inv_freq, float(attention_factor)
+    # longrope
+    factor = factor or max_positions / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = torch.tensor(scaling["long_factor" if seq_len > original else "short_factor"], dtype=torch.float32, device="cpu")
+    powers = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    return 1.0 / (ext * powers), float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of position × frequency for the first ``rotary_dim`` dims of each head. Scalings whose
+    frequencies depend on the sequence length (dynamic, longrope) recompute them per call from the
+    largest position in it; the others are fixed."""
+
+    def __init__(self, config: TransformerConfig, theta: float, scaling: Optional[dict]):
+        super().__init__()
+        self.dim, self.theta, self.scaling = config.rotary_dim, theta, scaling
+        self.max_positions = config.max_position_embeddings
+        self.by_length = (scaling or {}).get("rope_type") in ("dynamic", "longrope")
+        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+        self.inv_freq, self.factor = rotary_frequencies(self.dim, theta, scaling, 0, self.max_positions)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, factor = self.inv_freq, self.factor
+        if self.by_length:
+            inv_freq, factor = rotary_frequencies(self.dim, self.theta, self.scaling, int(position_ids.max()) + 1,
+                                                  self.max_positions)
+        angles = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles. x: (B, H, T, D); cos/sin: (B, 1, T, D)."""
+    """Rotate pairs (x_i, x_{i+r/2}) of the first r = cos.size(-1) dims by position-dependent angles;
+    any dims past r pass through (partial rotary). x: (B, H, T, D); cos/sin: (B, 1, T, r)."""
+    if cos.size(-1) < x.size(-1):
+        r = cos.size(-1)
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -99,28 +211,52 @@ class KVCache:
     Buffers are preallocated per layer (B, H_kv, capacity, D) and written in place,
     so a decoding step costs no concatenation; they grow by doubling when full.
     Cross-attention keys/values of the source are computed once and kept here.
+
+    With ``trim_windows``, a sliding-window layer keeps about two windows of keys: when its
+    buffer is full it forgets the positions no later query can see (``starts[layer]`` is the
+    position of its first kept key), so its memory stays bounded however long the sequence.
     """
 
-    def __init__(self, capacity: int = 256):
+    def __init__(self, capacity: int = 256, trim_windows: bool = False):
         self.capacity = capacity
         self.length = 0
+        self.trim_windows = trim_windows
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.starts: list[int] = []
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, layer: int) -> int:
+        """Position of the first key kept for ``layer`` (0 unless a window trimmed it)."""
+        return self.starts[layer] if layer < len(self.starts) else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: Optional[int] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the keys/values of the new positions; return those of every kept position."""
         end = self.length + k.size(2)
+        window = window if self.trim_windows else None
         if layer == len(self.keys):
-            shape = (k.size(0), k.size(1), max(self.capacity, end), k.size(3))
+            size = self.capacity if window is None else min(self.capacity, 2 * window)
+            shape = (k.size(0), k.size(1), max(size, end), k.size(3))
             self.keys.append(k.new_zeros(shape))
             self.values.append(v.new_zeros(shape))
-        if end > self.keys[layer].size(2):
-            grow = max(end, 2 * self.keys[layer].size(2)) - self.keys[layer].size(2)
+        while len(self.starts) < len(self.keys):
+            self.starts.append(0)
+        start = self.starts[layer]
+        if window is not None and end - start > self.keys[layer].size(2):
+            keep = max(start, self.length - window + 1)  # the first position the new queries can see
+            if keep > start:
+                n = self.length - keep
+                for buf in (self.keys[layer], self.values[layer]):
+                    buf[:, :, :n] = buf[:, :, keep - start:self.length - start].clone()
+                self.starts[layer] = start = keep
+        if end - start > self.keys[layer].size(2):
+            grow = max(end - start, 2 * self.keys[layer].size(2)) - self.keys[layer].size(2)
             pad = lambda t: torch.cat([t, t.new_zeros(t.size(0), t.size(1), grow, t.size(3))], dim=2)
             self.keys[layer], self.values[layer] = pad(self.keys[layer]), pad(self.values[layer])
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer][:, :, self.length - start:end - start] = k
+        self.values[layer][:, :, self.length - start:end - start] = v
+        return self.keys[layer][:, :, :end - start], self.values[layer][:, :, :end - start]
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -134,9 +270,9 @@ class KVCache:
         if self.keys and index.numel() == self.keys[0].size(0):
             moved = (index != torch.arange(index.numel(), device=index.device)).nonzero().squeeze(1)
             if moved.numel():
-                source, n = index[moved], self.length
-                for buf in self.keys + self.values:  # index_select/index_copy_: ~25% faster than buf[a] = buf[b]
-                    filled = buf[:, :, :n]
+                source = index[moved]
+                for layer, buf in enumerate(self.keys + self.values):  # index_select/index_copy_: ~25% faster
+                    filled = buf[:, :, :self.length - self.start(layer % len(self.keys))]
                     filled.index_copy_(0, moved, filled.index_select(0, source))
         else:
             self.keys = [k.index_select(0, index) for k in self.keys]
@@ -160,20 +296,27 @@ class Linear(nn.Linear):
 
 # --------------------------------------------------------------------------- attention
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
-              is_causal: bool = False, dropout: float = 0.0, need_weights: bool = False
+              is_causal: bool = False, dropout: float = 0.0, need_weights: bool = False,
+              scale: Optional[float] = None, softcap: Optional[float] = None
               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """softmax(QKᵀ/√d_k)V.
+    """softmax(QKᵀ/√d_k)V, or softmax(c·tanh(QKᵀ·s / c))V with another scale s and a soft cap c (Gemma 2).
 
     q: (B, H, T, D); k, v: (B, H, S, D); mask: bool, True where a query may attend,
     broadcastable to (B, H, T, S). The fused kernel is used unless the weights are
-    wanted; the explicit path is the same formula written out.
+    wanted or the scores are capped; the explicit path is the same formula written out.
     """
-    if not need_weights and not dropout and kernels.cpu_attention_applies(q):
-        return kernels.cpu_attention(q, k, v, mask, is_causal), None
-    if not need_weights:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+    if not need_weights and softcap is None:
+        if not dropout and kernels.cpu_attention_applies(q):
+            if scale is not None:  # the kernel divides by √d: fold the other scale into the queries
+                q = q * (scale * math.sqrt(q.size(-1)))
+            return kernels.cpu_attention(q, k, v, mask, is_causal), None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                             scale=scale)
         return out, None
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    scores = q @ k.transpose(-2, -1)
+    scores = scores / math.sqrt(q.size(-1)) if scale is None else scores * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
         mask = causal_mask(q.size(2), k.size(2), 0, q.device)
     if mask is not None:
@@ -183,20 +326,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) attention; self-attention fuses Q, K, V into one matmul."""
+    """Multi-head (or grouped-query) attention; self-attention fuses Q, K, V into one matmul.
+    Optionally each query/key head is RMS-normalised before RoPE (``qk_norm``), and a
+    sliding-window layer (``window``) sees only the last ``window`` positions."""
 
-    def __init__(self, config: TransformerConfig, cross: bool = False):
+    def __init__(self, config: TransformerConfig, cross: bool = False, window: Optional[int] = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.cross = cross
+        self.cross, self.window = cross, window
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
         if cross:
-            self.q = Linear(config.hidden_size, q_dim, bias=config.bias)
-            self.kv = Linear(config.hidden_size, 2 * kv_dim, bias=config.bias)
+            self.q = Linear(config.hidden_size, q_dim, bias=qkv_bias)
+            self.kv = Linear(config.hidden_size, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv = Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.bias)
+            self.qkv = Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=qkv_bias)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
         self.out = Linear(q_dim, config.hidden_size, bias=config.bias)
         self.dropout = config.attention_dropout
+        self.scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5
+        self.softcap = config.attn_logit_softcap
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.view(x.size(0), x.size(1), heads, self.head_dim).transpose(1, 2)
@@ -217,10 +367,14 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).split([self.heads * self.head_dim, kv_dim, kv_dim], dim=-1)
             q, k, v = self._split(q, self.heads), self._split(k, self.kv_heads), self._split(v, self.kv_heads)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None:
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             if cache is not None:
-                k, v = cache.update(layer, k, v)
+                k, v = cache.update(layer, k, v, self.window)
+                if mask is not None and cache.start(layer):  # keys before start were forgotten (window)
+                    mask = mask[..., cache.start(layer):]
         if self.kv_heads != self.heads:  # grouped-query: each K/V head serves heads/kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -228,7 +382,8 @@ class Attention(nn.Module):
         if group > 1:  # g consecutive rows (beams) share one source: fold them into g*T queries of it
             b, h, t, d = q.shape
             q = q.view(b // group, group, h, t, d).transpose(1, 2).reshape(b // group, h, group * t, d)
-        out, weights = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0, need_weights)
+        out, weights = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0, need_weights,
+                                 self.scale, self.softcap)
         if group > 1:
             out = out.view(b // group, h, group, t, d).transpose(1, 2).reshape(b, h, t, d)
             if weights is not None:
@@ -239,17 +394,18 @@ class Attention(nn.Module):
 
 # --------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward: fc_out(act(fc_in(x))); gated variants (SwiGLU, GeGLU)
-    compute gate and up projections in one matmul and multiply act(gate) * up."""
+    """Position-wise feed-forward: fc_out(act(fc_in(x))); gated variants (SwiGLU, GeGLU with exact
+    or tanh GELU) compute gate and up projections in one matmul and multiply act(gate) * up."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.gated = config.activation in ("swiglu", "geglu")
+        self.gated = config.activation in GATED
         width = config.intermediate_size * (2 if self.gated else 1)
         self.fc_in = Linear(config.hidden_size, width, bias=config.bias)
         self.fc_out = Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
-                    "silu": nn.SiLU(), "swiglu": nn.SiLU(), "geglu": nn.GELU()}[config.activation]
+                    "silu": nn.SiLU(), "swiglu": nn.SiLU(), "geglu": nn.GELU(),
+                    "geglu_tanh": nn.GELU(approximate="tanh")}[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)
@@ -262,34 +418,42 @@ class MLP(nn.Module):
 # --------------------------------------------------------------------------- block
 class Block(nn.Module):
     """Self-attention, optional cross-attention, MLP; each a residual sublayer,
-    normalised before (pre-LN) or after (post-LN) the residual add."""
+    normalised before (pre-LN) or after (post-LN) the residual add; with ``sandwich_norm``
+    a pre-LN sublayer's output is normalised too before the add (Gemma 2/3)."""
 
-    def __init__(self, config: TransformerConfig, cross: bool):
+    def __init__(self, config: TransformerConfig, cross: bool, sliding: bool = False):
         super().__init__()
-        self.pre_norm = config.pre_norm
-        self.attn_norm, self.attn = make_norm(config), Attention(config)
+        self.pre_norm, self.sliding = config.pre_norm, sliding
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, window=config.sliding_window if sliding else None)
         if cross:
             self.cross_norm, self.cross_attn = make_norm(config), Attention(config, cross=True)
         self.mlp_norm, self.mlp = make_norm(config), MLP(config)
+        if config.sandwich_norm:
+            self.attn_post_norm, self.mlp_post_norm = make_norm(config), make_norm(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, fn) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _residual(self, x: torch.Tensor, norm: nn.Module, fn, post: Optional[nn.Module] = None
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.pre_norm:
             h, w = fn(norm(x))
         else:
             h, w = fn(x)
+        if post is not None:
+            h = post(h)
         if self.training and self.drop.p:  # (a no-op call skipped: it costs per token when decoding)
             h = self.drop(h)
         return (x + h, w) if self.pre_norm else (norm(x + h), w)
 
     def forward(self, x: torch.Tensor, mask, is_causal, rotary, memory, memory_mask, cache, layer, need_weights):
         x, self_w = self._residual(x, self.attn_norm, lambda h: self.attn(
-            h, mask=mask, is_causal=is_causal, rotary=rotary, cache=cache, layer=layer, need_weights=need_weights))
+            h, mask=mask, is_causal=is_causal, rotary=rotary, cache=cache, layer=layer, need_weights=need_weights),
+            getattr(self, "attn_post_norm", None))
         cross_w = None
         if hasattr(self, "cross_attn"):
             x, cross_w = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
                 h, memory=memory, mask=memory_mask, cache=cache, layer=layer, need_weights=need_weights))
-        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
+        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None), getattr(self, "mlp_post_norm", None))
         return x, self_w, cross_w
 
 
@@ -307,15 +471,17 @@ class Stack(nn.Module):
             self.register_buffer("sinusoids", sinusoidal_table(config.max_position_embeddings, config.hidden_size),
                                  persistent=False)
         elif config.position == "rotary":
-            cos, sin = rotary_tables(config.max_position_embeddings, config.head_dim, config.rope_theta)
-            self.register_buffer("rotary_cos", cos, persistent=False)
-            self.register_buffer("rotary_sin", sin, persistent=False)
+            self.rotary = RotaryEmbedding(config, config.rope_theta, config.rope_scaling)
+            if config.rope_local_theta is not None:  # sliding-window layers: their own base, no scaling
+                self.rotary_local = RotaryEmbedding(config, config.rope_local_theta, None)
         if config.type_vocab_size:
             self.token_types = nn.Embedding(config.type_vocab_size, config.hidden_size)
         if config.embedding_norm:
             self.embed_norm = make_norm(config)
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config, cross) for _ in range(num_layers))
+        # sliding windows are a decoder feature (the decoder of a decoder-only model)
+        self.layers = nn.ModuleList(Block(config, cross, sliding=causal and config.is_sliding(i))
+                                    for i in range(num_layers))
         if config.final_norm:
             self.final_norm = make_norm(config)
 
@@ -331,8 +497,8 @@ class Stack(nn.Module):
         elif config.position == "sinusoidal":
             x = x + self.sinusoids[position_ids].to(x.dtype)
         elif config.position == "rotary":
-            rotary = (self.rotary_cos[position_ids].unsqueeze(1).to(x.dtype),
-                      self.rotary_sin[position_ids].unsqueeze(1).to(x.dtype))
+            rotary = self.rotary(position_ids, x.dtype)
+            rotary_local = self.rotary_local(position_ids, x.dtype) if hasattr(self, "rotary_local") else rotary
         if config.type_vocab_size:
             x = x + self.token_types(token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids))
         if config.embedding_norm:
@@ -341,10 +507,17 @@ class Stack(nn.Module):
 
         past = cache.length if cache is not None else 0
         mask, is_causal = self._self_mask(x.size(1), past, attention_mask, x.device)
+        if any(block.sliding for block in self.layers):
+            window_mask, window_causal = self._self_mask(x.size(1), past, attention_mask, x.device,
+                                                         config.sliding_window)
         memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
         self_ws, cross_ws = [], []
         for i, block in enumerate(self.layers):
-            x, self_w, cross_w = block(x, mask, is_causal, rotary, memory, memory_mask, cache, i, need_weights)
+            if block.sliding:
+                x, self_w, cross_w = block(x, window_mask, window_causal, rotary_local if rotary else None, memory,
+                                           memory_mask, cache, i, need_weights)
+            else:
+                x, self_w, cross_w = block(x, mask, is_causal, rotary, memory, memory_mask, cache, i, need_weights)
             self_ws.append(self_w)
             cross_ws.append(cross_w)
         if cache is not None:
@@ -353,16 +526,23 @@ class Stack(nn.Module):
             x = self.final_norm(x)
         return x, (tuple(self_ws) if need_weights else None), (tuple(cross_ws) if need_weights and memory is not None else None)
 
-    def _self_mask(self, query_len: int, past: int, attention_mask: Optional[torch.Tensor], device):
-        """Combine causality and padding into one bool mask, or return is_causal for the fast kernel."""
+    def _self_mask(self, query_len: int, past: int, attention_mask: Optional[torch.Tensor], device,
+                   window: Optional[int] = None):
+        """Combine causality, the sliding window (a query at i sees keys in (i - window, i]) and
+        padding into one bool mask, or return is_causal for the fast kernel."""
         if not self.causal:
             return (None if attention_mask is None else attention_mask[:, None, None, :]), False
-        if attention_mask is None:
+        if window is not None and past + query_len <= window:
+            window = None  # every key is inside every window
+        if attention_mask is None and window is None:
             if past == 0:
                 return None, True
             if query_len == 1:
                 return None, False
         mask = causal_mask(query_len, past + query_len, past, device)[None, None]
+        if window is not None:
+            rows = torch.arange(past, past + query_len, device=device)[:, None]
+            mask = mask & (torch.arange(past + query_len, device=device)[None, :] > rows - window)
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, :]
             # a padded query row would see no key at all (NaN); let it see itself
@@ -482,7 +662,7 @@ class TransformerModel(nn.Module):
         family = self.config.family
         cache = past_key_values
         if use_cache and cache is None and family != "encoder-only":
-            cache = KVCache()
+            cache = KVCache(trim_windows=True)
         if family == "encoder-only":
             if decoder_input_ids is not None:
                 raise ValueError("an encoder-only model takes one sequence; decoder_input_ids must be None")
@@ -576,7 +756,7 @@ class TransformerLM(TransformerModel):
         super().__init__(config)
         if config.mlm_transform:
             self.mlm_dense = Linear(config.hidden_size, config.hidden_size)
-            self.mlm_act = MLP(config.replace(activation="gelu" if config.activation in ("swiglu", "geglu")
+            self.mlm_act = MLP(config.replace(activation="gelu" if config.activation in GATED
                                               else config.activation)).act
             self.mlm_norm = make_norm(config)
         if not config.tie_word_embeddings:
@@ -590,9 +770,12 @@ class TransformerLM(TransformerModel):
             hidden = self.mlm_norm(self.mlm_act(self.mlm_dense(hidden)))
         bias = self.lm_head_bias if self.config.lm_head_bias else None
         if self.config.tie_word_embeddings and hasattr(self.embed_tokens, "project"):
-            return self.embed_tokens.project(hidden, bias)  # an integer table (zenlm.quantize) multiplies itself
-        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight, bias)
+            logits = self.embed_tokens.project(hidden, bias)  # an integer table (zenlm.quantize) multiplies itself
+        else:
+            weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+            logits = linear(hidden, weight, bias)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def generate(self, prompt, tokenizer=None, **options):
         """Text in, text out (ids in, ids out); options as in ``zenlm.GenerationConfig``."""

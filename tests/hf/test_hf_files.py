@@ -99,7 +99,8 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4, "factor": 4.0}},
+     "rope_type 'proportional' is not supported; supported: default, linear, dynamic, llama3, yarn, longrope"),
     ({"hidden_act": "gelu_pytorch_tanh"}, "activation 'gelu_pytorch_tanh' is not supported; supported: gelu, silu"),
     ({"mlp_bias": True}, "mlp_bias=True differs from attention_bias=False"),
 ])

@@ -9,9 +9,9 @@ branches on a family's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
-from ..config import TransformerConfig
+from ..config import ROPE_SCALINGS, TransformerConfig
 
 Source = Union[str, tuple[str, ...]]  # one HF tensor, or several concatenated along dim 0
 REQUIRED = object()  # marks an HF config key without a default
@@ -72,3 +72,64 @@ def require_off(h: dict, family: str, *keys: str) -> None:
     for key in keys:
         if h.get(key):
             raise ValueError(f"{family}: {key}={h[key]!r} is not supported (zenlm needs it off)")
+
+
+# --------------------------------------------------------------------------- rotary settings
+def rope_from_hf(h: dict, family: str, params: Optional[dict] = None, default_theta: float = 10000.0) -> dict:
+    """Our rope_theta / rope_scaling / partial_rotary_factor (and, for ``dynamic``, the longer
+    max_position_embeddings it extends to) from an HF config: transformers 5's ``rope_parameters``
+    or the older ``rope_scaling`` + top-level ``rope_theta``. A rope type zenlm cannot compute is
+    an error naming it."""
+    params = dict(params if params is not None else (h.get("rope_parameters") or h.get("rope_scaling") or {}))
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    theta = params.pop("rope_theta", None) or h.get("rope_theta") or default_theta
+    partial = params.pop("partial_rotary_factor", None) or h.get("partial_rotary_factor") or 1.0
+    out: dict[str, Any] = dict(rope_theta=float(theta), partial_rotary_factor=float(partial))
+    if kind == "default":
+        return out
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"{family}: rope_type {kind!r} is not supported; supported: default, {', '.join(ROPE_SCALINGS)}")
+    window = h.get("max_position_embeddings")
+    if kind == "dynamic":  # transformers' dynamic NTK starts past max_position_embeddings and never stops;
+        # zenlm extends the window by the factor (the length the factor was chosen for)
+        params["original_max_position_embeddings"] = window
+        out["max_position_embeddings"] = int(window * params["factor"])
+    elif kind in ("llama3", "yarn", "longrope"):
+        # Phi-3 keeps the pretraining length beside the rope settings; transformers prefers that one
+        original = h.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or window
+        params["original_max_position_embeddings"] = original
+    out["rope_scaling"] = {"rope_type": kind, **params}
+    return out
+
+
+def rope_to_hf(c: TransformerConfig, theta: Optional[float] = None, scaling: Optional[dict] = None) -> dict:
+    """transformers 5's ``rope_parameters`` dict for our rotary settings (those of ``c`` unless given)."""
+    theta = c.rope_theta if theta is None else theta
+    scaling = dict(c.rope_scaling or {}) if scaling is None else dict(scaling)
+    out: dict[str, Any] = {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": theta}
+    if out["rope_type"] == "dynamic":
+        scaling.pop("original_max_position_embeddings")
+    out.update(scaling)
+    if c.partial_rotary_factor != 1.0:
+        out["partial_rotary_factor"] = c.partial_rotary_factor
+    return out
+
+
+def rope_window_to_hf(c: TransformerConfig) -> dict:
+    """HF max_position_embeddings when dynamic scaling stretched ours (see ``rope_from_hf``)."""
+    if (c.rope_scaling or {}).get("rope_type") == "dynamic":
+        return {"max_position_embeddings": c.rope_scaling["original_max_position_embeddings"]}
+    return {}
+
+
+def end_tokens_to_hf(c: TransformerConfig) -> dict:
+    """config.json's eos_token_id: the whole list when the model stops on several (Llama 3)."""
+    eos = (c.extra.get("generation") or {}).get("eos_token_id")
+    return {"eos_token_id": list(eos)} if isinstance(eos, (list, tuple)) else {}
+
+
+def first_tokens_from_hf(h: dict) -> dict:
+    """bos/eos/pad ids given as lists (Llama 3 lists several end tokens): the first is the main one;
+    generation stops on all of them (generation_from_hf keeps the list)."""
+    return {key: h[key][0] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if isinstance(h.get(key), list)}
