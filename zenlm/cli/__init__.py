@@ -43,7 +43,7 @@ def add_info(sub) -> None:
 def run_info(args) -> None:
     import os
 
-    from .config import PRESETS, TransformerConfig, estimate_costs
+    from ..config import PRESETS, TransformerConfig, estimate_costs
 
     if args.system:
         _print_system()
@@ -54,7 +54,7 @@ def run_info(args) -> None:
     if args.model in PRESETS:
         config = TransformerConfig.from_preset(args.model)
     elif os.path.isdir(args.model):
-        from .hf import is_hf_folder, read_hf_config  # a Hugging Face folder reads as it imports
+        from ..hf import is_hf_folder, read_hf_config  # a Hugging Face folder reads as it imports
 
         config = read_hf_config(args.model) if is_hf_folder(args.model) else TransformerConfig.load(args.model)
     else:
@@ -80,8 +80,8 @@ def run_info(args) -> None:
 def _print_system() -> None:
     import torch
 
-    from .cpu import cpu_info, resolve_precision
-    from .kernels import fp32_linear_backend
+    from ..cpu import cpu_info, resolve_precision
+    from ..kernels import fp32_linear_backend
 
     info = cpu_info()
     print(info.describe())
@@ -112,7 +112,7 @@ def run_tokenizer_train(args) -> None:
     import os
     import time
 
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     missing = [f for f in args.files if not os.path.isfile(f)]
     if missing:
@@ -145,7 +145,7 @@ def add_demo(sub) -> None:
 
 
 def run_demo(args) -> None:
-    from .demo import run
+    from ..demo import run
 
     if args.port is not None and not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
@@ -169,7 +169,7 @@ def run_train(args) -> None:
     import logging
     import os
 
-    from .train import TrainConfig, parse_overrides, train
+    from ..train import TrainConfig, parse_overrides, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig.from_yaml(args.config, parse_overrides(args.overrides))
@@ -204,8 +204,8 @@ def add_generate(sub) -> None:
 def run_generate(args) -> None:
     import os
 
-    from . import load, load_tokenizer
-    from .generate import Generator
+    from .. import load, load_tokenizer
+    from ..generate import Generator
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"no model folder at {args.model}")
@@ -248,14 +248,14 @@ def add_convert(sub) -> None:
 def run_convert_from_hf(args) -> None:
     import torch
 
-    from .hf import convert_from_hf
+    from ..hf import convert_from_hf
 
     out = convert_from_hf(args.src, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"converted {args.src} -> {out} (zenlm checkpoint)")
 
 
 def run_convert_to_hf(args) -> None:
-    from .hf import convert_to_hf
+    from ..hf import convert_to_hf
 
     out = convert_to_hf(args.src, args.out)
     print(f"converted {args.src} -> {out} (Hugging Face folder)")
@@ -288,7 +288,7 @@ def add_serve(sub) -> None:
 def run_serve(args) -> None:
     import os
 
-    from .serve import ServeConfig, serve
+    from ..serve import ServeConfig, serve
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
@@ -321,7 +321,7 @@ def add_keys(sub) -> None:
 def run_keys(args) -> None:
     import time
 
-    from .serve.billing import Billing
+    from ..serve.billing import Billing
 
     billing = Billing.open(args.database)
     stamp = lambda t: "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
@@ -360,7 +360,7 @@ def add_plans(sub) -> None:
 
 
 def run_plans(args) -> None:
-    from .serve.billing import Billing, format_micros, to_micros
+    from ..serve.billing import Billing, format_micros, to_micros
 
     billing = Billing.open(args.database)
     if args.plans_command == "create":
@@ -395,7 +395,7 @@ def add_billing(sub) -> None:
 
 
 def run_billing(args) -> None:
-    from .serve.billing import Billing, format_micros, month_of, plot_report, write_report_csv
+    from ..serve.billing import Billing, format_micros, month_of, plot_report, write_report_csv
 
     import time
 
@@ -443,7 +443,7 @@ def add_index(sub) -> None:
 
 
 def run_index_build(args) -> None:
-    from .retrieval.index import IndexConfig, index_files
+    from ..retrieval.index import IndexConfig, index_files
 
     index, changes, skipped = index_files(args.docs, args.out, args.model, overwrite=args.overwrite,
                                           config=IndexConfig(dense=args.dense), precision=args.precision,
@@ -456,7 +456,7 @@ def run_index_build(args) -> None:
 
 
 def run_index_delete(args) -> None:
-    from .retrieval.index import Index
+    from ..retrieval.index import Index
 
     with Index.open(args.dir) as index:
         changes = index.delete(args.ids)
@@ -479,7 +479,7 @@ def add_search(sub) -> None:
 def run_search(args) -> None:
     import json
 
-    from .retrieval.index import Index
+    from ..retrieval.index import Index
 
     with Index.open(args.dir, args.model) as index:
         hits = index.search(args.query, k=args.k, mode=args.mode or ("hybrid" if index.model else "bm25"))
@@ -506,9 +506,9 @@ def add_ask(sub) -> None:
 
 
 def run_ask(args) -> None:
-    from . import load, load_tokenizer
-    from .retrieval.index import Index
-    from .retrieval.rag import ask
+    from .. import load, load_tokenizer
+    from ..retrieval.index import Index
+    from ..retrieval.rag import ask
 
     generator = load(args.model)
     with Index.open(args.dir, args.embed_model) as index:
@@ -538,7 +538,7 @@ def add_evaluate(sub) -> None:
 
 
 def run_evaluate_retrieval(args) -> None:
-    from .retrieval.evaluate import evaluate_files
+    from ..retrieval.evaluate import evaluate_files
 
     modes = ("bm25", "dense", "hybrid") if args.mode == "all" else (args.mode,)
     for scores in evaluate_files(args.dir, args.queries, args.qrels, modes, args.qrels_format, args.model):
@@ -549,8 +549,8 @@ def run_evaluate_retrieval(args) -> None:
 def _load_app_model(path: str, adapter: Optional[str] = None):
     import os
 
-    from . import load_tokenizer
-    from .lora import load_with_adapter
+    from .. import load_tokenizer
+    from ..lora import load_with_adapter
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no model folder at {path}")
@@ -589,7 +589,7 @@ def add_translate(sub) -> None:
 
 
 def run_translate(args) -> None:
-    from .tasks.translate import translate, translate_file
+    from ..tasks.translate import translate, translate_file
 
     if bool(args.text) == bool(args.input):
         raise ValueError("give either sentences to translate or --input FILE (with --output FILE)")
@@ -625,7 +625,7 @@ def run_evaluate_translation(args) -> None:
     import json
     import time
 
-    from .tasks.translate import evaluate_files
+    from ..tasks.translate import evaluate_files
 
     model, tokenizer = _load_app_model(args.model, args.adapter)
     start = time.perf_counter()
@@ -655,7 +655,7 @@ def _add_evaluate_chat(esub) -> None:
 def run_evaluate_chat(args) -> None:
     import json
 
-    from .tasks.chat import chat_perplexity
+    from ..tasks.chat import chat_perplexity
 
     model, tokenizer = _load_app_model(args.model, args.adapter)
     print(json.dumps(chat_perplexity(model, tokenizer, args.data, args.batch_size)))
@@ -676,7 +676,7 @@ def add_chat(sub) -> None:
 
 
 def run_chat(args) -> None:
-    from .tasks.chat import ChatSession, run_terminal
+    from ..tasks.chat import ChatSession, run_terminal
 
     model, tokenizer = _load_app_model(args.model, args.adapter)
     options = dict(do_sample=args.temperature > 0, temperature=max(args.temperature, 0.0), top_p=args.top_p,
@@ -703,8 +703,8 @@ def run_finetune(args) -> None:
     import json
     import logging
 
-    from .tasks.finetune import finetune
-    from .train import parse_overrides
+    from ..tasks.finetune import finetune
+    from ..train import parse_overrides
 
     # the options may also come after DATA, where argparse.REMAINDER has swallowed them
     late = argparse.ArgumentParser(add_help=False)
@@ -720,7 +720,7 @@ def run_finetune(args) -> None:
 
 
 def add_prepare(sub) -> None:
-    from .tasks.prepare import PREPARERS
+    from ..tasks.prepare import PREPARERS
 
     p = sub.add_parser("prepare", help="turn a shared data set into the files a recipe trains on",
                        description="zenlm prepare NAME --out DIR (reads ../shared/data in place)")
@@ -732,7 +732,7 @@ def add_prepare(sub) -> None:
 def run_prepare(args) -> None:
     import json
 
-    from .tasks.prepare import prepare
+    from ..tasks.prepare import prepare
 
     print(json.dumps(prepare(args.name, args.out)))
 
@@ -756,13 +756,13 @@ def add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> None:
-    from .folders import quantize_folder
+    from ..folders import quantize_folder
 
     r = quantize_folder(args.model, args.out, args.scheme, args.group_size, not args.keep_embeddings)
     print(f"{r['scheme']}: {_bytes(r['source_bytes'])} -> {_bytes(r['quantized_bytes'])} "
           f"({r['ratio']:.2f}x smaller), written to {r['out']}")
     if r["scheme"] == "dynamic":
-        from .cpu import cpu_info
+        from ..cpu import cpu_info
 
         bits = cpu_info().int8_activation_bits
         print(f"on this CPU the activations are quantized to {bits} bits at run time "
@@ -782,7 +782,7 @@ def add_average(sub) -> None:
 def run_average(args) -> None:
     import json
 
-    from .checkpoint import average_checkpoints
+    from ..checkpoint import average_checkpoints
 
     print(json.dumps(average_checkpoints(args.checkpoints, args.out)))
 
@@ -799,7 +799,7 @@ def add_explain(sub) -> None:
 
 
 def run_explain(args) -> None:
-    from .explain import explain, write_report
+    from ..explain import explain, write_report
 
     model, tokenizer = _load_app_model(args.model)
     expl = explain(model, tokenizer, args.text, target=args.target)
@@ -843,7 +843,7 @@ def add_estimate(sub) -> None:
 
 
 def run_estimate(args) -> None:
-    from .estimate import calibrate, estimate
+    from ..estimate import calibrate, estimate
 
     if args.calibrate:
         cal = calibrate(threads=args.threads)
@@ -885,7 +885,7 @@ def run_distill(args) -> None:
     import json
     import logging
 
-    from .distill import DistillConfig, distill
+    from ..distill import DistillConfig, distill
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {}
@@ -934,6 +934,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
