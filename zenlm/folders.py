@@ -23,7 +23,12 @@ def load(path, **kwargs) -> TransformerLM:
     """Load a model folder: a zenlm checkpoint (config.json + model.safetensors), or a local
     Hugging Face folder (config.json with a "model_type"), converted on the fly by ``zenlm.hf``.
     The folder's tokenizer.json, when there is one, comes along as ``model.tokenizer``, so
-    ``zenlm.load(path).generate("text")`` works as it reads."""
+    ``zenlm.load(path).generate("text")`` works as it reads. A path ending in .gguf is read by
+    ``zenlm.gguf.load_gguf`` (llama.cpp's file, its tokenizer included)."""
+    if os.fspath(path).lower().endswith(".gguf"):
+        from .gguf import load_gguf
+
+        return load_gguf(path, **kwargs)
     model = load_hf(path, **kwargs) if is_hf_folder(path) else load_model(path, **kwargs)
     if os.path.isfile(os.path.join(path, TOKENIZER_NAME)):
         model.tokenizer = load_tokenizer(path)

@@ -1,0 +1,678 @@
+"""GGUF out and in: hand a model to llama.cpp / Ollama, and read their files back.
+
+``export_gguf(model, tokenizer, "model.gguf", type="f32"|"f16"|"q8_0")`` writes what llama.cpp's own
+converter (``convert_hf_to_gguf.py``) writes for the same model: the architecture name, its
+hyper-parameter keys, its tensor names (``token_embd.weight``, ``blk.N.attn_q.weight``, ...,
+``output_norm.weight``, ``output.weight`` unless tied) and the tokenizer (``tokenizer.ggml.*``: a
+byte-level BPE as model "gpt2" with its merges, token types, special ids and chat template).
+
+``load_gguf("model.gguf")`` reads such a file (f32, f16, bf16, q8_0 and, through the ``gguf``
+package's dequantizers, q4_0/q4_1/q5_0/q5_1/q4_K/q5_K/q6_K) back into a ``TransformerLM`` with its
+``Tokenizer`` as ``model.tokenizer``; ``zenlm.load("model.gguf")`` comes here.
+
+Architectures are data (``ARCHS``): one ``Arch`` record per llama.cpp architecture says which zenlm
+config it takes, how its rotary layout differs and which extra tensors it has. Adding a family is one
+record there. Rotary layout: zenlm (like Hugging Face) rotates the pairs (x_i, x_{i+d/2}) of a head;
+llama.cpp's ``llama`` architecture rotates (x_{2i}, x_{2i+1}), so its converter permutes the rows of
+the q and k projections per head (``permute`` below, the converter's own formula) and we undo it on
+the way in. ``qwen2``/``qwen3`` use the NeoX layout, which is ours: no permutation.
+
+The ``gguf`` package (written by the llama.cpp project) is imported inside the functions only, so
+``import zenlm`` does not need it: ``pip install 'zenlm[gguf]'``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .config import TransformerConfig
+from .model import TransformerLM
+from .tokenizer import Tokenizer
+
+PathLike = Union[str, os.PathLike]
+TYPES = ("f32", "f16", "q8_0")  # what export_gguf writes (llama.cpp's converter: --outtype f32|f16|q8_0)
+
+# tokenizer.ggml.pre names of the byte-level pre-tokenizers zenlm knows, by the Split regex in front
+# of a ByteLevel(use_regex=False) (a bare ByteLevel with its GPT-2 regex is "gpt-2")
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {"llama-bpe": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX}
+_GPT2_PRE = ("gpt-2", "default")
+
+# llama.cpp token types (gguf.TokenType)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# the zenlm key that carries what llama.cpp's keys cannot say (llama3 rope parameters)
+_ZENLM_ROPE_KEY = "zenlm.rope_scaling"
+
+
+# --------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class Arch:
+    """One llama.cpp architecture, as data.
+
+    ``accepts(config)`` lists what of a zenlm config the architecture cannot express (empty: it
+    maps); ``interleaved_rope``: llama.cpp rotates adjacent pairs, so q/k rows are permuted on the
+    way out; ``layer_tensors``: our per-layer tensor name suffix -> GGUF suffix(es) (a tuple: our
+    fused tensor split in that order along dim 0); ``config_from_gguf`` adds the flags the
+    architecture implies when reading."""
+
+    name: str
+    interleaved_rope: bool
+    accepts: Callable[[TransformerConfig], list[str]]
+    config_from_gguf: Callable[[dict, set[str]], dict] = lambda kv, tensors: {}
+    layer_tensors: dict[str, Any] = field(default_factory=dict)
+
+
+_COMMON_LAYER = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn.qkv.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
+    "attn.qkv.bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    "attn.out.weight": "attn_output.weight",
+    "attn.out.bias": "attn_output.bias",
+    "mlp_norm.weight": "ffn_norm.weight",
+    "mlp.fc_in.weight": ("ffn_gate.weight", "ffn_up.weight"),
+    "mlp.fc_in.bias": ("ffn_gate.bias", "ffn_up.bias"),
+    "mlp.fc_out.weight": "ffn_down.weight",
+    "mlp.fc_out.bias": "ffn_down.bias",
+}
+_QK_NORM_LAYER = {"attn.q_norm.weight": "attn_q_norm.weight", "attn.k_norm.weight": "attn_k_norm.weight"}
+_GLOBAL = {"embed_tokens.weight": "token_embd.weight", "decoder.final_norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+
+
+def _rmsnorm_rope_swiglu(c: TransformerConfig) -> list[str]:
+    """What keeps a decoder from being the pre-norm RMSNorm + rotary + SwiGLU transformer that
+    llama.cpp's llama/qwen2/qwen3 graphs compute."""
+    bad = []
+
+    def want(name: str, ok: bool, value: Any = None):
+        if not ok:
+            bad.append(f"{name}={getattr(c, name) if value is None else value!r}")
+
+    want("num_encoder_layers", c.num_encoder_layers == 0)
+    want("num_decoder_layers", c.num_decoder_layers > 0)
+    want("norm", c.norm == "rmsnorm")
+    want("norm_unit_offset", not c.norm_unit_offset)
+    want("pre_norm", c.pre_norm)
+    want("final_norm", c.final_norm)
+    want("sandwich_norm", not c.sandwich_norm)
+    want("embedding_norm", not c.embedding_norm)
+    want("scale_embedding", not c.scale_embedding)
+    want("type_vocab_size", c.type_vocab_size == 0)
+    want("mlm_transform", not c.mlm_transform)
+    want("lm_head_bias", not c.lm_head_bias)
+    want("position", c.position == "rotary")
+    want("activation", c.activation == "swiglu")
+    want("partial_rotary_factor", c.partial_rotary_factor == 1.0)
+    want("attn_logit_softcap", c.attn_logit_softcap is None)
+    want("final_logit_softcap", c.final_logit_softcap is None)
+    want("query_pre_attn_scalar", c.query_pre_attn_scalar is None)
+    want("rope_local_theta", c.rope_local_theta is None)
+    # llama.cpp's llama graph attends to every position: a window that never binds is fine
+    want("sliding_window", c.sliding_window is None or c.sliding_window >= c.max_position_embeddings)
+    scaling = c.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind not in (None, "linear", "llama3", "yarn"):
+        bad.append(f"rope_scaling rope_type={kind!r} (llama.cpp computes linear, llama3 and yarn)")
+    if kind == "yarn":
+        extra = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if scaling.get(k) is not None]
+        if extra or scaling.get("truncate", True) is False:
+            bad.append(f"rope_scaling yarn with {', '.join(extra) or 'truncate=False'} "
+                       "(llama.cpp computes yarn's default attention factor only)")
+    return bad
+
+
+def _llama_accepts(c: TransformerConfig) -> list[str]:
+    bad = _rmsnorm_rope_swiglu(c)
+    if c.qk_norm:
+        bad.append("qk_norm=True")
+    if c.qkv_bias is not None and c.qkv_bias != c.bias:
+        bad.append(f"qkv_bias={c.qkv_bias} with bias={c.bias}")
+    return bad
+
+
+def _qwen2_accepts(c: TransformerConfig) -> list[str]:
+    bad = _rmsnorm_rope_swiglu(c)
+    if c.qk_norm:
+        bad.append("qk_norm=True")
+    if c.bias or not c.qkv_bias:
+        bad.append(f"bias={c.bias}, qkv_bias={c.qkv_bias} (qwen2: bias on q/k/v only)")
+    return bad
+
+
+def _qwen3_accepts(c: TransformerConfig) -> list[str]:
+    bad = _rmsnorm_rope_swiglu(c)
+    if not c.qk_norm:
+        bad.append("qk_norm=False")
+    if c.bias or c.qkv_bias:
+        bad.append(f"bias={c.bias}, qkv_bias={c.qkv_bias} (qwen3: no biases)")
+    return bad
+
+
+ARCHS: dict[str, Arch] = {a.name: a for a in (
+    Arch("llama", interleaved_rope=True, accepts=_llama_accepts, layer_tensors=dict(_COMMON_LAYER)),
+    Arch("qwen2", interleaved_rope=False, accepts=_qwen2_accepts, layer_tensors=dict(_COMMON_LAYER),
+         config_from_gguf=lambda kv, t: dict(bias=False, qkv_bias=True)),
+    Arch("qwen3", interleaved_rope=False, accepts=_qwen3_accepts, layer_tensors={**_COMMON_LAYER, **_QK_NORM_LAYER},
+         config_from_gguf=lambda kv, t: dict(qk_norm=True)),
+)}
+# which architecture a config is written as: the first in this order that maps
+_EXPORT_ORDER = ("qwen3", "qwen2", "llama")
+
+
+def arch_for(config: TransformerConfig) -> Arch:
+    """The llama.cpp architecture a zenlm config is written as; a ValueError naming what does not map."""
+    problems = {}
+    for name in _EXPORT_ORDER:
+        bad = ARCHS[name].accepts(config)
+        if not bad:
+            return ARCHS[name]
+        problems[name] = bad
+    # name the closest architecture's objections (fewest of them)
+    name = min(problems, key=lambda n: len(problems[n]))
+    raise ValueError(f"this model does not map to a llama.cpp architecture (supported: {', '.join(ARCHS)}); "
+                     f"as {name!r} these settings do not map: {'; '.join(problems[name])}")
+
+
+# --------------------------------------------------------------------------- rotary layout
+def permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter (``LlamaModel.permute``): per head, rows (0..d/2-1 | d/2..d-1) of the
+    rotate-half layout become interleaved (0, d/2, 1, d/2+1, ...)."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def unpermute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of ``permute``."""
+    return (weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def llama3_rope_factors(c: TransformerConfig, scaling: dict) -> torch.Tensor:
+    """The ``rope_freqs.weight`` tensor llama.cpp's converter writes for rope_type llama3: each
+    frequency is divided by its factor (the converter's loop, in float32)."""
+    dim, base = c.head_dim, c.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+# the llama3 settings Meta shipped (3.1, 3.2): tried against a rope_freqs tensor from another writer
+_LLAMA3_KNOWN = [dict(factor=f, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+                 for f in (8.0, 32.0, 16.0)]
+
+
+# --------------------------------------------------------------------------- tokenizer out
+def _tokenizer_json(tokenizer: Tokenizer) -> dict:
+    return json.loads(tokenizer.backend.to_str())
+
+
+def _pre_name(data: dict) -> str:
+    """tokenizer.ggml.pre for a tokenizer.json's pre-tokenizer; a ValueError for one llama.cpp lacks."""
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers") or []
+        if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
+                and not steps[1].get("use_regex", True)):
+            regex = (steps[0].get("pattern") or {}).get("Regex")
+            for name, known in PRE_TOKENIZERS.items():
+                if regex == known:
+                    return name
+            raise ValueError(f"tokenizer: the pre-tokenizer regex {regex!r} is not one llama.cpp names; "
+                             f"known: GPT-2's (gpt-2), {', '.join(PRE_TOKENIZERS)}")
+    raise ValueError(f"tokenizer: pre-tokenizer {json.dumps(pre)[:200]} does not map to llama.cpp "
+                     "(byte-level BPE tokenizers only)")
+
+
+def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
+    """Everything export_gguf writes under tokenizer.ggml.*, as plain values."""
+    data = _tokenizer_json(tokenizer)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"tokenizer: a {model.get('type')} model with a {(data.get('decoder') or {}).get('type')} "
+                         "decoder does not map to llama.cpp's 'gpt2' tokenizer (byte-level BPE only)")
+    normalizer = data.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise ValueError(f"tokenizer: normalizer {normalizer.get('type')!r} does not map to llama.cpp")
+    pre = _pre_name(data)
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    size = max(config.vocab_size, max(vocab.values()) + 1)
+    if size != config.vocab_size:
+        raise ValueError(f"tokenizer has ids up to {size - 1}; the model's vocab_size is {config.vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [_UNUSED] * size
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, _NORMAL
+    for added in data.get("added_tokens") or []:
+        i, text = added["id"], added["content"]
+        if i < size:
+            tokens[i] = text
+            looks_special = text.startswith("<|") and text.endswith("|>")
+            types[i] = _CONTROL if added.get("special") or looks_special else _USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    # special ids: the model's own, else the tokenizer's
+    encoded = tokenizer.backend.encode("a", add_special_tokens=True).ids
+    plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
+    out = dict(model="gpt2", pre=pre, tokens=tokens, types=types, merges=merges,
+               bos=config.bos_token_id, eos=config.eos_token_id,
+               pad=tokenizer.pad_id if tokenizer.pad_id is not None else config.pad_token_id,
+               add_bos=len(encoded) > len(plain) and encoded[0] == config.bos_token_id,
+               add_eos=len(encoded) > len(plain) and encoded[-1] == config.eos_token_id,
+               chat_template=tokenizer.chat_template or None)
+    unk = tokenizer.special_tokens.get("unk_token")
+    if unk is not None and tokenizer.token_to_id(unk) is not None:
+        out["unk"] = tokenizer.token_to_id(unk)
+    others = [i for i in tokenizer.stop_token_ids if i != config.eos_token_id and i < size]
+    if others:
+        out["eot"] = others[0]  # llama.cpp stops on eos and on eot
+    return out
+
+
+# --------------------------------------------------------------------------- export
+def _tensor_plan(model: TransformerLM, arch: Arch) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor in our layout turned into llama.cpp's) for every weight."""
+    c = model.config
+    q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    splits = {"attn.qkv": [q_dim, kv_dim, kv_dim], "mlp.fc_in": [c.intermediate_size] * 2}
+    out = []
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to(torch.float32).cpu()
+        if name in _GLOBAL:
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            out.append((_GLOBAL[name], tensor))
+            continue
+        prefix = "decoder.layers."
+        if not name.startswith(prefix):
+            raise ValueError(f"tensor {name!r} has no place in a GGUF of architecture {arch.name!r}")
+        layer, _, suffix = name[len(prefix):].partition(".")
+        if suffix not in arch.layer_tensors:
+            raise ValueError(f"tensor {name!r} has no place in a GGUF of architecture {arch.name!r}")
+        target = arch.layer_tensors[suffix]
+        if isinstance(target, tuple):
+            parts = tensor.split(splits[suffix.rpartition(".")[0]], dim=0)
+        else:
+            parts, target = (tensor,), (target,)
+        for gguf_name, part in zip(target, parts):
+            if arch.interleaved_rope and gguf_name.startswith(("attn_q.", "attn_k.")):
+                part = permute(part, c.num_attention_heads if gguf_name.startswith("attn_q.") else c.num_key_value_heads)
+            out.append((f"blk.{layer}.{gguf_name}", part.contiguous()))
+    return out
+
+
+def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: PathLike, type: str = "f32",
+                name: Optional[str] = None) -> dict:
+    """Write ``model`` (and its tokenizer) as one GGUF file llama.cpp loads.
+
+    ``type``: "f32", "f16" (matrices in half precision, norms in f32) or "q8_0" (matrices in 8-bit
+    blocks of 32 with one f16 scale; a matrix whose rows are not a multiple of 32 falls back to f16,
+    as in llama.cpp's converter). ``tokenizer`` defaults to ``model.tokenizer``. A model whose
+    settings llama.cpp cannot compute is a ValueError naming them. Returns a small report."""
+    import gguf
+
+    if type not in TYPES:
+        raise ValueError(f"unknown GGUF type {type!r}; supported: {', '.join(TYPES)}")
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("a GGUF for llama.cpp carries the tokenizer: pass one (or load the model with its folder's)")
+    c = model.config
+    arch = arch_for(c)
+    tok = _tokenizer_fields(tokenizer, c)
+    Q = gguf.GGMLQuantizationType
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type]
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch.name)
+    try:
+        # general.* and hyper-parameters, in the converter's words
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(name or c.extra.get("name") or path.stem)
+        w.add_block_count(c.num_decoder_layers)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(float(c.rope_theta))
+        w.add_layer_norm_rms_eps(float(c.norm_eps))
+        if c.head_dim != c.hidden_size // c.num_attention_heads:
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+        w.add_file_type(file_type)
+        w.add_vocab_size(c.vocab_size)
+        w.add_rope_dimension_count(c.rotary_dim)
+        scaling = dict(c.rope_scaling or {})
+        kind = scaling.get("rope_type")
+        extra_tensors = []
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        elif kind == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+            if scaling.get("beta_fast") is not None:
+                w.add_rope_scaling_yarn_beta_fast(float(scaling["beta_fast"]))
+            if scaling.get("beta_slow") is not None:
+                w.add_rope_scaling_yarn_beta_slow(float(scaling["beta_slow"]))
+        elif kind == "llama3":
+            extra_tensors.append(("rope_freqs.weight", llama3_rope_factors(c, scaling)))
+            w.add_string(_ZENLM_ROPE_KEY, json.dumps(scaling, sort_keys=True))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+        # tokenizer.ggml.*
+        w.add_tokenizer_model(tok["model"])
+        w.add_tokenizer_pre(tok["pre"])
+        w.add_token_list(tok["tokens"])
+        w.add_token_types(tok["types"])
+        w.add_token_merges(tok["merges"])
+        w.add_bos_token_id(tok["bos"])
+        w.add_eos_token_id(tok["eos"])
+        if tok.get("unk") is not None:
+            w.add_unk_token_id(tok["unk"])
+        if tok.get("pad") is not None:
+            w.add_pad_token_id(tok["pad"])
+        if tok.get("eot") is not None:
+            w.add_eot_token_id(tok["eot"])
+        w.add_add_bos_token(bool(tok["add_bos"]))
+        w.add_add_eos_token(bool(tok["add_eos"]))
+        template = tok["chat_template"]
+        if template:
+            w.add_chat_template(template if isinstance(template, str)
+                                else [{"name": k, "template": v} for k, v in template.items()])
+
+        counts: dict[str, int] = {}
+        for gguf_name, tensor in _tensor_plan(model, arch) + extra_tensors:
+            data = tensor.numpy().astype(np.float32)
+            qtype = Q.F32
+            if data.ndim >= 2 and type != "f32":
+                qtype = Q.F16
+                if type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+                    qtype = Q.Q8_0
+            if qtype == Q.F32:
+                w.add_tensor(gguf_name, data)
+            elif qtype == Q.F16:
+                w.add_tensor(gguf_name, data.astype(np.float16))
+            else:
+                w.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    os.replace(tmp, path)
+    return {"path": str(path), "architecture": arch.name, "type": type, "bytes": path.stat().st_size,
+            "tensor_types": counts}
+
+
+# --------------------------------------------------------------------------- reading
+# tensor types read back: plain floats, and the block formats gguf.quants dequantizes
+_READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+               "Q6_K")
+
+
+def _value(field) -> Any:
+    """A metadata field's value as Python (str, number, bool or list of those)."""
+    return field.contents()
+
+
+def read_metadata(reader) -> dict:
+    return {name: _value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _tensor_array(t) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy's (rows, cols) order; a ValueError naming a type we don't read."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(t.tensor_type)
+    if kind.name not in _READ_TYPES:
+        raise ValueError(f"tensor {t.name!r} has type {kind.name}, which zenlm does not read; "
+                         f"supported: {', '.join(_READ_TYPES)}")
+    shape = tuple(int(n) for n in reversed(t.shape))
+    if kind.name in ("F32", "F16"):
+        data = np.array(t.data, dtype=np.float32)  # a copy: the reader maps the file read-only
+    else:
+        data = gguf.quants.dequantize(np.asarray(t.data), kind)
+    return data.reshape(shape)
+
+
+def _config_from_gguf(meta: dict, tensors: dict, arch: Arch) -> TransformerConfig:
+    a = arch.name
+
+    def key(name: str, default: Any = None, required: bool = True) -> Any:
+        full = f"{a}.{name}"
+        if full in meta:
+            return meta[full]
+        if required and default is None:
+            raise ValueError(f"GGUF metadata lacks {full!r}")
+        return default
+
+    embd = tensors["token_embd.weight"]
+    vocab, hidden = int(embd.shape[1]), int(embd.shape[0])
+    heads = int(key("attention.head_count"))
+    kv_heads = key("attention.head_count_kv", heads, required=False)
+    if isinstance(kv_heads, list):
+        raise ValueError(f"{a}.attention.head_count_kv varies per layer; zenlm needs one value")
+    head_dim = int(key("attention.key_length", hidden // heads, required=False))
+    if int(key("attention.value_length", head_dim, required=False)) != head_dim:
+        raise ValueError(f"{a}.attention.value_length differs from key_length; zenlm needs them equal")
+    rot = int(key("rope.dimension_count", head_dim, required=False))
+    if rot != head_dim:
+        raise ValueError(f"{a}.rope.dimension_count={rot} differs from the head size {head_dim}: "
+                         "partial rotary is not read for this architecture")
+    out: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
+        num_attention_heads=heads, num_key_value_heads=int(kv_heads), num_encoder_layers=0,
+        num_decoder_layers=int(key("block_count")), max_position_embeddings=int(key("context_length", 2048, False)),
+        pre_norm=True, norm="rmsnorm", norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        activation="swiglu", position="rotary", rope_theta=float(key("rope.freq_base", 10000.0, False)),
+        head_size=head_dim if head_dim != hidden // heads else None,
+        bias="blk.0.attn_output.bias" in tensors, tie_word_embeddings="output.weight" not in tensors,
+        final_norm=True)
+    out["qkv_bias"] = ("blk.0.attn_q.bias" in tensors) if ("blk.0.attn_q.bias" in tensors) != out["bias"] else None
+    scaling_type = meta.get(f"{a}.rope.scaling.type", "none")
+    if scaling_type == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    elif scaling_type == "yarn":
+        out["rope_scaling"] = {"rope_type": "yarn", "factor": float(key("rope.scaling.factor")),
+                               "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+        for gguf_key, ours in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            if f"{a}.{gguf_key}" in meta:
+                out["rope_scaling"][ours] = float(meta[f"{a}.{gguf_key}"])
+    elif scaling_type not in ("none", None):
+        raise ValueError(f"{a}.rope.scaling.type={scaling_type!r} is not supported; supported: none, linear, yarn")
+    for name, field_name in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                             ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+                             ("pad_token_id", "tokenizer.ggml.padding_token_id")):
+        if field_name in meta and 0 <= int(meta[field_name]) < vocab:
+            out[name] = int(meta[field_name])
+    if "general.name" in meta:
+        out["extra"] = {"name": meta["general.name"], "gguf_architecture": a}
+    out.update(arch.config_from_gguf(meta, set(tensors)))
+    config = TransformerConfig(**out)
+    if "rope_freqs.weight" in tensors:
+        config = config.replace(rope_scaling=_llama3_from_factors(meta, tensors["rope_freqs.weight"], config))
+    return config
+
+
+def _llama3_from_factors(meta: dict, factors_tensor, config: TransformerConfig) -> dict:
+    """The llama3 rope settings behind a rope_freqs tensor: zenlm's own key when it wrote the file,
+    else Meta's published settings that reproduce the tensor; a ValueError when none does."""
+    factors = torch.from_numpy(_tensor_array(factors_tensor).reshape(-1).copy())
+    candidates = ([json.loads(meta[_ZENLM_ROPE_KEY])] if _ZENLM_ROPE_KEY in meta else []) + \
+        [{"rope_type": "llama3", **k} for k in _LLAMA3_KNOWN]
+    for scaling in candidates:
+        if scaling.get("rope_type") == "llama3" and torch.allclose(llama3_rope_factors(config, scaling), factors,
+                                                                   rtol=1e-6, atol=0):
+            return scaling
+    raise ValueError("rope_freqs.weight holds per-frequency factors that match no llama3 rope setting zenlm knows "
+                     "(factor 8/16/32, low 1, high 4, original 8192)")
+
+
+def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RustTokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
+    if pre not in _GPT2_PRE and pre not in PRE_TOKENIZERS:
+        raise ValueError(f"tokenizer.ggml.pre={pre!r} is not supported; supported: "
+                         f"{', '.join(_GPT2_PRE + tuple(PRE_TOKENIZERS))}")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    vocab = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    backend = RustTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
+    if pre in PRE_TOKENIZERS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+        if pre == "qwen2":
+            backend.normalizer = normalizers.NFC()
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    added = [AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
+             for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)]
+    special = [t for t in added if t.special]
+    if special:
+        backend.add_special_tokens(special)
+    if len(added) > len(special):
+        backend.add_tokens([t for t in added if not t.special])
+
+    def token(field_name: str) -> Optional[str]:
+        i = meta.get(field_name)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    specials = {"bos_token": bos, "eos_token": eos, "unk_token": token("tokenizer.ggml.unknown_token_id"),
+                "pad_token": token("tokenizer.ggml.padding_token_id")}
+    template: Any = meta.get("tokenizer.chat_template")
+    names = meta.get("tokenizer.chat_templates") or []
+    if names:
+        template = {**({"default": template} if template else {}),
+                    **{n: meta[f"tokenizer.chat_template.{n}"] for n in names if f"tokenizer.chat_template.{n}" in meta}}
+    eos_ids = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                      "tokenizer.ggml.eom_token_id") if k in meta]
+    return Tokenizer(backend, pad_token=specials["pad_token"], chat_template=template or None,
+                     special_tokens={k: v for k, v in specials.items() if v is not None},
+                     eos_token_ids=list(dict.fromkeys(eos_ids)))
+
+
+def load_gguf(path: PathLike, dtype: Optional[torch.dtype] = None) -> TransformerLM:
+    """Read a GGUF file (llama, qwen2, qwen3) into a TransformerLM, its tokenizer as ``model.tokenizer``.
+
+    Quantized matrices are dequantized to float32 (then cast to ``dtype`` when given). An
+    architecture, tensor type, tokenizer or setting zenlm cannot compute is a ValueError naming it."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct.error/... on a file that is not GGUF
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from None
+    meta = read_metadata(reader)
+    arch_name = meta.get("general.architecture")
+    if arch_name not in ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch_name!r} is not supported; supported: {', '.join(ARCHS)}")
+    arch = ARCHS[arch_name]
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: no token_embd.weight tensor")
+    config = _config_from_gguf(meta, tensors, arch)
+    with torch.device("meta"):
+        expected = TransformerLM(config).state_dict()
+
+    # our name -> (GGUF names, in concatenation order)
+    wanted: dict[str, tuple[str, ...]] = {}
+    for ours in expected:
+        if ours in _GLOBAL:
+            wanted[ours] = (_GLOBAL[ours],)
+            continue
+        layer, _, suffix = ours[len("decoder.layers."):].partition(".")
+        if suffix not in arch.layer_tensors:
+            raise ValueError(f"{path}: zenlm's {ours!r} has no GGUF tensor in architecture {arch_name!r}")
+        target = arch.layer_tensors[suffix]
+        wanted[ours] = tuple(f"blk.{layer}.{t}" for t in (target if isinstance(target, tuple) else (target,)))
+    used = {n for names in wanted.values() for n in names} | {"rope_freqs.weight"}
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise ValueError(f"{path}: tensor {unknown[0]!r} (architecture {arch_name!r}) has no place in zenlm's model"
+                         + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    state = {}
+    for ours, names in wanted.items():
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"{path}: missing tensor {missing[0]!r}")
+        parts = []
+        for n in names:
+            part = torch.from_numpy(np.ascontiguousarray(_tensor_array(tensors[n]), dtype=np.float32))
+            if arch.interleaved_rope and n.split(".")[-2] in ("attn_q", "attn_k"):
+                part = unpermute(part, config.num_attention_heads if ".attn_q." in n else config.num_key_value_heads)
+            parts.append(part)
+        value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if tuple(value.shape) != tuple(expected[ours].shape):
+            raise ValueError(f"{path}: tensor {names[0]!r} has shape {tuple(value.shape)}; the config gives "
+                             f"{tuple(expected[ours].shape)}")
+        state[ours] = value
+    from .hf import _skip_init
+
+    with _skip_init():  # every weight is replaced at once: skip the random initialisation
+        model = TransformerLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    model.tokenizer = _tokenizer_from_gguf(meta)
+    return model
+
+
+def inspect_gguf(path: PathLike) -> dict:
+    """Architecture, metadata keys and tensors (name, GGUF shape, type) of a GGUF file: what
+    ``zenlm info model.gguf`` can print."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = read_metadata(reader)
+    return {"architecture": meta.get("general.architecture"), "keys": sorted(meta),
+            "tensors": [(t.name, tuple(int(n) for n in t.shape), gguf.GGMLQuantizationType(t.tensor_type).name)
+                        for t in reader.tensors]}
+
+
+__all__ = ["ARCHS", "Arch", "TYPES", "arch_for", "export_gguf", "inspect_gguf", "load_gguf", "permute", "unpermute"]
