@@ -154,3 +154,118 @@ def test_inference_prompt_is_what_training_feeds(tmp_path, family):
         ids = batch["input_ids"][0].tolist()
         assert ids == prompt + reply
         assert [t for t in batch["labels"][0].tolist()[len(prompt):]] == reply
+
+
+# --------------------------------------------------------------------------- a model's own chat template
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
+          "m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+TEMPLATE_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                   "<|end_of_text|>"]
+
+
+def save_templated(directory, template=LLAMA3, family="decoder-only", generation_eos=None):
+    """A tiny zenlm model whose tokenizer carries a Llama-3-style template and special tokens, saved as a
+    folder: the template travels in chat_template.jinja and tokenizer_config.json."""
+    import json
+
+    from tokenizers import AddedToken
+
+    from zenlm import TransformerConfig, TransformerLM
+    from zenlm.checkpoint import save_pretrained
+
+    tok = tiny_tokenizer()
+    tok.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TEMPLATE_TOKENS])
+    tok.chat_template = template
+    tok.special_tokens = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                               num_encoder_layers=2 if family == "encoder-decoder" else 0, num_decoder_layers=2,
+                               max_position_embeddings=384, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                               eos_token_id=tok.eos_id)
+    save_pretrained(TransformerLM(config).eval(), directory, tokenizer=tok)
+    if generation_eos is not None:
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+    return directory
+
+
+def test_session_uses_the_models_template_and_stops_on_its_end_tokens(tmp_path):
+    path = save_templated(tmp_path / "m")
+    model, tok = load(path), load_tokenizer(path)
+    assert tok.has_chat_template and (path / "chat_template.jinja").read_text() == LLAMA3
+    eot, eom = tok.token_to_id("<|eot_id|>"), tok.token_to_id("<|eom_id|>")
+    session = ChatSession(model, tok, system="Be brief.", max_new_tokens=10, options={"do_sample": False})
+    assert eot in session.stop_ids and tok.token_to_id("<|end_of_text|>") in session.stop_ids
+    _, ids = session.prompt("Hello")
+    text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert ids == tok.encode(text) == tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        add_generation_prompt=True, return_dict=False)
+    reply = session.reply("Hello")
+    expected = Generator(model, tok).generate(ids, max_new_tokens=10, stop_token_ids=session.stop_ids)[0].text
+    assert reply == expected.strip()
+    assert session.history[-1] == {"role": "assistant", "content": reply}
+    # the folder's generation_config eos list stops a reply: make the model's first greedy token one of them
+    first = Generator(model, tok).generate(ids, max_new_tokens=1)[0].token_ids[0]
+    stopped = save_templated(tmp_path / "s", generation_eos=[first, eom])
+    session = ChatSession(load(stopped), load_tokenizer(stopped), system="Be brief.", max_new_tokens=10,
+                          options={"do_sample": False})
+    assert {first, eom, eot} <= set(session.stop_ids)
+    assert session.reply("Hello") == ""
+    # history is fitted by rendering whole conversations: newest exchanges kept, within the budget
+    history = exchanges(12)
+    for budget in (150, 100, 60):
+        messages, ids = fit_history(tok, history, "last?", budget, "Be brief.")
+        assert len(ids) <= budget and messages[0]["role"] == "system" and messages[-1]["content"] == "last?"
+        kept = messages[1:-1]
+        assert kept == history[len(history) - len(kept):] and len(kept) % 2 == 0
+        if len(kept) < len(history):
+            longer = [messages[0]] + history[len(history) - len(kept) - 2:] + [messages[-1]]
+            assert len(encode_chat(tok, longer, add_generation_prompt=True)[0]) > budget
+
+
+def test_a_template_refusing_the_conversation_is_a_value_error_in_the_session(tmp_path):
+    template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                + LLAMA3)
+    path = save_templated(tmp_path / "m", template)
+    session = ChatSession(load(path), load_tokenizer(path), system="Be brief.", max_new_tokens=4)
+    with pytest.raises(ValueError, match="^System role not supported$"):
+        session.reply("Hello")
+    out = []
+    session_lines = iter(["hi", "/system", "hi again", "/exit"])
+    run_terminal(session, input_fn=lambda prompt: next(session_lines), write=out.append)
+    text = "".join(out)
+    assert "error: System role not supported" in text and text.count("bot> ") == 2
+
+
+def test_llm_chat_and_rag_ask_format_through_the_template(tmp_path):
+    from zenlm import LLM
+    from zenlm.retrieval.index import Hit
+    from zenlm.retrieval.rag import ask
+
+    path = save_templated(tmp_path / "m")
+    llm = LLM.load(path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    session = ChatSession(llm.model, llm.tokenizer, system="Be brief.", max_new_tokens=6,
+                          options={"do_sample": False}, history=messages[1:3])
+    _, ids = session.prompt("Bye")
+    assert ids == encode_chat(llm.tokenizer, messages, add_generation_prompt=True)[0]
+    assert llm.chat(messages, max_new_tokens=6, do_sample=False) == session.reply("Bye")
+
+    class Passages:
+        def search(self, question, k=3, mode="hybrid"):
+            return [Hit("d1", 1.0, "Volcanoes erupt magma."), Hit("d2", 0.5, "Dogs play in snow.")][:k]
+
+    answer = ask(Passages(), llm.model, "What do volcanoes do?", k=2, tokenizer=llm.tokenizer, max_new_tokens=6,
+                 do_sample=False)
+    assert answer.prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nAnswer the question")
+    assert answer.prompt.endswith("Question: What do volcanoes do?<|eot_id|><|start_header_id|>assistant"
+                                  "<|end_header_id|>\n\n")
+    assert "[d1] Volcanoes erupt magma." in answer.prompt and answer.citations == ["d1", "d2"]
+    assert len(llm.tokenizer.encode(answer.prompt)) <= 384 - 6
+    # zenlm's own models keep the plain prompt
+    own = save_tiny(tmp_path / "own", "decoder-only", window=384)
+    plain = ask(Passages(), load(own), "What do volcanoes do?", k=2, tokenizer=load_tokenizer(own), max_new_tokens=4)
+    assert plain.prompt.endswith("Answer:")

@@ -249,6 +249,51 @@ def test_chat_template_and_loss_only_on_assistant_replies(tmp_path, tok):
     assert tok.decode(target, skip_special_tokens=False) == "See you.<|end|>"
 
 
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+         "{{ '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chat_objective_with_a_models_template_trains_on_its_assistant_turns(tmp_path, text_file, workers):
+    """Shards of a chat file rendered with the tokenizer's own template (in worker processes too):
+    loss on each reply and its <end_of_turn>, never on the headers, users or the template's wrapping;
+    a conversation the template refuses is a bad record; the template is part of the cache key."""
+    from tokenizers import AddedToken
+
+    tok = Tokenizer.train([str(text_file)], kind="char", vocab_size=256)
+    tok.backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t in ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>")])
+    tok.chat_template, tok.special_tokens = GEMMA, {"bos_token": "<bos>", "eos_token": "<eos>"}
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello. "},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
+    text = ("<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+            "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nSee you.<end_of_turn>\n")
+    ids, mask = encode_chat(tok, chat)
+    assert ids == tok.encode(text) == tok.apply_chat_template(chat, return_dict=False)
+    assert tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False) == \
+        "Hello.<end_of_turn>See you.<end_of_turn>"
+    f = tmp_path / "chat.jsonl"
+    refused = {"messages": [{"role": "system", "content": "x"}] + chat}
+    f.write_text("\n".join(json.dumps(r) for r in [{"messages": chat}] * 5 + [refused]) + "\n", encoding="utf-8")
+    config = cfg(tmp_path, [f], format="chat", objective="chat", seq_len=200, num_workers=workers, chunk_bytes=400)
+    data = load_datasets(config, tok, "decoder-only", seed=0, progress=False)
+    assert data.report.bad == {"bad_messages": 1}
+    b = data.train.batch([0])
+    assert b["input_ids"][0][b["attention_mask"][0].bool()].tolist() == ids
+    scored = b["labels"][0][b["labels"][0] != IGNORE_INDEX].tolist()
+    assert tok.decode(scored, skip_special_tokens=False) == "Hello.<end_of_turn>See you.<end_of_turn>"
+    enc = load_datasets(config, tok, "encoder-decoder", seed=0, progress=False).train.batch([0])
+    source = tok.decode(enc["input_ids"][0][enc["attention_mask"][0].bool()], skip_special_tokens=False)
+    assert source == text[:text.rindex("See you.")]  # the conversation up to the reply: the inference prompt
+    assert source == tok.apply_chat_template(chat[:3], tokenize=False, add_generation_prompt=True)
+    # another template is another cache entry, never the old shards
+    tok.chat_template = GEMMA.replace("model", "assistant")
+    other = load_datasets(config, tok, "decoder-only", seed=0, progress=False).train.batch([0])
+    assert tok.decode(other["input_ids"][0], skip_special_tokens=False).count("<start_of_turn>assistant") == 2
+
+
 def test_shards_directory_reopens(tmp_path, text_file, tok):
     config = cfg(tmp_path, [text_file])
     shards = build_shards(config.train, tok, config, progress=False)

@@ -64,18 +64,28 @@ class LLM:
         """Text deltas of one reply as the tokens arrive."""
         return Generator(self.model, self._text_tokenizer()).stream(prompt, **options)
 
-    def chat(self, messages: Sequence[dict], max_new_tokens: int = 128, **options) -> str:
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 128, tools: Optional[Sequence[dict]] = None,
+             template_kwargs: Optional[dict] = None, **options) -> str:
         """The assistant's reply to a conversation ``[{"role": "system"|"user"|"assistant", "content": ...}]``
-        ending with the user's message, in the chat format the model was trained on."""
+        ending with the user's message, in the chat format the model was trained on: its own chat
+        template when its folder has one (``tools``: JSON schemas for a template that offers them;
+        ``template_kwargs``: further template variables), else zenlm's ``<|role|>`` template. The reply
+        stops at any of the model's end tokens."""
         from .tasks.chat import ChatSession
 
         messages = list(messages)
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("messages must end with a message whose role is 'user'")
+        tokenizer = self._text_tokenizer()
         system = [m["content"] for m in messages if m.get("role") == "system"]
-        history = [m for m in messages[:-1] if m.get("role") in ("user", "assistant")]
-        session = ChatSession(self.model, self._text_tokenizer(), system="\n".join(system) or None,
-                              max_new_tokens=max_new_tokens, options=options, history=history)
+        if len(system) > 1 or any(not isinstance(s, str) for s in system):
+            system = ["\n".join(s if isinstance(s, str) else str(s) for s in system)]
+        # a model's own template also renders tool calls and results; zenlm's knows users and assistants
+        roles = None if tokenizer.has_chat_template else ("user", "assistant")
+        history = [m for m in messages[:-1] if m.get("role") != "system" and (roles is None or m.get("role") in roles)]
+        session = ChatSession(self.model, tokenizer, system=system[0] if system else None,
+                              max_new_tokens=max_new_tokens, options=options, history=history,
+                              tools=list(tools) if tools else None, template_kwargs=dict(template_kwargs or {}))
         return session.reply(messages[-1]["content"])
 
     def translate(self, texts: Union[str, Sequence[str]], **options):

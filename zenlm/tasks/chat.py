@@ -1,9 +1,12 @@
 """Multi-turn chat over any generating model, with the same template training uses.
 
-The template lives in ``zenlm.data.chat_segments`` (``<|role|>content<|end|>`` per
-message) and is used here unchanged, so a model fine-tuned with the ``chat``
-objective sees at inference exactly the layout it was trained on. A reply ends at
-``<|end|>``.
+Every conversation is formatted by ``zenlm.data.encode_chat``, the function training uses, so
+a model sees at inference exactly the layout it was trained on: the model's own chat template
+when its tokenizer carries one (an imported Llama 3, Qwen, Gemma, Mistral, Phi ... folder;
+rendered as transformers renders it), else zenlm's ``<|role|>content<|end|>`` template
+(``zenlm.data.chat_segments``). A reply ends at any of ``tokenizer.stop_token_ids``
+(``<|end|>`` for zenlm's template; ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, the
+generation_config's eos list ... for a model's own).
 
 Long conversations are fitted to the context window by dropping the oldest
 exchanges first; the system prompt and the current user turn are never dropped
@@ -23,6 +26,24 @@ from ..tokenizer import ROLE_TOKENS, Tokenizer
 END = ROLE_TOKENS[3]
 
 
+def chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                **template_kwargs) -> list[int]:
+    """The token ids a model answers: ``messages`` formatted with the model's chat template (or
+    zenlm's) and the assistant prompt appended. What the server's /v1/chat/completions and any other
+    front end should call; a template that refuses the conversation is a ValueError with its message."""
+    return encode_chat(tokenizer, messages, add_generation_prompt=True, tools=tools, **template_kwargs)[0]
+
+
+def stop_token_ids(tokenizer: Tokenizer, model=None) -> list[int]:
+    """Every token a chat reply ends on (``tokenizer.stop_token_ids``), and the model config's eos ids."""
+    ids = list(tokenizer.stop_token_ids)
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    for i in ([eos] if isinstance(eos, int) else list(eos or [])):
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
 def _exchanges(history: Sequence[dict]) -> list[list[dict]]:
     """Group past messages into exchanges, each starting at a user message, so that dropping
     one never leaves an assistant reply without its question."""
@@ -36,7 +57,8 @@ def _exchanges(history: Sequence[dict]) -> list[list[dict]]:
 
 
 def fit_history(tokenizer: Tokenizer, history: Sequence[dict], current: str, max_tokens: int,
-                system: str | None = None) -> tuple[list[dict], list[int]]:
+                system: str | None = None, tools: Sequence[dict] | None = None, **template_kwargs
+                ) -> tuple[list[dict], list[int]]:
     """The messages to send (system, as many recent exchanges as fit, the current user turn)
     and their token ids with the assistant prompt appended, within ``max_tokens``.
 
@@ -45,11 +67,28 @@ def fit_history(tokenizer: Tokenizer, history: Sequence[dict], current: str, max
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     head = [{"role": "system", "content": system}] if system else []
     tail = [{"role": "user", "content": current}]
-    ids, _ = encode_chat(tokenizer, head + tail, add_generation_prompt=True)
+    ids = chat_prompt(tokenizer, head + tail, tools, **template_kwargs)
     if len(ids) > max_tokens:
         raise ValueError(f"the system prompt and current message are {len(ids)} tokens, more than the "
                          f"{max_tokens} tokens the context window leaves for the conversation")
     groups = [g for g in _exchanges([m for m in history if m["role"] != "system"])]
+    if tokenizer.has_chat_template:
+        # a model's template is not a concatenation of turns (headers, defaults, tools in the first
+        # message): render candidates whole, keeping the most recent exchanges that fit (binary search)
+        def render(kept: int) -> tuple[list[dict], list[int]]:
+            messages = head + [m for g in groups[len(groups) - kept:] for m in g] + tail
+            return messages, chat_prompt(tokenizer, messages, tools, **template_kwargs)
+
+        low, high = 0, len(groups)
+        best = (head + tail, ids)
+        while low <= high:
+            mid = (low + high) // 2
+            candidate = render(mid)
+            if len(candidate[1]) <= max_tokens:
+                best, low = candidate, mid + 1
+            else:
+                high = mid - 1
+        return best
     # token cost of each exchange, measured in context (the template is a plain concatenation)
     costs = [len(encode_chat(tokenizer, g)[0]) for g in groups]
     budget, kept = max_tokens - len(ids), 0
@@ -74,15 +113,22 @@ class ChatSession:
     max_new_tokens: int = 128
     options: dict = field(default_factory=dict)  # GenerationConfig options (temperature, top_p, seed, ...)
     history: list = field(default_factory=list)
+    tools: list | None = None  # JSON schemas for a template that offers tools
+    template_kwargs: dict = field(default_factory=dict)  # further template variables (enable_thinking=False, ...)
 
     def __post_init__(self) -> None:
         from ..generate import Generator
 
         self.generator = Generator(self.model, self.tokenizer)
-        end = self.tokenizer.token_to_id(END)
-        if end is None:
-            raise ValueError(f"the tokenizer has no {END} token; chat needs the role tokens {', '.join(ROLE_TOKENS)}")
-        self.end_id = end
+        if self.tokenizer.has_chat_template:  # the model's own template: stop on every end token it names
+            self.stop_ids = stop_token_ids(self.tokenizer, self.model)
+            self.end_id = self.stop_ids[0] if self.stop_ids else None
+        else:
+            end = self.tokenizer.token_to_id(END)
+            if end is None:
+                raise ValueError(f"the tokenizer has no {END} token and no chat template; chat needs the role "
+                                 f"tokens {', '.join(ROLE_TOKENS)} or a model's chat template")
+            self.end_id, self.stop_ids = end, [end]
         config = self.model.config
         window = config.max_position_embeddings
         if config.is_encoder_decoder:
@@ -103,7 +149,8 @@ class ChatSession:
         self.system = text or None
 
     def prompt(self, text: str) -> tuple[list[dict], list[int]]:
-        return fit_history(self.tokenizer, self.history, text, self.prompt_budget, self.system)
+        return fit_history(self.tokenizer, self.history, text, self.prompt_budget, self.system, self.tools,
+                           **self.template_kwargs)
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to ``text`` as text deltas; the full reply joins the history at the end."""
@@ -111,7 +158,7 @@ class ChatSession:
             raise ValueError("message is empty")
         _, ids = self.prompt(text)
         options = dict(self.options)
-        stop = list(options.pop("stop_token_ids", ())) + [self.end_id]
+        stop = list(options.pop("stop_token_ids", ())) + self.stop_ids
         parts = []
         for delta in self.generator.stream(ids, max_new_tokens=self.max_new_tokens, stop_token_ids=stop, **options):
             parts.append(delta)
@@ -230,4 +277,4 @@ def run_terminal(session: ChatSession, input_fn=input, write=None) -> None:
             write(f"\nerror: {e}\n")
 
 
-__all__ = ["END", "ChatSession", "chat_perplexity", "fit_history", "run_terminal"]
+__all__ = ["END", "ChatSession", "chat_perplexity", "chat_prompt", "fit_history", "run_terminal", "stop_token_ids"]
