@@ -369,3 +369,34 @@ def test_stop_tokens_name_every_end_token_of_the_folder(tmp_path, backend):
     assert {end, eom, eot} <= set(stops)
     own = byte_level_tokenizer()
     assert own.stop_token_ids == [own.token_to_id("<|end|>")]  # zenlm's own template ends at <|end|>
+
+
+def test_the_template_survives_conversion_both_ways(tmp_path, backend):
+    """HF folder -> zenlm checkpoint -> HF folder: the template, its named templates and the special
+    tokens come along, and transformers renders the exported folder as it rendered the original."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from zenlm.hf import convert_from_hf, convert_to_hf
+
+    torch.manual_seed(0)
+    source = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(vocab_size=backend.get_vocab_size(), n_embd=32, n_layer=1, n_head=2,
+                               n_positions=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(source)
+    hf = hf_tokenizer(backend, SPECIALS["llama-3-instruct"])
+    hf.chat_template = {"default": (TEMPLATES_DIR / "llama-3-instruct.jinja").read_text(),
+                        "tool_use": (TEMPLATES_DIR / "vllm-tool-llama3.1-json.jinja").read_text()}
+    hf.save_pretrained(source)
+    ours = convert_from_hf(source, tmp_path / "zen")
+    back = convert_to_hf(ours, tmp_path / "back")
+    conversation = [SYSTEM, u("Weather?"), a("Sunny."), u("Thanks")]
+    expected = hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, date_string="1 Jan 2026")
+    for folder in (source, ours, back):
+        zen = load_tokenizer(folder)
+        assert zen.chat_template == hf.chat_template and zen.special_tokens["bos_token"] == "<|begin_of_text|>"
+        assert zen.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                       date_string="1 Jan 2026") == expected
+        assert zen.apply_chat_template(conversation, tools=[SEARCH], tokenize=False, date_string="1 Jan 2026") == \
+            hf.apply_chat_template(conversation, tools=[SEARCH], tokenize=False, date_string="1 Jan 2026")
+    assert AutoTokenizer.from_pretrained(back).apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True, date_string="1 Jan 2026") == expected

@@ -104,3 +104,29 @@ def test_training_16k_bpe_on_megabytes_is_fast(tmp_path):
     path.write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(20000)))
     tok = Tokenizer.train([str(path)], vocab_size=16000)
     assert tok.vocab_size == 16000
+
+
+def test_chat_template_and_special_tokens_save_and_load(tmp_path, bpe):
+    import json
+    import subprocess
+    import sys
+
+    template = "{% for m in messages %}{{ bos_token }}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+    tok = Tokenizer(bpe.backend, chat_template=template, special_tokens={"bos_token": "<s>", "eos_token": "</s>"})
+    tok.save(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == template
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["bos_token"] == "<s>"
+    again = Tokenizer.load(tmp_path)
+    assert again.chat_template == template and again.special_tokens == {"bos_token": "<s>", "eos_token": "</s>"}
+    messages = [{"role": "user", "content": "hi"}]
+    assert again.apply_chat_template(messages, tokenize=False) == "<s><|user|>hi<|end|>"
+    assert again.apply_chat_template(messages, return_dict=False) == bpe.encode("<s><|user|>hi<|end|>")
+    # zenlm's own tokenizers: no files beside tokenizer.json, and its <|role|> template by default
+    bpe.save(tmp_path / "own")
+    assert sorted(p.name for p in (tmp_path / "own").iterdir()) == ["tokenizer.json"]
+    own = Tokenizer.load(tmp_path / "own")
+    assert not own.has_chat_template and own.stop_token_ids == [own.token_to_id("<|end|>")]
+    assert own.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "<|user|>hi<|end|><|assistant|>"
+    # jinja2 is imported only when a template is rendered
+    code = "import sys, zenlm, zenlm.tokenizer, zenlm.data, zenlm.tasks.chat; print('jinja2' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

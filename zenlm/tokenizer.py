@@ -489,6 +489,10 @@ def compile_chat_template(template: str):
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
+        # chat templates come with downloaded models: untrusted code, and older sandboxes have known escapes
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (found {jinja2.__version__}): pip install -U jinja2")
+
     class GenerationTag(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}``: marks assistant text (transformers'
         ``return_assistant_tokens_mask``); renders its body unchanged."""

@@ -210,6 +210,9 @@ def _write_tokenizer_config(tokenizer, config: TransformerConfig, directory: Pat
 def load_tokenizer(directory: PathLike):
     """The tokenizer beside a model folder (zenlm or Hugging Face), from its tokenizer.json.
 
+    The folder's chat template (tokenizer_config.json, chat_template.jinja, additional_chat_templates/),
+    its named special tokens and its end tokens (generation_config.json) come along
+    (``zenlm.tokenizer.read_chat_files``), so ``apply_chat_template`` renders as transformers does.
     The pad token named in an HF folder's tokenizer_config.json is honoured. transformers adds
     special tokens by default; to encode exactly as it does, pass ``add_special_tokens=True``
     (BERT's [CLS] … [SEP]) to ``encode``/``encode_batch``."""
