@@ -1,6 +1,7 @@
 """The Hugging Face families zenlm reads and writes: one file each, registered in one table.
 
-Each file (bert.py, gpt2.py, bart.py for BART and Marian, llama.py, qwen.py for Qwen2 and Qwen3) holds a ``Family`` record
+Each file (bert.py, gpt2.py, bart.py for BART and Marian, llama.py, qwen.py for Qwen2 and
+Qwen3, mistral.py, phi3.py) holds a ``Family`` record
 (see ``..family``): config map and weight-name map as data, plus the few hooks and layout changes
 that are not renames. To add a family: write ``<name>.py`` with its ``Family``, list it in
 ``FAMILIES`` below, and add its parity test in tests/hf/. Loading, saving, converting and
@@ -14,6 +15,8 @@ from .bart import BART, MARIAN
 from .bert import BERT
 from .gpt2 import GPT2
 from .llama import LLAMA
+from .mistral import MISTRAL
+from .phi3 import PHI3
 from .qwen import QWEN2, QWEN3
 
 # model_type -> family; ``family_for`` tries them in this order on a config that names none
@@ -23,6 +26,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     BART, MARIAN,
     LLAMA,
     QWEN2, QWEN3,
+    MISTRAL,
+    PHI3,
 )}
 
 
