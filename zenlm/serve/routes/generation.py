@@ -57,8 +57,8 @@ class Decoding:
     choices: list[Choice]
     events: asyncio.Queue
     prompt_tokens: int
-    rid: str = ""
-    created: int = 0
+    rid: str  # the response's id: cmpl-... or chatcmpl-...
+    created: int
 
 
 async def generate(server: Server, request: Request, key: KeyContext, served: ServedModel, body,
@@ -76,13 +76,12 @@ async def generate(server: Server, request: Request, key: KeyContext, served: Se
     if ticket.replay is not None:
         return _replay(ticket.replay, body, chat)
     try:
-        d = _submit(server, request, served, body, chat, prompts, max_tokens, key.key_id)
+        choices, events = _submit(server, request, served, body, chat, prompts, max_tokens, key.key_id)
     except BaseException:
         await ticket.release()
         raise
-    d.prompt_tokens = prompt_tokens
-    d.created = P.now()
-    d.rid = ("chatcmpl-" if chat else "cmpl-") + request.state.request_id[4:]
+    d = Decoding(server, request, served, body, chat, choices, events, prompt_tokens,
+                 rid=("chatcmpl-" if chat else "cmpl-") + request.state.request_id[4:], created=P.now())
     if body.stream:
         return StreamingResponse(_stream(d, ticket), media_type="text/event-stream",
                                  headers={**ticket.headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -90,8 +89,9 @@ async def generate(server: Server, request: Request, key: KeyContext, served: Se
 
 
 def _submit(server: Server, request: Request, served: ServedModel, body, chat: bool, prompts: list[list[int]],
-            max_tokens: list[int], owner: int) -> Decoding:
-    """Every sequence of the request into the engine, all or none (on failure none keeps running)."""
+            max_tokens: list[int], owner: int) -> tuple[list[Choice], asyncio.Queue]:
+    """Every sequence of the request into the engine, all or none (on failure none keeps running);
+    the choices and the queue their token events will arrive on."""
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
@@ -124,7 +124,7 @@ def _submit(server: Server, request: Request, served: ServedModel, body, chat: b
             if choice.request is not None:
                 choice.request.cancel()
         raise
-    return Decoding(server, request, served, body, chat, choices, events, 0)
+    return choices, events
 
 
 async def _wait(d: Decoding) -> Outcome:
@@ -149,6 +149,7 @@ async def _wait(d: Decoding) -> Outcome:
 
 
 def absorb(choice: Choice, ev: TokenEvent) -> None:
+    """Add one engine event (a token, its text, perhaps the finish) to its choice."""
     if ev.token_id is not None:
         choice.tokens.append((ev.token_id, ev.logprob, ev.top_logprobs))
     choice.text += ev.text
@@ -163,10 +164,12 @@ def _usage(choices: list[Choice], prompt_tokens: int, delivered: bool = False) -
 
 
 def queue_ms(choices: list[Choice]) -> int:
+    """How long the request waited for the batch: its slowest sequence's wait."""
     return max((c.request.queue_ms for c in choices if c.request is not None), default=0)
 
 
 def compute_ms(choices: list[Choice]) -> int:
+    """The engine time the request's sequences took, summed (what the operator's hardware cost)."""
     return sum(c.request.compute_ms for c in choices if c.request is not None)
 
 
@@ -178,6 +181,7 @@ def _observe_ttft(server: Server, served: ServedModel, choices: list[Choice]) ->
 
 
 async def watch_disconnect(request: Request, choices: list[Choice]) -> None:
+    """Stop every sequence of a non-streaming request whose client hung up (checked every 0.25 s)."""
     while True:
         await asyncio.sleep(0.25)
         if await request.is_disconnected():
