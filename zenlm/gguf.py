@@ -360,9 +360,8 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
         w.add_head_count_kv(c.num_key_value_heads)
         w.add_rope_freq_base(float(c.rope_theta))
         w.add_layer_norm_rms_eps(float(c.norm_eps))
-        if c.head_dim != c.hidden_size // c.num_attention_heads:
-            w.add_key_length(c.head_dim)
-            w.add_value_length(c.head_dim)
+        w.add_key_length(c.head_dim)  # the converter writes them whenever config.json names head_dim
+        w.add_value_length(c.head_dim)
         w.add_file_type(file_type)
         w.add_vocab_size(c.vocab_size)
         w.add_rope_dimension_count(c.rotary_dim)
@@ -462,6 +461,11 @@ def _tensor_array(t) -> np.ndarray:
     return data.reshape(shape)
 
 
+def _f32(value) -> float:
+    """A float32 key as the shortest decimal that reads back to it (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
 def _config_from_gguf(meta: dict, tensors: dict, arch: Arch) -> TransformerConfig:
     a = arch.name
 
@@ -490,21 +494,21 @@ def _config_from_gguf(meta: dict, tensors: dict, arch: Arch) -> TransformerConfi
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(key("feed_forward_length")),
         num_attention_heads=heads, num_key_value_heads=int(kv_heads), num_encoder_layers=0,
         num_decoder_layers=int(key("block_count")), max_position_embeddings=int(key("context_length", 2048, False)),
-        pre_norm=True, norm="rmsnorm", norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        activation="swiglu", position="rotary", rope_theta=float(key("rope.freq_base", 10000.0, False)),
+        pre_norm=True, norm="rmsnorm", norm_eps=_f32(key("attention.layer_norm_rms_epsilon")),
+        activation="swiglu", position="rotary", rope_theta=_f32(key("rope.freq_base", 10000.0, False)),
         head_size=head_dim if head_dim != hidden // heads else None,
         bias="blk.0.attn_output.bias" in tensors, tie_word_embeddings="output.weight" not in tensors,
         final_norm=True)
     out["qkv_bias"] = ("blk.0.attn_q.bias" in tensors) if ("blk.0.attn_q.bias" in tensors) != out["bias"] else None
     scaling_type = meta.get(f"{a}.rope.scaling.type", "none")
     if scaling_type == "linear":
-        out["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+        out["rope_scaling"] = {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
     elif scaling_type == "yarn":
-        out["rope_scaling"] = {"rope_type": "yarn", "factor": float(key("rope.scaling.factor")),
+        out["rope_scaling"] = {"rope_type": "yarn", "factor": _f32(key("rope.scaling.factor")),
                                "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
         for gguf_key, ours in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
             if f"{a}.{gguf_key}" in meta:
-                out["rope_scaling"][ours] = float(meta[f"{a}.{gguf_key}"])
+                out["rope_scaling"][ours] = _f32(meta[f"{a}.{gguf_key}"])
     elif scaling_type not in ("none", None):
         raise ValueError(f"{a}.rope.scaling.type={scaling_type!r} is not supported; supported: none, linear, yarn")
     for name, field_name in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
