@@ -40,7 +40,8 @@ END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>",
                       "<|endoftext|>", "</s>", "<|END_OF_TURN_TOKEN|>", "<|return|>", "<|call|>")
 # zenlm's own template (``zenlm.data.chat_segments``) written in Jinja, for apply_chat_template on a
 # tokenizer with the role tokens and no template of its own
-ZENLM_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+ZENLM_CHAT_TEMPLATE = ("{% for message in messages %}"
+                       "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
                        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
