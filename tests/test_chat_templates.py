@@ -117,6 +117,13 @@ SUITE = [
     ("roles do not alternate", [u("one"), u("two")], None, {}),
     ("starts with the assistant", [a("I speak first."), u("ok")], None, {}),
     ("empty tool list", [u("Hi")], [], {}),
+    # Hermes' type mapper recurses without end on TOOLS' ["integer", "null"]: the same turns with a plain tool
+    ("plain tool: call and result", [SYSTEM, u("Find 3.5"), {"role": "assistant", "content": None,
+                                                             "tool_calls": [CALL_STR]},
+                                     {"role": "tool", "name": "search", "content": "3.5 found"}, a("Found it.")],
+     [SEARCH], {}),
+    ("plain tool: result without a name", [u("x?"), {"role": "assistant", "tool_calls": [CALL_STR]},
+                                           {"role": "tool", "content": "21 C"}], [SEARCH], {}),
 ]
 
 
