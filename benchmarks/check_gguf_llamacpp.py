@@ -46,6 +46,7 @@ VARIANTS = {
     "yarn-rope": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": True, "head_size": 32},
+    "phi3-partial": {"partial_rotary_factor": 0.5},
 }
 
 

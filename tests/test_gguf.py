@@ -390,7 +390,7 @@ def test_an_unsupported_architecture_or_tensor_type_is_a_value_error_naming_it(t
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3"):
+    with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported; supported: llama, qwen2, qwen3, phi3"):
         zenlm.load(tmp_path / "gpt2.gguf")
 
     export_gguf(tiny(tok), tok, tmp_path / "m.gguf")
@@ -411,7 +411,7 @@ def test_an_unsupported_architecture_or_tensor_type_is_a_value_error_naming_it(t
 
 
 def test_architectures_are_one_table():
-    assert set(ARCHS) == {"llama", "qwen2", "qwen3"}
+    assert set(ARCHS) == {"llama", "qwen2", "qwen3", "phi3"}
     assert ARCHS["llama"].interleaved_rope and not ARCHS["qwen2"].interleaved_rope
 
 
@@ -437,3 +437,65 @@ def test_llama_cpp_loads_the_file_and_its_greedy_tokens_equal_zenlms(tok, tmp_pa
     result = check(tmp_path, tokens=32)
     assert result["tokenizer_equal"], result
     assert result["greedy_equal"], result
+
+
+# --------------------------------------------------------------------------- more families
+def test_phi3_partial_rotary_round_trips_and_reads_in_transformers(tok, tmp_path):
+    partial = tiny(tok, partial_rotary_factor=0.5)
+    assert export_gguf(partial, tok, tmp_path / "p.gguf")["architecture"] == "phi3"
+    names = {n for n, _, _ in inspect_gguf(tmp_path / "p.gguf")["tensors"]}
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.attn_q.weight" not in names
+    back = load_gguf(tmp_path / "p.gguf")
+    assert back.config.partial_rotary_factor == 0.5
+    ids = ids_of(tok)
+    assert torch.equal(logits(back, ids), logits(partial, ids))
+    # transformers' phi3 GGUF reader has no partial rotary: check its fused names on a full-rotary model
+    transformers = pytest.importorskip("transformers")
+    full = tiny(tok)
+    export_gguf(full, tok, tmp_path / "m.gguf", arch="phi3")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert (logits(hf, ids) - logits(full, ids)).abs().max() < 1e-4
+
+
+def test_sliding_window_export_is_explicit(tok, tmp_path):
+    model = tiny(tok, sliding_window=16)
+    report = export_gguf(model, tok, tmp_path / "m.gguf", ignore_sliding_window=True)
+    assert report["architecture"] == "llama"
+    back = load_gguf(tmp_path / "m.gguf")
+    ids = ids_of(tok)[:, :16]  # within the window the two models are the same
+    assert torch.equal(logits(back, ids), logits(model, ids))
+    with pytest.raises(ValueError, match="unknown GGUF architecture 'gemma'"):
+        export_gguf(model, tok, tmp_path / "m.gguf", arch="gemma")
+    with pytest.raises(ValueError, match="qk_norm=False"):
+        export_gguf(tiny(tok), tok, tmp_path / "m.gguf", arch="qwen3")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_hugging_face_model_through_zenlm_to_gguf_keeps_transformers_logits(tok, tmp_path, family):
+    """A transformers model saved with save_pretrained, imported by zenlm, exported to GGUF: the
+    GGUF read back (by zenlm, and by transformers where its reader knows the architecture) computes
+    the original transformers model's logits."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if family == "llama":
+        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.Qwen3Config(head_dim=32, **common), transformers.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    original = cls(cfg).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    original.save_pretrained(tmp_path / "hf")
+    imported = zenlm.load(tmp_path / "hf")
+    assert export_gguf(imported, tok, tmp_path / "m.gguf")["architecture"] == family
+    ids = ids_of(tok)
+    want = logits(original, ids)
+    assert (logits(load_gguf(tmp_path / "m.gguf"), ids) - want).abs().max() < 1e-4
+    if family != "qwen3":  # transformers' qwen3 GGUF reader ignores attention.key_length (head_dim)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+        assert (logits(hf.eval(), ids) - want).abs().max() < 1e-4

@@ -118,7 +118,10 @@ def _rmsnorm_rope_swiglu(c: TransformerConfig) -> list[str]:
     want("query_pre_attn_scalar", c.query_pre_attn_scalar is None)
     want("rope_local_theta", c.rope_local_theta is None)
     # llama.cpp's llama graph attends to every position: a window that never binds is fine
-    want("sliding_window", c.sliding_window is None or c.sliding_window >= c.max_position_embeddings)
+    if not (c.sliding_window is None or c.sliding_window >= c.max_position_embeddings):
+        bad.append(f"sliding_window={c.sliding_window} (llama.cpp's graph attends to every position; "
+                   "export_gguf(..., ignore_sliding_window=True) writes it as llama.cpp's converter does, "
+                   "equal within the window)")
     scaling = c.rope_scaling or {}
     kind = scaling.get("rope_type")
     if kind not in (None, "linear", "llama3", "yarn"):
@@ -158,21 +161,45 @@ def _qwen3_accepts(c: TransformerConfig) -> list[str]:
     return bad
 
 
+def _phi3_accepts(c: TransformerConfig) -> list[str]:
+    # llama.cpp's phi3 graph: NeoX rotary over the first rope.dimension_count dims (partial rotary)
+    bad = [b for b in _rmsnorm_rope_swiglu(c) if not b.startswith("partial_rotary_factor")]
+    if c.qk_norm:
+        bad.append("qk_norm=True")
+    if c.bias or c.qkv_bias:
+        bad.append(f"bias={c.bias}, qkv_bias={c.qkv_bias} (phi3: no biases)")
+    if (c.rope_scaling or {}).get("rope_type") == "llama3":
+        bad.append("rope_scaling rope_type='llama3' (llama.cpp reads rope_freqs for llama only)")
+    return bad
+
+
+_PHI3_LAYER = {"attn_norm.weight": "attn_norm.weight", "attn.qkv.weight": "attn_qkv.weight",
+               "attn.out.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
+               "mlp.fc_in.weight": "ffn_up.weight",  # gate|up fused, gate first, as HF's gate_up_proj
+               "mlp.fc_out.weight": "ffn_down.weight"}
+
 ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("llama", interleaved_rope=True, accepts=_llama_accepts, layer_tensors=dict(_COMMON_LAYER)),
     Arch("qwen2", interleaved_rope=False, accepts=_qwen2_accepts, layer_tensors=dict(_COMMON_LAYER),
          config_from_gguf=lambda kv, t: dict(bias=False, qkv_bias=True)),
     Arch("qwen3", interleaved_rope=False, accepts=_qwen3_accepts, layer_tensors={**_COMMON_LAYER, **_QK_NORM_LAYER},
          config_from_gguf=lambda kv, t: dict(qk_norm=True)),
+    Arch("phi3", interleaved_rope=False, accepts=_phi3_accepts, layer_tensors=dict(_PHI3_LAYER)),
 )}
 # which architecture a config is written as: the first in this order that maps
-_EXPORT_ORDER = ("qwen3", "qwen2", "llama")
+_EXPORT_ORDER = ("qwen3", "qwen2", "llama", "phi3")
 
 
-def arch_for(config: TransformerConfig) -> Arch:
-    """The llama.cpp architecture a zenlm config is written as; a ValueError naming what does not map."""
+def arch_for(config: TransformerConfig, arch: Optional[str] = None, ignore_sliding_window: bool = False) -> Arch:
+    """The llama.cpp architecture a zenlm config is written as (``arch`` to choose one); a ValueError
+    naming what does not map. ``ignore_sliding_window``: write a windowed model (Mistral) as
+    llama.cpp's converter does, for a graph that attends to every position (equal within the window)."""
+    if ignore_sliding_window and config.sliding_window is not None:
+        config = config.replace(sliding_window=None, layer_types=None)
+    if arch is not None and arch not in ARCHS:
+        raise ValueError(f"unknown GGUF architecture {arch!r}; supported: {', '.join(ARCHS)}")
     problems = {}
-    for name in _EXPORT_ORDER:
+    for name in ([arch] if arch else _EXPORT_ORDER):
         bad = ARCHS[name].accepts(config)
         if not bad:
             return ARCHS[name]
@@ -323,12 +350,13 @@ def _tensor_plan(model: TransformerLM, arch: Arch) -> list[tuple[str, torch.Tens
 
 
 def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: PathLike, type: str = "f32",
-                name: Optional[str] = None) -> dict:
+                name: Optional[str] = None, arch: Optional[str] = None, ignore_sliding_window: bool = False) -> dict:
     """Write ``model`` (and its tokenizer) as one GGUF file llama.cpp loads.
 
     ``type``: "f32", "f16" (matrices in half precision, norms in f32) or "q8_0" (matrices in 8-bit
     blocks of 32 with one f16 scale; a matrix whose rows are not a multiple of 32 falls back to f16,
-    as in llama.cpp's converter). ``tokenizer`` defaults to ``model.tokenizer``. A model whose
+    as in llama.cpp's converter). ``tokenizer`` defaults to ``model.tokenizer``. ``arch`` picks the
+    llama.cpp architecture (default: the first of qwen3, qwen2, llama, phi3 that maps). A model whose
     settings llama.cpp cannot compute is a ValueError naming them. Returns a small report."""
     import gguf
 
@@ -338,7 +366,7 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
     if tokenizer is None:
         raise ValueError("a GGUF for llama.cpp carries the tokenizer: pass one (or load the model with its folder's)")
     c = model.config
-    arch = arch_for(c)
+    arch = arch_for(c, arch, ignore_sliding_window)
     tok = _tokenizer_fields(tokenizer, c)
     Q = gguf.GGMLQuantizationType
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -487,7 +515,7 @@ def _config_from_gguf(meta: dict, tensors: dict, arch: Arch) -> TransformerConfi
     if int(key("attention.value_length", head_dim, required=False)) != head_dim:
         raise ValueError(f"{a}.attention.value_length differs from key_length; zenlm needs them equal")
     rot = int(key("rope.dimension_count", head_dim, required=False))
-    if rot != head_dim:
+    if rot != head_dim and (arch.interleaved_rope or rot % 2 or rot > head_dim):
         raise ValueError(f"{a}.rope.dimension_count={rot} differs from the head size {head_dim}: "
                          "partial rotary is not read for this architecture")
     out: dict[str, Any] = dict(
@@ -498,7 +526,7 @@ def _config_from_gguf(meta: dict, tensors: dict, arch: Arch) -> TransformerConfi
         activation="swiglu", position="rotary", rope_theta=_f32(key("rope.freq_base", 10000.0, False)),
         head_size=head_dim if head_dim != hidden // heads else None,
         bias="blk.0.attn_output.bias" in tensors, tie_word_embeddings="output.weight" not in tensors,
-        final_norm=True)
+        final_norm=True, partial_rotary_factor=rot / head_dim if rot != head_dim else 1.0)
     out["qkv_bias"] = ("blk.0.attn_q.bias" in tensors) if ("blk.0.attn_q.bias" in tensors) != out["bias"] else None
     scaling_type = meta.get(f"{a}.rope.scaling.type", "none")
     if scaling_type == "linear":
@@ -598,7 +626,7 @@ def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
 
 
 def load_gguf(path: PathLike, dtype: Optional[torch.dtype] = None) -> TransformerLM:
-    """Read a GGUF file (llama, qwen2, qwen3) into a TransformerLM, its tokenizer as ``model.tokenizer``.
+    """Read a GGUF file (llama, qwen2, qwen3, phi3) into a TransformerLM, its tokenizer as ``model.tokenizer``.
 
     Quantized matrices are dequantized to float32 (then cast to ``dtype`` when given). An
     architecture, tensor type, tokenizer or setting zenlm cannot compute is a ValueError naming it."""
