@@ -334,7 +334,7 @@ class _DecoderOnlyState:
             mask[i, width - len(r):] = True
         self.ids, mask = self.ids.to(device), mask.to(device)
         self.padded = not bool(mask.all())
-        self.cache = KVCache(width + max_new_tokens)
+        self.cache = KVCache(width + max_new_tokens, trim_windows=True)  # sliding-window layers keep ~2 windows
         self.mask = self.positions = None
         if self.padded:
             self.mask = torch.ones((n, width + max_new_tokens), dtype=torch.bool, device=device)

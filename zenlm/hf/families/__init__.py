@@ -1,7 +1,8 @@
 """The Hugging Face families zenlm reads and writes: one file each, registered in one table.
 
 Each file (bert.py, gpt2.py, bart.py for BART and Marian, llama.py, qwen.py for Qwen2 and
-Qwen3, mistral.py, phi3.py) holds a ``Family`` record
+Qwen3, mistral.py, phi3.py, gemma.py for
+Gemma 2 and Gemma 3) holds a ``Family`` record
 (see ``..family``): config map and weight-name map as data, plus the few hooks and layout changes
 that are not renames. To add a family: write ``<name>.py`` with its ``Family``, list it in
 ``FAMILIES`` below, and add its parity test in tests/hf/. Loading, saving, converting and
@@ -13,6 +14,7 @@ from ...checkpoint import PathLike
 from ..family import Family
 from .bart import BART, MARIAN
 from .bert import BERT
+from .gemma import GEMMA2, GEMMA3
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .mistral import MISTRAL
@@ -28,6 +30,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     QWEN2, QWEN3,
     MISTRAL,
     PHI3,
+    GEMMA2, GEMMA3,
 )}
 
 
