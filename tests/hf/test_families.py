@@ -61,6 +61,5 @@ def test_family_config_round_trips_through_hf(model_type):
 
 def test_an_unknown_model_type_names_the_supported_ones():
     with pytest.raises(ValueError, match=r"model_type='t5'.*supported: bert, gpt2, bart, marian, llama, qwen2, qwen3, "
-                                         r"mistral, phi3, 
-                                         r"gemma2, gemma3_text"):
+                                         r"mistral, phi3, gemma2, gemma3_text"):
         family_of({"model_type": "t5"})
