@@ -303,14 +303,14 @@ def test_transformers_gguf_reader_gives_the_same_logits(tok, tmp_path, overrides
 
 
 # --------------------------------------------------------------------------- other tensor types in
-def rewrite(src, dst, convert):
-    """Copy a GGUF file, every key as it is, each tensor through ``convert(name, float32 array)`` ->
-    (array, raw_dtype or None)."""
+def rewrite(src, dst, convert, drop=()):
+    """Copy a GGUF file, every key as it is (but those in ``drop``), each tensor through
+    ``convert(name, float32 array)`` -> (array, raw_dtype or None)."""
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(dst), arch)
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -499,3 +499,22 @@ def test_hugging_face_model_through_zenlm_to_gguf_keeps_transformers_logits(tok,
     if family != "qwen3":  # transformers' qwen3 GGUF reader ignores attention.key_length (head_dim)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
         assert (logits(hf.eval(), ids) - want).abs().max() < 1e-4
+
+
+def test_llama3_rope_from_a_file_zenlm_did_not_write(tok, tmp_path):
+    """llama.cpp's keys carry llama3 rope only as the rope_freqs tensor: without zenlm's own key the
+    settings are found among Meta's (Llama 3.1: factor 8, low 1, high 4, original 8192)."""
+    rope = {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}
+    model = tiny(tok, rope_scaling=rope, max_position_embeddings=128)
+    export_gguf(model, tok, tmp_path / "m.gguf")
+    rewrite(tmp_path / "m.gguf", tmp_path / "foreign.gguf", lambda n, d: (d, None), drop=("zenlm.rope_scaling",))
+    assert "zenlm.rope_scaling" not in inspect_gguf(tmp_path / "foreign.gguf")["keys"]
+    back = load_gguf(tmp_path / "foreign.gguf")
+    assert back.config.rope_scaling == rope
+    ids = ids_of(tok)
+    assert torch.equal(logits(back, ids), logits(model, ids))
+    odd = tiny(tok, rope_scaling={**rope, "factor": 3.0})
+    export_gguf(odd, tok, tmp_path / "odd.gguf")
+    rewrite(tmp_path / "odd.gguf", tmp_path / "odd-foreign.gguf", lambda n, d: (d, None), drop=("zenlm.rope_scaling",))
+    with pytest.raises(ValueError, match="rope_freqs.weight"):
+        load_gguf(tmp_path / "odd-foreign.gguf")
