@@ -226,4 +226,46 @@ def estimate(tokens: float, preset: Optional[str] = None, params: Optional[float
                     price_per_hour=price, watts=watts, attention_included=attention, mfu_source=source)
 
 
-__all__ = ["Hardware", "HARDWARE", "Estimate", "estimate", "calibrate", "load_calibration"]
+# --------------------------------------------------------------------------- the shape's costs, as text
+def human_count(n: float, unit: str = "") -> str:
+    """3 significant digits with a K/M/G/T/P suffix: 1574016 -> '1.57M'."""
+    for suffix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}E{unit}"
+
+
+def human_bytes(n: float) -> str:
+    """Binary units, one decimal: 6291456 -> '6.0 MiB'."""
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.1f} {suffix}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def cost_summary(config, batch_size: int = 8, seq_len: Optional[int] = None, bytes_per_param: int = 4,
+                 name: Optional[str] = None) -> str:
+    """``zenlm info``'s table: the shape, parameters, FLOPs per token and training memory at a
+    batch (``config.estimate_costs``), as text. ``name`` heads the first line (default: the family)."""
+    from .config import estimate_costs
+
+    c = estimate_costs(config, batch_size, seq_len, bytes_per_param)
+    parts = ("weights", "grads", "optimizer", "activations")
+    lines = [
+        f"{name or config.family}: {config.family}, {config.num_encoder_layers}+{config.num_decoder_layers} layers, "
+        f"d={config.hidden_size}, heads={config.num_attention_heads} (kv {config.num_key_value_heads}), "
+        f"ffn={config.intermediate_size}, vocab={config.vocab_size}, {config.norm}/{config.activation}/{config.position}",
+        f"parameters            {c['parameters']:,} ({human_count(c['parameters'])})",
+        f"forward FLOPs/token   {human_count(c['forward_flops_per_token'])}",
+        f"training FLOPs/token  {human_count(c['training_flops_per_token'])}",
+        f"memory at batch {c['batch_size']} x {c['seq_len']} tokens ({bytes_per_param * 8}-bit weights):",
+        *(f"  {key:<12} {human_bytes(c[key + '_bytes'])}" for key in parts),
+        f"  {'total':<12} {human_bytes(sum(c[k + '_bytes'] for k in parts))}",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["Hardware", "HARDWARE", "Estimate", "estimate", "calibrate", "load_calibration", "cost_summary",
+           "human_bytes", "human_count"]

@@ -98,6 +98,25 @@ def fp32_linear_backend() -> str:
     return _BACKEND[key]
 
 
+def system_summary() -> str:
+    """``zenlm info --system``: what this CPU has, the torch build and threads, and the kernels and
+    precision zenlm picks for it (int8 activation width, ``precision='auto'``, the fp32 Linear backend)."""
+    from .cpu import cpu_info, resolve_precision
+
+    info = cpu_info()
+    return "\n".join([
+        info.describe(),
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, ATen capability "
+        f"{torch.backends.cpu.get_cpu_capability()}",
+        f"int8 (dynamic): {info.int8_activation_bits}-bit activations "
+        + ("(VNNI: 8-bit products cannot saturate)" if info.int8_activation_bits == 8 else
+           "(no VNNI: 8-bit pair sums would saturate, so 7-bit, as torch's reduce_range)"),
+        f"precision auto -> {resolve_precision('auto')} "
+        + ("(native bf16)" if info.bf16 else "(no AVX512_BF16/AMX: emulated bf16 is ~100x slower, so fp32)"),
+        f"fp32 linear layers under fast_cpu(): {fp32_linear_backend()}",
+    ])
+
+
 def calibrate_fp32_linear(rows: int = 256, d: int = 768, reps: int = 5) -> dict:
     """Best seconds of one (rows x d) @ (d x 4d) fp32 Linear and its input gradient (the product
     with the transposed weight, which training adds) through MKL and through oneDNN, timed

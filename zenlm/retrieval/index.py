@@ -91,6 +91,17 @@ class Hit:
     metadata: dict = field(default_factory=dict)
 
 
+def format_hits(hits: Sequence[Hit], as_json: bool = False) -> str:
+    """``zenlm search``: a line per hit, ranked from 1: rank, score, id and the first 160 characters of
+    title and text; or, ``as_json``, one JSON object per line. Empty for no hits."""
+    if as_json:
+        return "\n".join(json.dumps({"rank": rank, "id": h.id, "score": h.score, "title": h.title, "text": h.text},
+                                    ensure_ascii=False) for rank, h in enumerate(hits, 1))
+    return "\n".join(f"{rank:>3}  {h.score:.4f}  {h.id}  "
+                     + " ".join((f"{h.title}: {h.text}" if h.title else h.text).split())[:160]
+                     for rank, h in enumerate(hits, 1))
+
+
 @dataclass
 class Changes:
     added: int = 0

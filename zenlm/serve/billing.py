@@ -552,6 +552,42 @@ class Billing:
         return {"month": month, "by": by, "rows": rows, "total": total}
 
 
+def format_time(t: Optional[float]) -> str:
+    """A ledger timestamp as 'YYYY-MM-DD HH:MM' (UTC); '-' for none."""
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+
+
+def format_keys(keys: list[dict]) -> str:
+    """``zenlm keys list``: a row per key (``Billing.list_keys``) under a header; never the key itself."""
+    lines = [f"{'prefix':<13} {'customer':<20} {'plan':<14} {'created':<17} {'expires':<17} revoked"]
+    lines += [f"{k['prefix']:<13} {k['customer']:<20} {k['plan']:<14} {format_time(k['created_at']):<17} "
+              f"{format_time(k['expires_at']):<17} {format_time(k['revoked_at'])}" for k in keys]
+    return "\n".join(lines)
+
+
+def format_plan(plan: Plan) -> str:
+    """``zenlm plans``: one line with a plan's prices per million tokens, allowance, budget and limits."""
+    prices = ", ".join(f"{m}={format_micros(p)}:{format_micros(c)}" for m, (p, c) in plan.prices.items())
+    return (f"{plan.name}: {prices} per 1M tokens; {plan.included_tokens:,} included tokens/month; budget "
+            f"{format_micros(plan.monthly_budget_micros)}/month; {plan.requests_per_minute} req/min, "
+            f"{plan.tokens_per_minute:,} tokens/min")
+
+
+def format_report(report: dict) -> str:
+    """``zenlm billing report``: one ``Billing.report`` as a table (requests, tokens, revenue,
+    compute cost, gross margin and its percent), its groups then the total."""
+    lines = [f"{report['month']} by {report['by']}",
+             f"{report['by']:<20} {'requests':>9} {'prompt':>10} {'completion':>11} {'revenue':>14} "
+             f"{'compute':>14} {'margin':>14} {'margin%':>8}"]
+    for row in report["rows"] + [report["total"]]:
+        pct = f"{100 * row['margin_micros'] / row['revenue_micros']:.1f}" if row["revenue_micros"] else "-"
+        lines.append(f"{row['group']:<20} {row['requests']:>9,} {row['prompt_tokens']:>10,} "
+                     f"{row['completion_tokens']:>11,} {format_micros(row['revenue_micros']):>14} "
+                     f"{format_micros(row['compute_cost_micros']):>14} {format_micros(row['margin_micros']):>14} "
+                     f"{pct:>8}")
+    return "\n".join(lines)
+
+
 def write_report_csv(reports: list[dict], path) -> None:
     """One CSV with a row per group of each report (money as decimal strings, not floats)."""
     from ..checkpoint import atomic_write

@@ -189,4 +189,13 @@ def evaluate_files(model, tokenizer: Tokenizer, src_path: os.PathLike, ref_path:
     return result
 
 
-__all__ = ["check_pair", "evaluate_files", "file_language", "language_pair", "score", "translate", "translate_file"]
+def format_scores(result: dict) -> str:
+    """``zenlm evaluate translation``'s text: BLEU and chrF (``score``/``evaluate_files``) each with
+    its sacrebleu signature, then the sentence count (and the seconds, when ``result`` has them)."""
+    took = f" in {result['seconds']}s" if "seconds" in result else ""
+    return "\n".join([result["bleu_text"], f"BLEU signature: {result['bleu_signature']}", result["chrf_text"],
+                      f"chrF signature: {result['chrf_signature']}", f"{result['sentences']} sentences{took}"])
+
+
+__all__ = ["check_pair", "evaluate_files", "file_language", "format_scores", "language_pair", "score", "translate",
+           "translate_file"]
