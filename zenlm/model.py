@@ -225,6 +225,20 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         self.starts: list[int] = []
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the tokens and positions behind the cached keys, kept where a model may need to re-encode them
+        self.tokens: Optional[torch.Tensor] = None
+        self.positions: Optional[torch.Tensor] = None
+
+    def remember(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        positions = positions.expand(tokens.size(0), -1)
+        first = self.tokens is None or self.tokens.size(0) != tokens.size(0)
+        self.tokens = tokens if first else torch.cat([self.tokens, tokens], 1)
+        self.positions = positions if first else torch.cat([self.positions, positions], 1)
+
+    def clear(self) -> None:
+        """Forget every position (the buffers' memory is kept only through ``capacity``)."""
+        self.length, self.keys, self.values, self.starts = 0, [], [], []
+        self.tokens = self.positions = None
 
     def start(self, layer: int) -> int:
         """Position of the first key kept for ``layer`` (0 unless a window trimmed it)."""
@@ -277,6 +291,8 @@ class KVCache:
         else:
             self.keys = [k.index_select(0, index) for k in self.keys]
             self.values = [v.index_select(0, index) for v in self.values]
+        if self.tokens is not None:
+            self.tokens, self.positions = self.tokens.index_select(0, index), self.positions.index_select(0, index)
         if cross:
             self.reorder_cross(index)
 
@@ -649,9 +665,28 @@ class TransformerModel(nn.Module):
         self._check_ids(name, decoder_input_ids, past)
         mask = self._check_mask(name.replace("input_ids", "attention_mask"), attention_mask,
                                 decoder_input_ids.size(0), (decoder_input_ids.size(1) + past,))
+        positions = self._positions(decoder_input_ids, past, position_ids)
+        if cache is not None and self._rope_switches(cache, decoder_input_ids.size(1)):
+            # longrope's frequencies change once the sequence passes the pretraining length, and the
+            # cached keys were rotated the short way: re-encode the whole sequence (as transformers' Phi-3)
+            ids, positions = torch.cat([cache.tokens, decoder_input_ids], 1), torch.cat([cache.positions, positions], 1)
+            cache.clear()
+            hidden, attn, cross = self.decode(ids, memory, memory_mask, attention_mask, positions, cache, token_type_ids,
+                                              output_attentions, name)
+            return hidden[:, -decoder_input_ids.size(1):], attn, cross
         x = self._token_embeddings(decoder_input_ids)
-        return self.decoder(x, self._positions(decoder_input_ids, past, position_ids), mask, token_type_ids,
-                            memory, memory_mask, cache, output_attentions)
+        out = self.decoder(x, positions, mask, token_type_ids, memory, memory_mask, cache, output_attentions)
+        if cache is not None and (self.config.rope_scaling or {}).get("rope_type") == "longrope":
+            cache.remember(decoder_input_ids, positions)
+        return out
+
+    def _rope_switches(self, cache: KVCache, new: int) -> bool:
+        """Whether these ``new`` positions take longrope past its pretraining length for the first time
+        (with the cache's own record of the tokens behind it; a cache edited from outside has none)."""
+        scaling = self.config.rope_scaling or {}
+        if scaling.get("rope_type") != "longrope" or cache.tokens is None or cache.tokens.size(1) != cache.length:
+            return False
+        return 0 < cache.length <= scaling["original_max_position_embeddings"] < cache.length + new
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, decoder_input_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, decoder_attention_mask: Optional[torch.Tensor] = None,

@@ -43,8 +43,8 @@ def _phi3(folder, **extra):
     rotary = int(head * 0.75)
     rope = {"rope_type": "longrope", "rope_theta": 1000.0, "partial_rotary_factor": 0.75,
             "short_factor": [1.0 + 0.1 * i for i in range(rotary // 2)],
-            "long_factor": [2.0 + 0.5 * i for i in range(rotary // 2)], "original_max_position_embeddings": 48}
-    config = dict(COMMON, rope_parameters=rope, original_max_position_embeddings=48, **extra)
+            "long_factor": [2.0 + 0.5 * i for i in range(rotary // 2)], "original_max_position_embeddings": 20}
+    config = dict(COMMON, rope_parameters=rope, original_max_position_embeddings=20, **extra)
     return build(transformers, "Phi3Config", "Phi3ForCausalLM", folder, **config)
 
 
@@ -54,11 +54,11 @@ def test_phi3_longrope_partial_rotary_matches_transformers(tmp_path):
     ours = zenlm.load(tmp_path / "hf")
     c = ours.config
     assert c.rope_scaling["rope_type"] == "longrope" and c.rotary_dim == 12 and c.sliding_window == 8
-    # the batch (up to 60 positions) is past the pretraining length 48: longrope's long factors; generation
-    # (up to 37) stays within it: the short ones. Past 48, longrope switches factors for the whole call (as
-    # transformers does), so a cache holds keys rotated the short way: cached decoding is compared within 48.
+    # the batch (up to 60 positions) and generation (prompts of 3-13 tokens + 24) pass the pretraining
+    # length 20: longrope's long factors. Generation re-encodes the sequence when it first crosses 20, as
+    # transformers does; a plain cached forward does not, so cached decoding is compared within 20.
     ids, mask = padded_batch((60, 41, 52))
-    print("phi3:", check_all(transformers, hf, tmp_path / "hf", tmp_path / "out", ids, mask, cache_length=48))
+    print("phi3:", check_all(transformers, hf, tmp_path / "hf", tmp_path / "out", ids, mask, cache_length=20))
 
 
 def test_phi4_mini_shape_tied_without_window(tmp_path):
@@ -66,4 +66,4 @@ def test_phi4_mini_shape_tied_without_window(tmp_path):
     ours = zenlm.load(tmp_path / "hf")
     assert ours.config.tie_word_embeddings and ours.config.sliding_window is None
     ids, mask = padded_batch((60, 41, 52))
-    print("phi4-mini:", check_all(transformers, hf, tmp_path / "hf", tmp_path / "out", ids, mask, cache_length=48))
+    print("phi4-mini:", check_all(transformers, hf, tmp_path / "hf", tmp_path / "out", ids, mask, cache_length=20))
