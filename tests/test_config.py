@@ -12,7 +12,18 @@ from zenlm.config import estimate_costs
     (dict(num_attention_heads=12, num_key_value_heads=5), r"num_attention_heads \(12\) must be divisible by num_key_value_heads \(5\)"),
     (dict(vocab_size=0), "vocab_size must be a positive integer, got 0"),
     (dict(vocab_size=-3), "vocab_size must be a positive integer, got -3"),
-    (dict(activation="mish"), "unknown activation 'mish'; valid: gelu, gelu_tanh, relu, silu, swiglu, geglu"),
+    (dict(activation="mish"), "unknown activation 'mish'; valid: gelu, gelu_tanh, relu, silu, swiglu, geglu, geglu_tanh"),
+    (dict(rope_scaling={"rope_type": "su", "factor": 2.0}), r"rope_scaling: rope_type 'su' is not supported; supported: "
+                                                            r"linear, dynamic, llama3, yarn, longrope"),
+    (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling: rope_type 'linear' needs factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 4}),
+     r"rope_scaling: beta_fast=4 is not supported for rope_type 'linear'"),
+    (dict(layer_types=["full_attention"] * 6, sliding_window=4, num_decoder_layers=5), "layer_types lists 6 layers"),
+    (dict(layer_types=["local"] * 6, sliding_window=4), "layer_types holds 'local'; valid: full_attention, sliding_attention"),
+    (dict(layer_types=["sliding_attention"] * 6), "sliding_window is None"),
+    (dict(partial_rotary_factor=0.0), r"partial_rotary_factor must be in \(0, 1\], got 0.0"),
+    (dict(attn_logit_softcap=-1.0), r"attn_logit_softcap must be > 0 \(or None\), got -1.0"),
+    (dict(head_size=0), "head_size must be a positive integer, got 0"),
     (dict(norm="batchnorm"), "unknown norm 'batchnorm'; valid: layernorm, rmsnorm"),
     (dict(position="alibi"), "unknown position 'alibi'; valid: learned, sinusoidal, rotary, none"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
@@ -33,6 +44,16 @@ def test_defaults_are_the_contract_shape():
                           num_encoder_layers=6, num_decoder_layers=6)
     assert (c.hidden_size, c.intermediate_size, c.family) == (768, 3072, "encoder-decoder")
     assert c.num_key_value_heads == 8 and c.head_dim == 96
+
+
+def test_an_explicit_head_size_need_not_divide_hidden_size(tmp_path):
+    c = TransformerConfig(vocab_size=100, hidden_size=60, num_attention_heads=4, head_size=32, num_encoder_layers=0,
+                          num_decoder_layers=2, position="rotary", partial_rotary_factor=0.75,
+                          sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    assert (c.head_dim, c.rotary_dim, c.is_sliding(0), c.is_sliding(1)) == (32, 24, True, False)
+    c.save(tmp_path / "config.json")
+    assert TransformerConfig.load(tmp_path) == c
 
 
 def test_json_round_trip(tmp_path):

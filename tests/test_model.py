@@ -328,3 +328,54 @@ def test_sequence_longer_than_context_with_cache_names_both_lengths():
     model(torch.randint(0, 97, (1, 60)), past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match=r"position 65 \(length 5 \+ 60 cached\)"):
         model(torch.randint(0, 97, (1, 5)), past_key_values=cache, use_cache=True)
+
+
+# --------------------------------------------------------------------------- open-model flags
+OPEN_FLAGS = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  num_encoder_layers=0, num_decoder_layers=3, max_position_embeddings=128, position="rotary",
+                  norm="rmsnorm", activation="geglu_tanh", bias=False, qkv_bias=True, head_size=16, qk_norm=True,
+                  norm_unit_offset=True, sandwich_norm=True, scale_embedding=True, sliding_window=6,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_local_theta=100.0,
+                  query_pre_attn_scalar=20.0, attn_logit_softcap=2.0, final_logit_softcap=5.0,
+                  partial_rotary_factor=0.5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+
+def test_sliding_window_attention_sees_exactly_the_last_window_positions():
+    """Changing a token moves the logits of the positions that can see it: within the window for a
+    model whose every layer slides (one layer: no path around the window)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(**{**OPEN_FLAGS, "num_decoder_layers": 1, "layer_types": None})
+    model = TransformerLM(config).eval()
+    ids = torch.randint(0, 97, (1, 30))
+    changed = ids.clone()
+    changed[0, 10] = (ids[0, 10] + 1) % 97
+    with torch.no_grad():
+        moved = (model(ids).logits - model(changed).logits).abs().amax(-1)[0]
+    assert (moved[10:16] > 1e-6).all() and (moved[16:] == 0).all() and (moved[:10] == 0).all()
+
+
+def test_every_open_model_flag_at_once_decodes_through_a_trimmed_cache_as_the_full_forward():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(**OPEN_FLAGS)).eval()
+    ids = torch.randint(0, 97, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = KVCache(capacity=4, trim_windows=True)
+        steps = [model(ids[:, :3], attention_mask=mask[:, :3], past_key_values=cache, use_cache=True).logits]
+        for t in range(3, 40):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache,
+                               use_cache=True).logits)
+    keep = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[keep], full[keep], atol=1e-5, rtol=1e-5)
+    assert cache.start(0) > 0 and cache.keys[0].size(2) <= 12 and cache.start(1) == 0  # windows trimmed, global not
+    assert full.abs().max() <= 5.0  # the final soft cap
+
+
+def test_gemma_rmsnorm_scales_by_one_plus_weight():
+    from zenlm.model import make_norm
+
+    norm = make_norm(TransformerConfig(**OPEN_FLAGS))
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (48,), eps=norm.eps))  # weight 0: plain
