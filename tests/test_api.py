@@ -3,11 +3,13 @@ checked against the library call it stands for."""
 import numpy as np
 import pytest
 import torch
-from tiny_app_models import one_torch_thread, save_tiny, tiny_tokenizer  # noqa: F401 (autouse fixture)
+from tiny_app_models import save_tiny, tiny_tokenizer
 
 import zenlm
 from zenlm import LLM
 from zenlm.generate import Generator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

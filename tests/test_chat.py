@@ -5,12 +5,14 @@ import sys
 
 import pytest
 import torch
-from tiny_app_models import one_torch_thread, save_tiny, tiny_tokenizer  # noqa: F401 (autouse fixture)
+from tiny_app_models import save_tiny, tiny_tokenizer
 
 from zenlm import load, load_tokenizer
 from zenlm.data import encode_chat
 from zenlm.generate import Generator
 from zenlm.tasks.chat import ChatSession, fit_history, run_terminal
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def exchanges(n):

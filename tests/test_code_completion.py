@@ -1,10 +1,13 @@
 """Code completion: samples stop at the next top-level statement; the parse share is ast's verdict."""
 import ast
 
-from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
+import pytest
+from tiny_app_models import save_tiny
 
 from zenlm import load, load_tokenizer
 from zenlm.tasks.code import complete, definition_prompts, parse_share, parses, sample_definitions
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_parse_share_agrees_with_ast():

@@ -11,13 +11,7 @@ from zenlm.cli import main
 from zenlm.distill import DistillConfig, DistillTrainer, relation_loss, soft_target_loss
 from zenlm.train import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_soft_target_loss_matches_torch_kl():

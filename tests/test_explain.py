@@ -10,13 +10,7 @@ import zenlm
 from zenlm.cli import main
 from zenlm.explain import alignment, attention_maps, explain, gradient_x_input, write_report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(enc, dec, **kw):

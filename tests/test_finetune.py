@@ -4,13 +4,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
+from tiny_app_models import save_tiny
 
 from zenlm import load
 from zenlm.checkpoint import unique_state_dict
 from zenlm.cli import main
 from zenlm.lora import load_with_adapter
 from zenlm.tasks.finetune import build_config, infer_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PAIRS = ["A man rides a bike.\tEin Mann fährt Fahrrad.", "Two dogs play in the snow.\tZwei Hunde spielen im Schnee.",
          "Hello, how are you today?\tHallo!"] * 6

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from tiny_app_models import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from zenlm import TransformerConfig, TransformerLM
 from zenlm.checkpoint import unique_state_dict
@@ -18,6 +17,8 @@ from zenlm.lora import (
     trainable_parameters,
     unmerge,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(family: str = "encoder-decoder", hidden: int = 32, seed: int = 0) -> TransformerLM:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_app_models import one_torch_thread  # noqa: F401 (autouse fixture)
 
 import zenlm
 from zenlm import TransformerConfig, TransformerLM
@@ -32,6 +31,8 @@ from zenlm.lora import (
 sys.path.insert(0, str(Path(__file__).parent / "hf"))
 from hf_helpers import bpe  # noqa: E402
 from hf_helpers import save_hf as save_hf_folder  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

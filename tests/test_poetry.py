@@ -2,10 +2,12 @@
 import re
 
 import pytest
-from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
+from tiny_app_models import save_tiny
 
 from zenlm import load, load_tokenizer
 from zenlm.tasks.poetry import check_form, write_poem
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("lines,chars", [(4, 5), (4, 7)])

@@ -10,15 +10,9 @@ import zenlm
 from zenlm.probes import (Canary, bias_probe, exposure, insert_canaries, make_canaries, plot_bias,
                           sequence_log_probs)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train_char_model(lines, steps=250, seq=48, seed=0):

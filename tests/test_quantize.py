@@ -9,14 +9,7 @@ import zenlm
 from zenlm.cli import main
 from zenlm.quantize import QuantizedLinear, dequantize_weight, quantize_model, quantize_weight
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one thread avoids spin-wait contention on the shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(preset="tiny", **overrides):

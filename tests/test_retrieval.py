@@ -26,6 +26,8 @@ from zenlm.retrieval import (ContrastiveConfig, Document, Embedder, Index, Index
                              reciprocal_rank_fusion, score_run)
 from zenlm.retrieval.evaluate import ranked
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 TEXTS = [
@@ -42,16 +44,6 @@ TEXTS = [
     "The orchestra played a symphony by Beethoven last night.",
     "Glaciers are retreating as global temperatures climb.",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine OpenMP's
-    spin-waiting made the fine-tuning test cost 30 s of CPU instead of 2."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,14 @@ import sys
 
 import pytest
 import sacrebleu
-from tiny_app_models import one_torch_thread, save_tiny  # noqa: F401 (autouse fixture)
+from tiny_app_models import save_tiny
 
 from zenlm import load, load_tokenizer
 from zenlm.cli import main
 from zenlm.generate import Generator
 from zenlm.tasks.translate import check_pair, file_language, score, translate
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SOURCES = ["A man rides a bike.", "Two dogs play in the snow.", "", "Hello, how are you today?", "I am fine!"]
 PAIR = {"task": "translation", "source_lang": "en", "target_lang": "de"}

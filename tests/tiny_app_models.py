@@ -4,7 +4,6 @@ Random weights: the tests check plumbing against independent references (the
 generation engine itself, sacrebleu), never the quality of a random model."""
 from pathlib import Path
 
-import pytest
 import torch
 
 from zenlm import Tokenizer, TransformerConfig, TransformerLM
@@ -29,13 +28,3 @@ def save_tiny(directory: Path, family: str = "encoder-decoder", extra: dict | No
     model = TransformerLM(config).eval()
     save_pretrained(model, directory, tokenizer=tok)
     return Path(directory)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on the busy shared box OpenMP spin-waiting of a
-    second thread multiplies the CPU time. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
