@@ -6,7 +6,8 @@ an HF folder transformers loads), ``convert_from_hf``/``convert_to_hf`` (folder 
 ``read_hf_config``, ``is_hf_folder`` and ``load_tokenizer``. The rest of the package:
 
 * ``families/``: one file per family (``bert``, ``gpt2``, ``bart`` for BART and Marian,
-  ``llama``, ``qwen`` for Qwen2 and Qwen3, ``mistral``, ``phi3``, ``gemma`` for Gemma 2 and 3), each a ``Family`` record of config and weight-name maps as data, registered in
+  ``llama``, ``qwen`` for Qwen2 and Qwen3, ``mistral``, ``phi3``, ``gemma`` for Gemma 2 and 3), each
+  a ``Family`` record of config and weight-name maps as data, registered in
   ``families.FAMILIES`` by ``model_type``; ``family.py`` defines the record;
 * ``configs.py``: config.json <-> ``TransformerConfig``, and which family a config exports as;
 * ``weights.py``: the weight maps run both ways (fused q|k|v, transposes, renames);
