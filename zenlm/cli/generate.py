@@ -11,7 +11,7 @@ def load_app_model(path: str, adapter: Optional[str] = None):
     one FileNotFoundError naming it."""
     import os
 
-    from .. import load_tokenizer
+    from ..folders import load_tokenizer
     from ..lora import load_with_adapter
 
     if not os.path.isdir(path):
@@ -44,7 +44,7 @@ def add_generate(sub) -> None:
 def run_generate(args) -> None:
     import os
 
-    from .. import load, load_tokenizer
+    from ..folders import load, load_tokenizer
     from ..generate import Generator
 
     if not os.path.isdir(args.model):

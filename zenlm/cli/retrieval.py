@@ -101,7 +101,7 @@ def add_ask(sub) -> None:
 
 
 def run_ask(args) -> None:
-    from .. import load, load_tokenizer
+    from ..folders import load, load_tokenizer
     from ..retrieval.index import Index
     from ..retrieval.rag import ask
 

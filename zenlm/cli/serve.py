@@ -129,9 +129,9 @@ def add_billing(sub) -> None:
 
 
 def run_billing(args) -> None:
-    from ..serve.billing import Billing, format_report, month_of, plot_report, write_report_csv
-
     import time
+
+    from ..serve.billing import Billing, format_report, month_of, plot_report, write_report_csv
 
     billing = Billing.open(args.database)
     if args.month is None:
