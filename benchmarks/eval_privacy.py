@@ -14,6 +14,10 @@ ISBNs (computed checks), order/invoice/tracking numbers, coordinates, and near m
 IBAN check, SSNs the SSA never issues, passport-shaped codes with no context word).
 Real text (tinyshakespeare, Tatoeba, SciFact abstracts; ../shared/data) has no labels: every span
 flagged there is listed so a reader can judge it; on such text nearly every flag is a false alarm.
+Speed: the current scrubber and the one of BEFORE_COMMIT (from git) are timed alternately in one
+process, so that load from other jobs on a shared machine hits both alike; the CPU line says where.
+The fast path (triggers, windows, matcher pre-filter) is checked span for span against
+PIIScrubber(fast=False) on every generated line and on each real text in full.
 """
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ FRAMES = [
     "Mon numéro : {}", "Mi número es {} si necesitas algo.", "Contact: {}", "请拨打{}联系客服",
     "Reach the front desk at {} or by mail.",
 ]
+# The frames that name the telephone ("call", "tel.", 电话 telephone, 拨打 dial); the others say only
+# "number", "contact", "reach" or nothing. Used to label groups, not to generate anything.
+PHONE_WORD_FRAMES = {"Call me on {}.", "Tel. {} (office hours)", "电话：{}，谢谢。", "请拨打{}联系客服"}
 PHONE_TYPES = (pn.PhoneNumberType.MOBILE, pn.PhoneNumberType.FIXED_LINE)
 PHONE_FORMATS = {"E164": pn.PhoneNumberFormat.E164, "INTERNATIONAL": pn.PhoneNumberFormat.INTERNATIONAL,
                  "NATIONAL": pn.PhoneNumberFormat.NATIONAL}
@@ -114,9 +121,12 @@ def labelled_set(seed: int) -> list[dict]:
                     break
             for number in numbers:
                 for fmt_name, fmt in PHONE_FORMATS.items():
+                    frame = rng.choice(FRAMES)
                     if fmt_name == "NATIONAL":
                         fmt_name += "/in-regions" if region in DEFAULT_REGIONS else "/other-regions"
-                    add(f"PHONE {fmt_name}", rng.choice(FRAMES), pn.format_number(number, fmt), "PHONE")
+                        if region not in DEFAULT_REGIONS:  # the frame's own words, not the scrubber's list
+                            fmt_name += ", phone word" if frame in PHONE_WORD_FRAMES else ", no phone word"
+                    add(f"PHONE {fmt_name}", frame, pn.format_number(number, fmt), "PHONE")
     for country in BBAN:
         for _ in range(3):
             value = iban(rng, country)
@@ -200,23 +210,32 @@ def ratio(a, b):
     return f"{a / b:.3f}" if b else "  -  "
 
 
-def real_corpora(show: int) -> None:
+def real_corpora(show: int, rounds: int = 3) -> None:
     sources = [("tinyshakespeare", (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"))]
     tsv = (DATA / "tatoeba-zh-en" / "train.tsv").read_text(encoding="utf-8")
     sources.append(("tatoeba-zh-en sentences", "\n".join("\t".join(l.split("\t")[:2]) for l in tsv.splitlines())))
     sources.append(("tatoeba-zh-en train.tsv (with attribution column)", tsv))
     with gzip.open(DATA / "scifact" / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
         sources.append(("scifact abstracts", "\n".join(json.loads(l)["title"] + "\n" + json.loads(l)["text"] for l in f)))
-    print("\n## Real text (no labels): spans flagged, speed (one thread, best of 3)")
-    old = old_scrubber()
+    print(f"\n## Real text (no labels): spans flagged, speed (one thread, best of {rounds}, old and new alternately)")
+    regex_old = old_module(REGEX_COMMIT)
+    before = old_module(BEFORE_COMMIT)
     for name, text in sources:
         mb = len(text.encode("utf-8")) / 1e6
-        scrubber = PIIScrubber()
-        best = min(_timed(scrubber.find, text) for _ in range(3))
+        scrubber, plain = PIIScrubber(), PIIScrubber(fast=False)
+        old = before.PIIScrubber() if before else None
+        times = defaultdict(list)
+        for _ in range(rounds):  # alternate, so that load from other jobs hits both alike
+            if old:
+                times["before"].append(_timed(old.find, text))
+            times["now"].append(_timed(scrubber.find, text))
         found = scrubber.find(text)
-        old_s = f", before (HEAD~ regex scrubber) {mb / min(_timed(old, text) for _ in range(2)):.1f} MB/s" if old else ""
+        same = found == plain.find(text)
+        speeds = {k: mb / min(v) for k, v in times.items()}
+        regex_s = f", regex scrubber {REGEX_COMMIT} {mb / _timed(regex_old.find_pii, text):.1f} MB/s" if regex_old else ""
+        before_s = f", before ({BEFORE_COMMIT}) {speeds['before']:.1f} MB/s" if old else ""
         print(f"{name}: {mb:.2f} MB, {len(found)} spans flagged {dict(Counter(m.kind for m in found))}; "
-              f"{mb / best:.1f} MB/s{old_s}")
+              f"now {speeds['now']:.1f} MB/s{before_s}{regex_s}; fast path == plain path: {same}")
         for m in found[:show]:
             print(f"    {m.kind}: {m.text!r} in {text[max(0, m.start - 40):m.end + 20]!r}")
 
@@ -227,17 +246,22 @@ def _timed(fn, text):
     return time.perf_counter() - t0
 
 
-def old_scrubber():
-    """The pre-issue-21 regex scrubber, from git, to time it on the same text."""
+REGEX_COMMIT = "aad4812"   # the regex scrubber before issue 21
+BEFORE_COMMIT = "ec85a74"  # phonenumbers-based, before the trigger windows and the matcher pre-filter
+
+
+def old_module(commit: str):
+    """zenlm/privacy.py as it was at ``commit``, from git, to time it on the same text."""
     try:
-        src = subprocess.run(["git", "show", "aad4812:zenlm/privacy.py"], capture_output=True, text=True,
+        src = subprocess.run(["git", "show", f"{commit}:zenlm/privacy.py"], capture_output=True, text=True,
                              check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None
-    module = types.ModuleType("old_privacy")
-    sys.modules["old_privacy"] = module  # dataclasses look their module up there
-    exec(compile(src, "old_privacy.py", "exec"), module.__dict__)
-    return module.find_pii
+    name = f"privacy_{commit}"
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up there
+    exec(compile(src, f"{name}.py", "exec"), module.__dict__)
+    return module
 
 
 def cpu_name() -> str:
@@ -255,13 +279,18 @@ def main() -> None:
     ap.add_argument("--show", type=int, default=6, help="misses / false alarms / real-text flags to print per group")
     ap.add_argument("--no-real", action="store_true", help="skip the real corpora and speed")
     args = ap.parse_args()
-    print(f"CPU: {cpu_name()}; python {sys.version.split()[0]}; phonenumbers {pn.__version__}; seed {args.seed}")
+    from zenlm.cpu import cpu_info
+    print(f"CPU: {cpu_name()} ({cpu_info().describe()}); python {sys.version.split()[0]}; phonenumbers {pn.__version__}; seed {args.seed}")
     rows = labelled_set(args.seed)
     print(f"generated set: {len(rows)} lines, {sum(len(r['pii']) for r in rows)} PII spans, "
           f"{sum(not r['pii'] for r in rows)} lines without PII; default regions {','.join(DEFAULT_REGIONS)}")
     settings = [("default regions", PIIScrubber())]
     if args.all_regions:
         settings.append(("regions = all 245", PIIScrubber(regions=sorted(pn.SUPPORTED_REGIONS))))
+    plain = PIIScrubber(fast=False)
+    differ = [r["text"] for r in rows if settings[0][1].find(r["text"]) != plain.find(r["text"])]
+    print(f"fast path == plain path (fast=False, every finder over the whole line) on all {len(rows)} lines: "
+          f"{not differ}{'; differ: ' + repr(differ[:5]) if differ else ''}")
     for label, scrubber in settings:
         tp, fp, fn, hits, total, misses, alarms = score(rows, scrubber)
         print(f"\n## {label}: span-level, exact text and kind\n\n| kind | gold | TP | FP | FN | precision | recall |\n|---|---|---|---|---|---|---|")

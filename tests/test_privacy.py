@@ -121,9 +121,16 @@ def test_phone_numbers_of_other_countries_in_national_form_need_their_region():
     # numbers the regex scrubber missed (issue 21), each valid in the region named
     cases = {"GB": "07700 063 966", "ES": "699 956 915", "NO": "416 60 039", "DK": "60-56-85-91", "BE": "0490 75 40 81"}
     for region, number in cases.items():
-        text = f"Tel. {number} (office)"
+        text = f"Office {number} (mornings)"
         assert kinds_found(text, regions=[region]) == [("PHONE", number)], (region, number)
-    assert kinds_found("Tel. 416 60 039 (office)", regions=["US"]) == []  # not a US number: left alone
+    assert kinds_found("Office 416 60 039 (mornings)", regions=["US"]) == []  # not a US number: left alone
+    # ... unless a phone word stands right before it: then every region's national form is tried
+    for region, number in cases.items():
+        for frame in ("Tel. {} (office)", "call me on {}.", "电话：{}，谢谢", "请拨打{}", "☎ {}", "Fax: {}"):
+            assert kinds_found(frame.format(number), regions=["US"]) == [("PHONE", number)], (frame, number)
+    for text in ["Tel. extension 2024-03-15 today", "so-called 416 60 039", "We call it 2024-03-15.",
+                 "phone model 12.14.7 released", "Mobile 0.737-0.933"]:
+        assert kinds_found(text, regions=["US"]) == [], text
     # with the country code a number is found whatever the regions
     for number in ["+47 416 60 039", "+34 699 95 69 15", "0044 7700 063966", "+1 (212) 555-0199"]:
         assert kinds_found(f"Call {number} now", regions=["GB"]) == [("PHONE", number)], number
@@ -215,3 +222,69 @@ def test_long_text_is_scanned_in_windows_without_losing_matches():
     filler = "no numbers here, just words. " * 400
     text = filler + "ann@example.com " + filler + "13800138000 " + filler + "fe80::1ff:fe23:4567:890a " + filler
     assert [m.kind for m in find_pii(text)] == ["EMAIL", "PHONE", "IP"]
+
+
+# --------------------------------------------------------------------------- fast path (issue 21, speed)
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _eval_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_privacy", Path(__file__).resolve().parents[1] / "benchmarks" / "eval_privacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fast_path_gives_the_plain_paths_spans_on_the_generated_set():
+    # fast: each finder only in windows around its own triggers, the phone matcher pre-filtered;
+    # plain: every finder over the whole text, the matcher on every digit run and region
+    rows = _eval_module().labelled_set(seed=1)[::3]
+    fast, plain = PIIScrubber(), PIIScrubber(fast=False)
+    differ = [r["text"] for r in rows if fast.find(r["text"]) != plain.find(r["text"])]
+    assert not differ, differ[:5]
+
+
+@pytest.mark.skipif(not (DATA / "scifact").exists(), reason="../shared/data not present")
+def test_fast_path_gives_the_plain_paths_spans_on_real_text():
+    import gzip
+    with gzip.open(DATA / "scifact" / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
+        sci = "\n".join(json.loads(line)["text"] for _, line in zip(range(600), f))
+    tsv = (DATA / "tatoeba-zh-en" / "train.tsv").read_text(encoding="utf-8")[:300_000]
+    fast, plain = PIIScrubber(), PIIScrubber(fast=False)
+    for text in (sci, tsv):
+        assert fast.find(text) == plain.find(text)
+    for line in sci.splitlines()[:300]:  # and line by line, where windows meet the text's ends
+        assert fast.find(line) == plain.find(line)
+
+
+def test_every_kind_is_found_whatever_surrounds_it_in_a_long_text():
+    filler = "Issue #538123 (CM) & #891077 (Martha), version 2.0; " * 40
+    cases = [("IP", "#10.0.0.1", "10.0.0.1"), ("CARD", "#4111 1111 1111 1111", "4111 1111 1111 1111"),
+             ("PASSPORT", "passport #1234567", "1234567"), ("PASSPORT", "Passport no. C01X23T45", "C01X23T45"),
+             ("SSN", "SSN #123456789", "123456789"), ("IBAN", "LV80BANKABCDEFGHIJKLM", None),
+             ("DRIVER_LICENSE", "Driver's license: A123-4567-8901", "A123-4567-8901"),
+             ("IP", "fe80::1ff:fe23:4567:890a", "fe80::1ff:fe23:4567:890a"), ("EMAIL", "x9@uni.edu.cn", "x9@uni.edu.cn")]
+    for kind, snippet, value in cases:
+        text = filler + snippet + " " + filler
+        found = [(m.kind, m.text) for m in find_pii(text)]
+        assert found == [(kind, value)] if value else found in ([], [(kind, snippet)]), (snippet, found)
+        assert PIIScrubber().find(text) == PIIScrubber(fast=False).find(text), snippet
+
+
+def test_ranges_percentages_versions_and_enzyme_numbers_are_not_phones_or_addresses():
+    for text in ["in 1984-2008 and (2005-06)", "rose by 12 173% overall", "95% CI 0.737-0.933",
+                 "cohort s2060793, p53-281G", "Requires version 18.14.7.18.", "v10.2.0.1 released",
+                 "the enzyme EC 1.14.16.2 converts"]:
+        assert find_pii(text) == [], text
+    assert kinds_found("Login from 18.14.7.18 failed.") == [("IP", "18.14.7.18")]
+    assert kinds_found("server 10.0.0.1 (version 2)") == [("IP", "10.0.0.1")]
+
+
+def test_the_phone_prefilter_skips_only_what_could_not_be_kept():
+    from zenlm.privacy import _PhoneFinder
+    for text, most in [("95% CI 0.737-0.933.", 0), ("(1996-1999)", 0), ("(1996–1999)", 4), ("Tel. 0490 75 40 81", 10),
+                       ("n = 195 (97.5%)", 3)]:
+        run = next(__import__("re").finditer(r"[(\d][\d .()–-]*\d\)?", text))
+        lo, hi = max(0, run.start() - 1), min(len(text), run.end() + 1)
+        assert _PhoneFinder._keepable_digits(text, lo, hi) == most, text

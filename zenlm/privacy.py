@@ -24,12 +24,15 @@ dates and versions; each kind can be switched off (``kinds=``) and its placehold
 * ``PASSPORT``, ``DRIVER_LICENSE``  these numbers have no checksum and no common shape, so
   they are found only right after a context word ("passport", "护照", "licence", ...).
 * ``IP``     IPv4 (every octet 0-255, not part of a longer dotted run such as a version
-  number 1.2.3.4.5) and IPv6 (validated by the standard library's ``ipaddress``).
+  number 1.2.3.4.5, not right after "version", "v" or "EC") and IPv6 (validated by the standard library's ``ipaddress``).
 * ``PHONE``  phone numbers of every country through ``phonenumbers`` (Google's
   libphonenumber): numbers written with ``+``/``00`` and a country code are found whatever
   the region; numbers in national form (``07700 900123``, ``010-62751234``) only for the
   ``regions`` you list, because a national number is just digits: ``2024-03-15`` is a valid
   phone number in ten countries, so listing all 245 regions flags dates and order numbers.
+  After a phone word ("Tel.", "phone", "call", "mobile", "fax", "电话", "拨打", "☎" ...) national
+  forms of every region are tried. Kept numbers start with a digit, '+' or a bracket, and are not
+  dates, decimals, ranges of decimals or of years, percentages, or glued to letters or '#'.
 
 Names and postal addresses are out of reach for rules: there is no checksum and no closed
 list. Pass ``tagger=``, any callable ``text -> [(kind, start, end), ...]`` (for instance a
@@ -37,11 +40,15 @@ token-classification model with BIO labels, turned into spans by ``spans_from_bi
 spans are replaced like the others. zenlm ships no such model.
 
 Boundaries are ASCII-only, so a number written flush against Chinese text (手机13800138000，)
-is still found. Speed: the detailed patterns run only in windows around digits, ``@`` and
-``::``, so text with few numbers (prose, dialogue) is scanned at tens of MB/s.
+is still found. Speed: one scan finds each kind's necessary trigger (``_triggers``: '@', runs
+of >= 5 / 9 / 12 / 17 digits, dotted quads, IBAN heads, two colons, context words), and each
+finder runs only in windows around its own triggers; phonenumbers' matcher is called only for
+digit runs that could still yield a kept number, and only for regions whose shortest number
+fits. ``PIIScrubber(fast=False)`` runs every finder over the whole text and gives the same spans.
 """
 from __future__ import annotations
 
+import bisect
 import datetime
 import ipaddress
 import re
@@ -131,10 +138,6 @@ _IPV6 = re.compile(r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]
 # Where a phone number could be: a run of digits with the separators people write between groups.
 # Only a cheap superset for phonenumbers' matcher to look into, which decides what is a number.
 _DIGIT_RUN = re.compile(r"[+＋(]?\d(?:[ \t\u00a0().\-\u2010-\u2015/]{0,3}\d){4,}")  # >= 5 digits
-# Where any kind could be: the scan that decides which parts of a long text are looked at at all.
-# (An IPv6 address has a decimal digit or "::" unless all its groups are letters a-f.)
-_TRIGGER = re.compile(r"[\d@](?:[^\d@]{0,%d}[\d@])*|::" % (2 * 96))
-_WINDOW = 96  # characters around a trigger; every kind's match plus its context word fits in it
 
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
@@ -293,9 +296,15 @@ def _gated(find: Callable[[str], Iterable[Span]], words: Sequence[str], cased: S
     return gated
 
 
+# A dotted quad right after "version", "v" or "EC" (an enzyme number) is not an address: "version 18.14.7.18".
+_NOT_AN_ADDRESS = re.compile(r"(?:(?<![A-Za-z])(?:v|ver\.?|version|release|build|EC)\s*)$", re.IGNORECASE)
+
+
 def _find_ip(text: str) -> Iterator[Span]:
     if "." in text:
-        yield from _by_pattern(_IPV4, _valid_ipv4)(text)
+        for m in _IPV4.finditer(text):
+            if _valid_ipv4(m.group()) and not _NOT_AN_ADDRESS.search(text, max(0, m.start() - 12), m.start()):
+                yield m.span()
     if "::" in text or _HEX_COLON.search(text):
         yield from _by_pattern(_IPV6, _valid_ipv6)(text)
 
@@ -304,14 +313,21 @@ _HEX_COLON = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]")
 _find_ssn_bare = _gated(_by_pattern(_SSN_BARE, ssn_valid, "value"), ("ssn", "social security"))
 
 
-def _find_ssn(text: str) -> Iterator[Span]:
-    yield from _by_pattern(_SSN, ssn_valid)(text)
-    yield from _find_ssn_bare(text)
-
-
 _DECIMAL = re.compile(r"\d+[.,]\d+")
 _DECIMAL_RANGE = re.compile(r"\d\.\d+ ?[-\u2010-\u2015/] ?\d+\.\d|(?<![\d.])0\.\d")
 _DATE_SHAPES = (re.compile(r"(\d{4})[-./](\d{1,2})[-./](\d{1,2})"), re.compile(r"(\d{1,2})[-./](\d{1,2})[-./](\d{4})"))
+
+
+_YEAR_RANGE = re.compile(r"[(\[]?((?:1[89]|20)\d\d) ?[-\u2010-\u2015/] ?(\d\d|(?:1[89]|20)\d\d)[)\]]?")
+
+
+def _is_year_range(text: str) -> bool:
+    """1984-2008, (2005-06), 1964-76: a second year after the first."""
+    m = _YEAR_RANGE.fullmatch(text)
+    if not m:
+        return False
+    first, second = m.group(1), m.group(2)
+    return int(second) > int(first[-len(second):]) if len(second) == 2 else int(second) > int(first)
 
 
 def _is_date(text: str) -> bool:
@@ -326,47 +342,126 @@ def _is_date(text: str) -> bool:
     return False
 
 
-class _PhoneFinder:
-    """Phone numbers via phonenumbers' matcher, run only on digit runs that have enough digits."""
+# What a phone number the matcher found may start and end with (it never takes "." or a letter there).
+_PHONE_FIRST = "+＋(（[［"
+_PHONE_LAST = ")）]］"
 
-    def __init__(self, regions: Sequence[str]):
+# A word that says the next number is a phone number: then national numbers of every region are tried.
+_PHONE_CONTEXT = re.compile(
+    r"(?:(?<![A-Za-z])(?:tel|tél|tlf|ph|phone|telephone|téléphone|teléfono|telefone|telefono|telefon|call|mobile|"
+    r"cell|cellphone|fax|whatsapp|handy|móvil|portable)(?![A-Za-z])|电话|電話|手机|手機|座机|致电|拨打|撥打|传真|傳真|"
+    r"☎|📞|℡)[^\d\n]{0,16}$", re.IGNORECASE)
+_ALL_REGIONS = tuple(sorted(phonenumbers.SUPPORTED_REGIONS))
+
+
+def _nsn_min(code: int) -> int:
+    """The shortest national significant number of any region (or non-geographic entity) of a country code."""
+    meta = phonenumbers.PhoneMetadata
+    lengths = [n for r in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(code, ())
+               for m in [meta.metadata_for_nongeo_region(code) if r == "001" else meta.metadata_for_region(r)]
+               if m is not None for n in m.general_desc.possible_length if n > 0]
+    return min(lengths, default=1)
+
+
+def _min_digits(region: str) -> int:
+    """Fewest digits a valid number can have when the matcher is run for ``region`` on text without '+':
+    a national significant number of its country code, or the region's international prefix (its
+    shortest form) + any country code + that code's shortest national number."""
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    idd = re._parser.parse(meta.international_prefix).getwidth()[0] if meta.international_prefix else 99
+    any_code = min(len(str(c)) + _nsn_min(c) for c in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+    return min(_nsn_min(meta.country_code), idd + any_code)
+
+
+class _PhoneFinder:
+    """Phone numbers via phonenumbers' matcher, run only on digit runs that have enough digits.
+
+    ``fast`` (the default) skips, before calling the matcher, what cannot end in a kept number: a run
+    in which no stretch from a free-standing start to a free-standing end would pass ``_plausible``
+    (decimals, ranges of decimals, "0.737-0.933"), and regions whose shortest valid number has more
+    digits than the longest such stretch ("195 (97.5": 5 digits, tried in DE, AU, KR, NL, not in US). Both are exact: the spans are the same as with ``fast=False``
+    (tests/test_privacy.py compares them on generated and real text)."""
+
+    def __init__(self, regions: Sequence[str], context_regions: Sequence[str] = _ALL_REGIONS, fast: bool = True):
         self.regions = tuple(regions)
-        self.min_digits = 5  # the shortest national numbers in the metadata (e.g. Niue, Tokelau)
+        self.context_regions = tuple(r for r in context_regions if r not in self.regions)
+        self.fast = fast
+        self.min_digits = 5  # the shortest national numbers in the metadata (e.g. Niue, Tokelau) + a margin
+        self._need = {r: _min_digits(r) for r in self.regions + self.context_regions}
 
     @staticmethod
     def _free_standing(text: str, s: int, e: int) -> bool:
         """Not a phone number: "#5092163" (an issue, order or sentence number), "INV-2002-482251" (part of
         a code), "-80.3421" / "150.0804" (a decimal), "15:30" (a time), "v1.2" (a version)."""
-        before, after = text[max(0, s - 2):s], text[e:e + 2]
-        if before.endswith("#") or (len(before) == 2 and before[1] in "-/." and before[0].isalnum()):
-            return False
-        if after[:1] == ":" or (len(after) == 2 and after[0] in "-/." and after[1].isalnum()):
-            return False
-        return not _DECIMAL.fullmatch(text[s:e])
+        return _free_start(text, s) and _free_end(text, e) and not _DECIMAL.fullmatch(text[s:e])
 
     @classmethod
     def _plausible(cls, text: str, a: int, b: int) -> bool:
-        """What the matcher took is not a date, a decimal, a range of decimals (95% CI 0.55-0.92) or
-        a piece cut out of a longer number (the "07-5232" in "2766.07-5232.43")."""
+        """What the matcher took starts with a digit, '+' or an opening bracket and ends with a digit or a
+        closing bracket, and is not a date, a decimal, a range of decimals (95% CI 0.55-0.92), a range
+        of years ("1984-2008", "(2005-06)"), a percentage, a version ("version 18.14.7"), or a piece
+        cut out of a longer number (the "07-5232" in "2766.07-5232.43")."""
         raw = text[a:b]
-        return (cls._free_standing(text, a, b) and not _is_date(raw) and not _DECIMAL.fullmatch(raw)
-                and not _DECIMAL_RANGE.search(raw))
+        return ((raw[0] in _PHONE_FIRST or raw[0].isdigit()) and (raw[-1] in _PHONE_LAST or raw[-1].isdigit())
+                and cls._free_standing(text, a, b)
+                and not _NOT_AN_ADDRESS.search(text, max(0, a - 12), a)
+                and not _is_date(raw) and not _DECIMAL.fullmatch(raw) and not _DECIMAL_RANGE.search(raw)
+                and not _is_year_range(raw))
+
+    @classmethod
+    def _keepable_digits(cls, text: str, lo: int, hi: int) -> int:
+        """The most digits in a stretch of text[lo:hi] that starts and ends on a non-space character and
+        passes ``_plausible`` (0: none does). A number the matcher finds is kept only if it passes
+        ``_plausible``, so it has at most this many digits."""
+        counts = [0]
+        for c in text[lo:hi]:
+            counts.append(counts[-1] + c.isdigit())
+        starts = [a for a in range(lo, hi)
+                  if (text[a] in _PHONE_FIRST or text[a].isdigit()) and _free_start(text, a)]
+        ends = [b for b in range(hi, lo, -1)
+                if (text[b - 1] in _PHONE_LAST or text[b - 1].isdigit()) and _free_end(text, b)]
+        best = 0
+        for a in starts:
+            for b in ends:  # longest first: the first plausible end has the most digits for this start
+                digits = counts[b - lo] - counts[a - lo]
+                if digits <= best:
+                    break
+                if cls._plausible(text, a, b):
+                    best = digits
+                    break
+        return best
 
     def __call__(self, text: str) -> Iterator[Span]:
         for run in _DIGIT_RUN.finditer(text):
             s, e = run.span()
-            if sum(c.isdigit() for c in run.group()) < self.min_digits or not self._free_standing(text, s, e):
+            n = sum(c.isdigit() for c in run.group())
+            if n < self.min_digits or not self._free_standing(text, s, e):
                 continue
             # one character either side: the matcher rejects numbers glued to letters or after "$"
             lo, hi = max(0, s - 1), min(len(text), e + 1)
             window = text[lo:hi]
-            regions = self.regions[:1] if run.group()[0] in "+＋" else self.regions
+            most = n
+            if self.fast:
+                most = self._keepable_digits(text, lo, hi)
+                if not most:
+                    continue
+                if "+" in window or "＋" in window:
+                    most = n + 99  # "+(44) 20 ...": the region's minimum does not apply
+            if run.group()[0] in "+＋":
+                tiers = (self.regions[:1],)
+            elif self.context_regions and _PHONE_CONTEXT.search(text, max(0, s - 40), s):
+                tiers = (self.regions, self.context_regions)  # "Tel. 0490 75 40 81": every region's national form
+            else:
+                tiers = (self.regions,)
             found: dict[int, int] = {}
-            for region in regions:
-                for m in PhoneNumberMatcher(window, region, leniency=Leniency.VALID):
-                    a, b = lo + m.start, lo + m.end
-                    if b - a > found.get(a, 0) - a and self._plausible(text, a, b):
-                        found[a] = b
+            for regions in tiers:
+                for region in regions:
+                    if self.fast and most < self._need[region]:
+                        continue
+                    for m in PhoneNumberMatcher(window, region, leniency=Leniency.VALID):
+                        a, b = lo + m.start, lo + m.end
+                        if b - a > found.get(a, 0) - a and self._plausible(text, a, b):
+                            found[a] = b
             last = -1
             for a in sorted(found):
                 if a >= last:
@@ -374,13 +469,124 @@ class _PhoneFinder:
                     yield a, last
 
 
-def _windows(text: str) -> list[Span]:
-    """Stretches of ``text`` that hold a digit, an '@' or an IPv6 colon, widened by _WINDOW and merged."""
+_ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _free_start(text: str, s: int) -> bool:
+    """Nothing glued before position s: not after a digit, an ASCII letter or '#', nor after '-', '/' or '.' that follows a
+    letter or digit."""
+    if s >= 1 and (text[s - 1] == "#" or text[s - 1].isdigit() or text[s - 1] in _ASCII_LETTERS):
+        return False
+    return not (s >= 2 and text[s - 1] in "-/." and text[s - 2].isalnum())
+
+
+def _free_end(text: str, e: int) -> bool:
+    """Nothing glued after position e: not before a digit, an ASCII letter, ':' or '%', nor before '-', '/' or '.' followed by a letter
+    or digit."""
+    if e < len(text) and (text[e] in ":%‰" or text[e].isdigit() or text[e] in _ASCII_LETTERS):
+        return False
+    return not (e + 1 < len(text) and text[e] in "-/." and text[e + 1].isalnum())
+
+
+# --------------------------------------------------------------------------- where to look
+# One pass over the text finds where each kind could be; each finder then runs only in windows
+# around its own triggers. A trigger is a necessary condition of a match of its kind:
+#   EMAIL '@'; IPv6 two colons with <= 4 hex digits between; IBAN two capitals and two digits;
+#   a run of digits (the separators phone numbers use, <= 3 between digits) of n digits: PHONE n >= 5,
+#   SSN n >= 9, CARD n >= 12, CN_ID n >= 17, IPv4 three dots. Runs right after '#' (sentence, issue,
+#   order numbers: "#538123") only count with a separator inside or >= 9 digits: a phone number is
+#   never taken after '#', and every other digit kind needs a separator or 9 digits.
+#   PASSPORT, DRIVER_LICENSE and SSN without hyphens: their context word.
+_SEP = r"[ \t\u00a0().\-\u2010-\u2015/]"
+# A '#' and the digits after it are taken whole (possessive), so that re does not start again at
+# each digit of "#538123"; a plain run needs 4+ digits (IPv4); the kinds are sorted out in Python.
+_NUM_TRIGGER = re.compile(r"[#\d](?:(?<=#)\d++(?:%s{1,3}+\d++)*+|(?<=\d)(?:%s{0,3}\d){3,})" % (_SEP, _SEP))
+_IBAN_TRIGGER = re.compile(r"[A-Z][A-Z]\d\d")
+_ANY_DIGIT = re.compile(r"\d")
+_SPARSE_DIGITS = 2000  # more digits than this: IBAN heads and context words are looked for everywhere
+_IPV6_TRIGGER = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_NUM_KINDS = (("PHONE", 5), ("SSN", 9), ("CARD", 12), ("CN_ID", 17))
+_CONTEXT_WORDS = {"PASSPORT": _PASSPORT_GATE, "DRIVER_LICENSE": _LICENSE_GATE, "SSN_BARE": ("ssn", "social security")}
+_CONTEXT_TRIGGER = re.compile("|".join(re.escape(w) for words in _CONTEXT_WORDS.values() for w in words))
+_CONTEXT_KIND = {w: k for k, words in _CONTEXT_WORDS.items() for w in words}
+_WINDOW = 96  # characters around a trigger; every kind's match plus its context word fits in it
+_CONTEXT_SPAN = (48, 256)  # before / after a context word: "driver's " + filler + a 104-character value
+
+
+def _triggers(text: str, kinds: Iterable[str]) -> dict[str, list[Span]]:
+    """Trigger spans per finder name (kinds, plus SSN_BARE for SSNs after the word)."""
+    kinds = set(kinds)
+    out: dict[str, list[Span]] = {k: [] for k in kinds | {"SSN_BARE"}}
+    if "EMAIL" in kinds and "@" in text:
+        i = text.find("@")
+        while i >= 0:
+            out["EMAIL"].append((i, i + 1))
+            i = text.find("@", i + 1)
+    if "IP" in kinds and ":" in text:
+        out["IP"] += [m.span() for m in _IPV6_TRIGGER.finditer(text)]
+    # Every other kind has digits (IBAN 2, IPv4 4, documents 4, the rest 5+). Where digits are few
+    # (prose), IBAN heads and context words are looked for only in the 256 characters before each digit.
+    where: list[Span] = []
+    for count, m in enumerate(_ANY_DIGIT.finditer(text)):
+        if count > _SPARSE_DIGITS:
+            where = [(0, len(text))]
+            break
+        lo, hi = max(0, m.start() - 256), min(len(text), m.end() + 16)
+        if where and lo <= where[-1][1]:
+            where[-1] = (where[-1][0], hi)
+        else:
+            where.append((lo, hi))
+    if not where:
+        return out
+    if "IBAN" in kinds:
+        for lo, hi in where:
+            out["IBAN"] += [m.span() for m in _IBAN_TRIGGER.finditer(text, lo, hi)]
+    num_kinds = [(k, n) for k, n in _NUM_KINDS if k in kinds]
+    if num_kinds or "IP" in kinds:
+        for m in _NUM_TRIGGER.finditer(text):
+            run = m.group()
+            if run[0] == "#" and len(run) < 10 and run[1:].isdigit():
+                continue  # "#538123": no separator and < 9 digits
+            digits = sum(c.isdigit() for c in run)
+            for kind, need in num_kinds:
+                if digits >= need:
+                    out[kind].append(m.span())
+            if "IP" in kinds and run.count(".") >= 3:
+                out["IP"].append(m.span())
+    wanted = {k for k in _CONTEXT_WORDS if (k if k != "SSN_BARE" else "SSN") in kinds}
+    if wanted:
+        for lo, hi in where:
+            lower = text[lo:hi].lower()
+            if len(lower) != hi - lo:  # a character whose lower case is longer: positions would shift
+                for k in wanted:
+                    out[k].append((lo, hi))
+                continue
+            for m in _CONTEXT_TRIGGER.finditer(lower):
+                if _CONTEXT_KIND[m.group()] in wanted:
+                    out[_CONTEXT_KIND[m.group()]].append((lo + m.start(), lo + m.end()))
+        if "DRIVER_LICENSE" in wanted:  # the abbreviation, in capitals only
+            i = text.find("DL")
+            while i >= 0:
+                out["DRIVER_LICENSE"].append((i, i + 2))
+                i = text.find("DL", i + 1)
+    return out
+
+
+def _windows(text: str, spans: Iterable[Span], before: int = _WINDOW, after: int = _WINDOW) -> list[Span]:
+    """``spans`` widened by ``before``/``after`` characters, moved out to the next whitespace (at most 64
+    characters further, so that no window edge cuts a number or a word in two) and merged."""
     out: list[list[int]] = []
-    for m in _TRIGGER.finditer(text):
-        lo, hi = max(0, m.start() - _WINDOW), min(len(text), m.end() + _WINDOW)
+    n = len(text)
+    for s, e in sorted(spans):
+        lo, hi = max(0, s - before), min(n, e + after)
+        stop = max(0, lo - 64)
+        while lo > stop and not text[lo - 1].isspace():
+            lo -= 1
+        stop = min(n, hi + 64)
+        while hi < stop and not text[hi].isspace():
+            hi += 1
         if out and lo <= out[-1][1]:
-            out[-1][1] = hi
+            out[-1][1] = max(out[-1][1], hi)
         else:
             out.append([lo, hi])
     return [(lo, hi) for lo, hi in out]
@@ -463,10 +669,11 @@ class PIIScrubber:
     ``kinds``: which of ``KINDS`` to look for (default all); ``regions``: ISO codes of the
     countries whose national-form phone numbers to look for (default ``DEFAULT_REGIONS``);
     ``tagger``: an optional ``SpanTagger`` for names and addresses; ``placeholder``: a format
-    string with ``{kind}``."""
+    string with ``{kind}``; ``fast=False``: run every finder over the whole text (the reference the
+    windowed, pre-filtered default must agree with, span for span)."""
 
     def __init__(self, kinds: Optional[Iterable[str]] = None, placeholder: str = "<{kind}>",
-                 regions: Optional[Iterable[str]] = None, tagger: Optional[SpanTagger] = None):
+                 regions: Optional[Iterable[str]] = None, tagger: Optional[SpanTagger] = None, fast: bool = True):
         self.kinds = _check_kinds(kinds)
         self.regions = _check_regions(regions)
         if "{kind}" not in placeholder:
@@ -476,34 +683,46 @@ class PIIScrubber:
         self.placeholder = placeholder
         self.tagger = tagger
         self.counts: Counter = Counter()
+        self.fast = bool(fast)
         finders = {
             "EMAIL": _gated(_by_pattern(_EMAIL, lambda t: True), ("@",)), "IBAN": _find_iban,
             "CN_ID": _by_pattern(_CN_ID, valid_cn_id), "CARD": _by_pattern(_CARD, _valid_card),
-            "SSN": _find_ssn,
+            "SSN": _by_pattern(_SSN, ssn_valid), "SSN_BARE": _find_ssn_bare,
             "PASSPORT": _gated(_by_pattern(_PASSPORT, _valid_doc_number, "value"), _PASSPORT_GATE),
             "DRIVER_LICENSE": _gated(_by_pattern(_LICENSE, _valid_doc_number, "value"), _LICENSE_GATE, ("DL",)),
-            "IP": _find_ip, "PHONE": _PhoneFinder(self.regions),
+            "IP": _find_ip, "PHONE": _PhoneFinder(self.regions, fast=self.fast),
         }
-        self._finders = [(k, finders[k]) for k in self.kinds]
+        order = [(k, k) for k in self.kinds] + ([("SSN_BARE", "SSN")] if "SSN" in self.kinds else [])
+        self._finders = sorted(((name, kind, finders[name]) for name, kind in order), key=lambda f: KINDS.index(f[1]))
 
     def find(self, text: str) -> list[PIIMatch]:
         """Non-overlapping PII spans in ``text``, in order."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
-        taken: list[tuple[int, int, str]] = []
-        for lo, hi in _windows(text):
-            chunk = text[lo:hi]
-            local: list[tuple[int, int, str]] = []
-            for kind, find in self._finders:
-                for a, b in find(chunk):
-                    if all(b <= s or a >= e for s, e, _ in local):
-                        local.append((a, b, kind))
-            taken += [(lo + a, lo + b, k) for a, b, k in local]
+        taken: list[tuple[int, int, str]] = []  # sorted by start, never overlapping
+
+        def take(a: int, b: int, kind: str) -> None:
+            i = bisect.bisect_left(taken, (a,))
+            if (i == 0 or taken[i - 1][1] <= a) and (i == len(taken) or taken[i][0] >= b):
+                taken.insert(i, (a, b, kind))
+
+        if self.fast:  # each finder only in the windows around its own triggers
+            triggers = _triggers(text, self.kinds)
+            for name, kind, find in self._finders:
+                if not triggers[name]:
+                    continue
+                context = name in ("PASSPORT", "DRIVER_LICENSE", "SSN_BARE")
+                for lo, hi in _windows(text, triggers[name], *(_CONTEXT_SPAN if context else (_WINDOW, _WINDOW))):
+                    for a, b in list(find(text[lo:hi])):
+                        take(lo + a, lo + b, kind)
+        else:  # the plain path: every finder over the whole text
+            for name, kind, find in self._finders:
+                for a, b in list(find(text)):
+                    take(a, b, kind)
         if self.tagger is not None:
             for kind, a, b in self._tagged(text):
-                if all(b <= s or a >= e for s, e, _ in taken):
-                    taken.append((a, b, kind))
-        return [PIIMatch(k, a, b, text[a:b]) for a, b, k in sorted(taken)]
+                take(a, b, kind)
+        return [PIIMatch(k, a, b, text[a:b]) for a, b, k in taken]
 
     def _tagged(self, text: str) -> Iterator[tuple[str, int, int]]:
         for span in self.tagger(text):
