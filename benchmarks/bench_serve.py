@@ -21,6 +21,10 @@ behind A's whole backlog.
 
     python benchmarks/bench_serve.py [--levels 1 8 32] [--requests 4] [--max-tokens 64] [--no-engine-alone]
     python benchmarks/bench_serve.py --flood-only [--flood-clients 8] [--flood-prompts 32] [--flood-probes 30]
+
+Before/after a change: the tokenizer is trained on the tree's own zenlm/*.py, so run both trees
+with one --corpus (e.g. --corpus /tmp/before/zenlm); otherwise the random model says other things
+and time to first visible token differs for that reason alone.
 """
 from __future__ import annotations
 
@@ -43,8 +47,11 @@ from zenlm import Tokenizer, TransformerConfig, TransformerLM  # noqa: E402
 from zenlm.serve.billing import Billing, Usage  # noqa: E402
 
 
-def build_model(folder: Path, preset: str) -> Path:
-    text = [p.read_text(errors="ignore") for p in sorted((ROOT / "zenlm").rglob("*.py"))]
+def build_model(folder: Path, preset: str, corpus: Path = ROOT / "zenlm") -> Path:
+    """A random-weight model whose tokenizer is trained on the .py files under ``corpus``. The
+    model's output (how many tokens, when the first visible text comes) follows from that
+    vocabulary, so comparing two trees of the code needs one corpus for both (--corpus)."""
+    text = [p.read_text(errors="ignore") for p in sorted(Path(corpus).rglob("*.py"))]
     tok = Tokenizer.train(text, vocab_size=2048, kind="bpe")
     # the preset's shape with this tokenizer's vocabulary and special ids (gpt2-small's are 50256)
     config = TransformerConfig.from_preset(preset, vocab_size=tok.vocab_size, max_position_embeddings=512,
@@ -328,6 +335,9 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--no-engine-alone", dest="engine_alone", action="store_false",
                     help="skip the in-process engine figure (the ceiling without HTTP)")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "zenlm",
+                    help="folder whose .py files train the tokenizer (default: this tree's zenlm/); give two "
+                         "trees being compared the same one")
     ap.add_argument("--postgres", default=os.environ.get("ZENLM_TEST_POSTGRES_URL"))
     ap.add_argument("--flood-only", action="store_true", help="run only the flood-latency measurement")
     ap.add_argument("--flood-clients", type=int, default=8, help="key A's concurrent connections")
@@ -339,7 +349,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"preset {args.preset}, {args.max_tokens} new tokens per request, {args.requests} requests per client")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_model(Path(tmp) / "m", args.preset)
+        folder = build_model(Path(tmp) / "m", args.preset, args.corpus)
         db = str(Path(tmp) / "bench.sqlite3")
         billing = Billing.open(db)
         billing.create_plan("bench", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12,
@@ -396,7 +406,7 @@ def flood_main(args) -> None:
     import socket
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_model(Path(tmp) / "m", args.preset)
+        folder = build_model(Path(tmp) / "m", args.preset, args.corpus)
         db = str(Path(tmp) / "bench.sqlite3")
         billing = Billing.open(db)
         billing.create_plan("bench", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12,
