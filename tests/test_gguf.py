@@ -518,3 +518,20 @@ def test_llama3_rope_from_a_file_zenlm_did_not_write(tok, tmp_path):
     rewrite(tmp_path / "odd.gguf", tmp_path / "odd-foreign.gguf", lambda n, d: (d, None), drop=("zenlm.rope_scaling",))
     with pytest.raises(ValueError, match="rope_freqs.weight"):
         load_gguf(tmp_path / "odd-foreign.gguf")
+
+
+def test_cli_export_gguf_then_load_it_back(tok, tmp_path, capsys):
+    from zenlm.cli import main
+
+    model = tiny(tok)
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    assert main(["export", "gguf", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--type", "f32"]) == 0
+    assert "llama f32" in capsys.readouterr().out
+    back = zenlm.load(tmp_path / "m.gguf")
+    ids = ids_of(tok)
+    torch.testing.assert_close(logits(back, ids), logits(model, ids), rtol=0, atol=0)
+    # a model llama.cpp cannot take is one line and exit 2, naming what does not map
+    gpt = zenlm.TransformerConfig.from_preset("tiny", vocab_size=tok.vocab_size, norm="layernorm", position="learned")
+    zenlm.TransformerLM(gpt).save_pretrained(tmp_path / "gpt", tokenizer=tok)
+    assert main(["export", "gguf", str(tmp_path / "gpt"), str(tmp_path / "gpt.gguf")]) == 2
+    assert "position" in capsys.readouterr().err

@@ -33,7 +33,7 @@ COMMANDS: list[Callable] = [model.add_info, train.add_tokenizer, demo.add_demo, 
                             retrieval.add_ask, add_evaluate, serve.add_serve, serve.add_keys, serve.add_plans,
                             serve.add_billing, generate.add_translate, generate.add_chat, train.add_finetune,
                             train.add_prepare, model.add_quantize, model.add_average, explain.add_explain,
-                            train.add_estimate, explain.add_distill]
+                            train.add_estimate, explain.add_distill, model.add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,8 @@ def add_finetune(sub) -> None:
     p.add_argument("--config", default=None, help="a YAML with `zenlm train` keys and a lora: section")
     p.add_argument("--valid", default=None, help="validation file (default: the last 10%% of DATA)")
     p.add_argument("--out", default=None, help="output folder (default runs/finetune-BASE-METHOD)")
+    p.add_argument("--adapter-format", choices=("zenlm", "peft"), default=None,
+                   help="format of OUT/adapter with --method lora: zenlm's own (default) or a PEFT folder")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key.sub VALUE, e.g. --max_steps 200 --lora.rank 4")
     p.set_defaults(func=run_finetune)
 
@@ -100,14 +102,16 @@ def run_finetune(args) -> None:
 
     # the options may also come after DATA, where argparse.REMAINDER has swallowed them
     late = argparse.ArgumentParser(add_help=False)
-    for flag in ("--method", "--config", "--valid", "--out"):
-        late.add_argument(flag, default=getattr(args, flag[2:]))
+    for flag in ("--method", "--config", "--valid", "--out", "--adapter-format"):
+        late.add_argument(flag, default=getattr(args, flag[2:].replace("-", "_")))
     known, rest = late.parse_known_args(args.overrides)
     if known.method not in ("lora", "full"):
         raise ValueError(f"--method must be lora or full, got {known.method!r}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if known.adapter_format not in (None, "zenlm", "peft"):
+        raise ValueError(f"--adapter-format must be zenlm or peft, got {known.adapter_format!r}")
     summary = finetune(args.base, args.data, known.method, known.config, parse_overrides(rest), known.out,
-                       known.valid)
+                       known.valid, adapter_format=known.adapter_format)
     print(json.dumps(summary))
 
 
