@@ -130,8 +130,8 @@ def preset_table(args) -> None:
 
 
 def bleu_table(args) -> None:
-    """BLEU (sacrebleu, via zenlm.tasks.translate.evaluate_files) of each variant, greedy decoding."""
-    from zenlm.tasks.translate import evaluate_files
+    """BLEU (sacrebleu, via zenlm.tasks.translate.evaluate_translation_files) of each variant, greedy decoding."""
+    from zenlm.tasks.translate import evaluate_translation_files
 
     fp32, tok = zenlm.load(args.translation), zenlm.load_tokenizer(args.translation)
     print(f"translation model {args.translation}: {fp32.num_parameters():,} parameters; "
@@ -140,7 +140,7 @@ def bleu_table(args) -> None:
     for scheme in ("fp32", "int8", "dynamic", "int4"):
         model = fp32 if scheme == "fp32" else quantize_model(fp32, scheme)
         t = time.perf_counter()
-        r = evaluate_files(model, tok, args.src, args.ref, limit=args.limit, beam=1)
+        r = evaluate_translation_files(model, tok, args.src, args.ref, limit=args.limit, beam=1)
         seconds = time.perf_counter() - t
         base = base if base is not None else r["bleu"]
         print(f"{scheme:<9} BLEU {r['bleu']:6.2f} ({r['bleu'] - base:+.2f})  {seconds:6.1f} s  {r['bleu_signature']}")

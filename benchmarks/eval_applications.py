@@ -58,9 +58,9 @@ def main() -> None:
         out.update(run_summary(run))
     start = time.perf_counter()
     if args.task == "translation":
-        from zenlm.tasks.translate import evaluate_files
+        from zenlm.tasks.translate import evaluate_translation_files
 
-        result = evaluate_files(model, tok, args.src, args.ref, limit=args.limit, beam=args.beam, progress=True)
+        result = evaluate_translation_files(model, tok, args.src, args.ref, limit=args.limit, beam=args.beam, progress=True)
         result.pop("hypotheses")
         out.update(result)
     elif args.task == "code":

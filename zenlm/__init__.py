@@ -16,12 +16,14 @@ _model.provide(generate=generate.generate, save_pretrained=_save_pretrained, loa
 __version__ = "0.1.0"
 
 
-def embed(texts, model, **options):
-    """Sentence embeddings: ``zenlm.embed(["a text", ...], "model-folder")`` -> (N, dim) float32
-    array (pooling, normalisation and max length from the folder; see ``zenlm.retrieval.Embedder``)."""
-    from .retrieval.embed import embed as _embed
+def __getattr__(name: str):
+    """``zenlm.embed`` (sentence embeddings: ``zenlm.embed(["a text"], "model-folder")``) is
+    ``zenlm.retrieval.embed.embed``, imported on first use so ``import zenlm`` stays light."""
+    if name == "embed":
+        from .retrieval.embed import embed
 
-    return _embed(texts, model, **options)
+        return embed
+    raise AttributeError(f"module 'zenlm' has no attribute {name!r}")
 
 
 __all__ = ["LLM", "TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",

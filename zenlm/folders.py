@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import TOKENIZER_NAME, WEIGHTS_NAME, load_model, save_pretrained
-from .hf import is_hf_folder, load_hf, load_tokenizer as _hf_tokenizer
+from .hf import is_hf_folder, load_hf, load_tokenizer  # the tokenizer.json beside any folder
 from .model import TransformerLM
 from .quantize import quantize_model
-from .tokenizer import Tokenizer
 
 
 def load(path, **kwargs) -> TransformerLM:
@@ -33,12 +32,6 @@ def load(path, **kwargs) -> TransformerLM:
     if os.path.isfile(os.path.join(path, TOKENIZER_NAME)):
         model.tokenizer = load_tokenizer(path)
     return model
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer.json beside a model folder (zenlm or Hugging Face). To encode exactly as
-    transformers does, pass ``add_special_tokens=True`` (its default) when encoding."""
-    return _hf_tokenizer(path)
 
 
 def quantize_folder(source, out, scheme: str = "int8", group_size: Optional[int] = None,

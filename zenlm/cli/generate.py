@@ -138,11 +138,11 @@ def run_evaluate_translation(args) -> None:
     import json
     import time
 
-    from ..tasks.translate import evaluate_files, format_scores
+    from ..tasks.translate import evaluate_translation_files, format_scores
 
     model, tokenizer = load_app_model(args.model, args.adapter)
     start = time.perf_counter()
-    result = evaluate_files(model, tokenizer, args.src, args.ref, output_path=args.output, tokenize=args.tokenize,
+    result = evaluate_translation_files(model, tokenizer, args.src, args.ref, output_path=args.output, tokenize=args.tokenize,
                             limit=args.limit, progress=not args.json, **_translation_kwargs(args))
     result.pop("hypotheses")
     result["seconds"] = round(time.perf_counter() - start, 1)

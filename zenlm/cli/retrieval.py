@@ -80,10 +80,10 @@ def add_evaluate_retrieval(esub) -> None:
 
 
 def run_evaluate_retrieval(args) -> None:
-    from ..retrieval.evaluate import evaluate_files
+    from ..retrieval.evaluate import evaluate_retrieval_files
 
     modes = ("bm25", "dense", "hybrid") if args.mode == "all" else (args.mode,)
-    for scores in evaluate_files(args.dir, args.queries, args.qrels, modes, args.qrels_format, args.model):
+    for scores in evaluate_retrieval_files(args.dir, args.queries, args.qrels, modes, args.qrels_format, args.model):
         print(scores)
 
 

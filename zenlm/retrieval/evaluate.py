@@ -95,7 +95,7 @@ def evaluate_index(index, queries: dict[str, str], qrels: Qrels, mode: str = "hy
     return scores, run
 
 
-def evaluate_files(directory, queries_path, qrels_path, modes=("hybrid",), qrels_format: str = "auto",
+def evaluate_retrieval_files(directory, queries_path, qrels_path, modes=("hybrid",), qrels_format: str = "auto",
                    model=None, precision: str = "fp32") -> list[RetrievalScores]:
     """``zenlm evaluate retrieval``: open the index, read queries and judgements, score each mode."""
     from .corpora import read_qrels, read_queries

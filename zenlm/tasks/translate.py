@@ -164,7 +164,7 @@ def score(hypotheses: Sequence[str], references: Sequence[str], target_lang: str
             "sentences": len(hypotheses)}
 
 
-def evaluate_files(model, tokenizer: Tokenizer, src_path: os.PathLike, ref_path: os.PathLike,
+def evaluate_translation_files(model, tokenizer: Tokenizer, src_path: os.PathLike, ref_path: os.PathLike,
                    output_path: os.PathLike | None = None, tokenize: str | None = None,
                    limit: int | None = None, **options) -> dict:
     """Translate ``src_path`` and score it against ``ref_path`` (line-aligned)."""
@@ -190,12 +190,12 @@ def evaluate_files(model, tokenizer: Tokenizer, src_path: os.PathLike, ref_path:
 
 
 def format_scores(result: dict) -> str:
-    """``zenlm evaluate translation``'s text: BLEU and chrF (``score``/``evaluate_files``) each with
+    """``zenlm evaluate translation``'s text: BLEU and chrF (``score``/``evaluate_translation_files``) each with
     its sacrebleu signature, then the sentence count (and the seconds, when ``result`` has them)."""
     took = f" in {result['seconds']}s" if "seconds" in result else ""
     return "\n".join([result["bleu_text"], f"BLEU signature: {result['bleu_signature']}", result["chrf_text"],
                       f"chrF signature: {result['chrf_signature']}", f"{result['sentences']} sentences{took}"])
 
 
-__all__ = ["check_pair", "evaluate_files", "file_language", "format_scores", "language_pair", "score", "translate",
+__all__ = ["check_pair", "evaluate_translation_files", "file_language", "format_scores", "language_pair", "score", "translate",
            "translate_file"]
