@@ -100,17 +100,35 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source:
     model.load_state_dict({n: tensors[n] for n in expected}, strict=True)
 
 
+def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating-point dtype holding most of the elements of ``tensors`` (float32 if none is
+    floating-point): what a model loaded without ``dtype=`` is kept in."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
 def load_model(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None, strict: Optional[bool] = None):
     """Build a model from a zenlm checkpoint folder. Loading a full LM checkpoint into the bare
-    ``TransformerModel`` drops the head tensors; any other mismatch is an error."""
+    ``TransformerModel`` drops the head tensors; any other mismatch is an error.
+
+    ``dtype`` None keeps the dtype the weights are stored in (zenlm's own checkpoints are fp32,
+    and load as fp32; one saved from a bf16 model loads as bf16); ``torch.float32`` or another
+    converts them."""
     from .model import TransformerLM, TransformerModel
 
     cls = cls or TransformerLM
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint folder at {directory}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...) or None, "
+                         f"got {dtype!r}")
     config = TransformerConfig.load(directory / CONFIG_NAME)
     tensors = load_weights(directory / WEIGHTS_NAME)
+    target = dtype or stored_dtype(tensors)
     model = cls(config)
     if config.extra.get("quantization"):  # integer weights: build the quantized layout first (zenlm.quantize)
         from .quantize import prepare_quantized
@@ -118,9 +136,9 @@ def load_model(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = Non
         model = prepare_quantized(model, config.extra["quantization"])
     if strict is None:
         strict = cls is not TransformerModel
+    if target != torch.float32:
+        model = model.to(target)  # before the copy, so that no fp32 copy of the weights is made
     load_state(model, tensors, directory / WEIGHTS_NAME, strict=strict)
-    if dtype is not None:
-        model = model.to(dtype)
     return model.eval()
 
 

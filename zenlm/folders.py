@@ -18,17 +18,22 @@ from .model import TransformerLM
 from .quantize import quantize_model
 
 
-def load(path, **kwargs) -> TransformerLM:
+def load(path, dtype=None, **kwargs) -> TransformerLM:
     """Load a model folder: a zenlm checkpoint (config.json + model.safetensors), or a local
     Hugging Face folder (config.json with a "model_type"), converted on the fly by ``zenlm.hf``.
     The folder's tokenizer.json, when there is one, comes along as ``model.tokenizer``, so
     ``zenlm.load(path).generate("text")`` works as it reads. A path ending in .gguf is read by
-    ``zenlm.gguf.load_gguf`` (llama.cpp's file, its tokenizer included)."""
+    ``zenlm.gguf.load_gguf`` (llama.cpp's file, its tokenizer included).
+
+    ``dtype``: None keeps the weights in the dtype they are stored in (a bf16 Hugging Face folder
+    loads as bf16, memory-mapped; zenlm's fp32 checkpoints as fp32); ``torch.float32``,
+    ``torch.bfloat16``, … converts them while loading. Other keywords (``cls``) go to the loader."""
     if os.fspath(path).lower().endswith(".gguf"):
         from .gguf import load_gguf
 
-        return load_gguf(path, **kwargs)
-    model = load_hf(path, **kwargs) if is_hf_folder(path) else load_model(path, **kwargs)
+        return load_gguf(path, dtype=dtype, **kwargs)
+    loader = load_hf if is_hf_folder(path) else load_model
+    model = loader(path, dtype=dtype, **kwargs)
     if os.path.isfile(os.path.join(path, TOKENIZER_NAME)):
         model.tokenizer = load_tokenizer(path)
     return model

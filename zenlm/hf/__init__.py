@@ -119,8 +119,12 @@ def read_hf_config(directory: PathLike) -> TransformerConfig:
 def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
     """Build a zenlm model (``TransformerLM`` by default) from a local Hugging Face folder.
 
-    Weights stay in fp32 unless ``dtype`` is given; head tensors are dropped when ``cls``
-    is the bare ``TransformerModel``. Every error names the file and the tensor."""
+    ``dtype`` None keeps the dtype the folder's weights are stored in (a bf16 or fp16 folder stays
+    bf16/fp16, an fp32 one fp32); ``torch.float32`` (or another) converts while reading. Weights
+    are memory-mapped: a tensor already in the target dtype is a view of the file, fused and
+    converted ones are read into their one destination part by part, so loading holds about one
+    copy of the weights in the target dtype. Head tensors are dropped when ``cls`` is the bare
+    ``TransformerModel``. Every error names the file and the tensor."""
     from ..model import TransformerLM
 
     cls = cls or TransformerLM
@@ -129,27 +133,43 @@ def load_hf(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = None):
         raise FileNotFoundError(f"no model folder at {directory}")
     if not (directory / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face model folder")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...) or None, "
+                         f"got {dtype!r}")
     hf_config = read_json(directory / CONFIG_NAME)
     family = family_of(hf_config, directory / CONFIG_NAME)
     files = TensorFiles(directory)
     generation = directory / GENERATION_NAME
     config = config_from_hf(hf_config, set(files.where), directory / CONFIG_NAME,
                             read_json(generation) if generation.is_file() else None)
-    with _skip_init():
+    with _skip_init():  # parameters allocated, never written: no resident memory until replaced
         model = cls(config)
     expected = {n: t.shape for n, t in model.state_dict(keep_vars=True).items()}
     threads = torch.get_num_threads()
     try:  # one thread per copy, as many copies at once as torch has threads
         torch.set_num_threads(1)
-        state = state_from_hf(files, family, config, expected, dtype or torch.float32, workers=threads)
+        state = state_from_hf(files, family, config, expected, dtype, workers=threads)
     finally:
         torch.set_num_threads(threads)
+        files.close()
+    target = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     model.load_state_dict(state, strict=True, assign=True)
+    del state
     if family is BERT:
-        attach_pooler(model, files, dtype or torch.float32)
-    if dtype is not None:
-        model = model.to(dtype)
+        attach_pooler(model, files, target)
+    if target != torch.float32:
+        model = model.to(target)  # buffers (sinusoid tables) follow; the parameters already are
+        _warn_slow_dtype(target, directory)
     return model.eval()
+
+
+def _warn_slow_dtype(dtype: torch.dtype, directory: Path) -> None:
+    """A half-precision model on a CPU that emulates it runs ~100x slower than in fp32: say so."""
+    from ..cpu import native_bf16
+
+    if dtype in (torch.bfloat16, torch.float16) and not native_bf16():
+        log.warning("%s: weights kept in %s, which this CPU does not multiply natively (slow); pass "
+                    "dtype=torch.float32 to convert them while loading", directory, str(dtype).removeprefix("torch."))
 
 
 # --------------------------------------------------------------------------- export
@@ -246,14 +266,16 @@ def _special_token(directory: Path, key: str) -> Optional[str]:
 def convert_from_hf(source: PathLike, out: PathLike, dtype: Optional[torch.dtype] = None) -> Path:
     """HF folder → zenlm checkpoint folder (config.json, model.safetensors, tokenizer.json).
 
-    The HF tokenizer_config/special_tokens_map/generation_config files ride along so that
-    ``convert_to_hf`` gives them back unchanged."""
+    The weights are written in fp32 unless ``dtype`` is given (whatever the folder stores: the
+    converted checkpoint is a starting point for training). The HF tokenizer_config/
+    special_tokens_map/generation_config files ride along so that ``convert_to_hf`` gives them
+    back unchanged."""
     from ..checkpoint import save_pretrained
 
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
         raise ValueError(f"source and output are the same folder ({source}); pick a new output folder")
-    model = load_hf(source, dtype=dtype)
+    model = load_hf(source, dtype=dtype or torch.float32)
     tokenizer = load_tokenizer(source) if (source / TOKENIZER_NAME).exists() else None
     if tokenizer is None:
         log.warning("%s has no tokenizer.json; the converted checkpoint has no tokenizer", source)

@@ -1,18 +1,42 @@
 """Reading the weight files of a Hugging Face folder, whichever way they are stored, safely.
 
 safetensors (one ``model.safetensors``, or shards listed in ``model.safetensors.index.json``) are
-memory-mapped; a legacy ``pytorch_model.bin`` (or its shards) is read only through
+memory-mapped (``get``: a view of the file, no copy), or read with ``pread`` straight into a tensor
+the caller allocated (``copy_into``: a fused or converted tensor is built without a second copy of
+it, and without the file's pages staying resident in this process); a legacy ``pytorch_model.bin`` (or its shards) is read only through
 ``torch.load(weights_only=True)``, which refuses anything but tensors. Every error names the file
 and the tensor.
 """
 from __future__ import annotations
 
+import json
+import os
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import torch
 
 from ..checkpoint import PathLike, read_json
+
+# safetensors' dtype names (the header's "dtype")
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, **({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+                           if hasattr(torch, "float8_e4m3fn") else {}),
+}
+_CHUNK_BYTES = 32 << 20  # a converted or transposed tensor is read this much at a time
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
+    """Fill ``view`` from the file at ``offset`` (a read returns at most ~2 GiB: loop)."""
+    done, total = 0, len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise ValueError(f"{path}: tensor {name!r} ends past the end of the file (truncated file?)")
+        done += n
 
 
 class TensorFiles:
@@ -24,6 +48,8 @@ class TensorFiles:
         self.directory = Path(directory)
         self.where: dict[str, Path] = {}
         self._open: dict[Path, Any] = {}
+        self._spans: dict[str, tuple[int, int]] = {}  # safetensors: name -> (first byte, end) in its file
+        self._fds: dict[Path, int] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         d = self.directory
         self.source = d  # the file a missing tensor should have been in: the weights file or the shard index
@@ -68,6 +94,16 @@ class TensorFiles:
         self._open[path] = handle
         for name in handle.keys():
             self.where[name] = path
+        try:  # the byte spans, for pread (safe_open has already checked the header)
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    start, end = entry["data_offsets"]
+                    self._spans[name] = (8 + size + start, 8 + size + end)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            pass  # a header only safe_open understands: tensors are then read through it (copy_into)
 
     def _add_bin(self, path: Path) -> None:
         try:  # weights_only: the unpickler builds tensors and plain containers, never arbitrary objects
@@ -98,6 +134,92 @@ class TensorFiles:
         if path in self._bins:
             return tuple(self._bins[path][name].shape)
         return tuple(self._open[path].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        path = self.where[name]
+        if path in self._bins:
+            return self._bins[path][name].dtype
+        kind = self._open[path].get_slice(name).get_dtype()
+        if kind not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, which zenlm does not read")
+        return SAFETENSORS_DTYPES[kind]
+
+    def main_dtype(self, names: Optional[Iterable[str]] = None) -> torch.dtype:
+        """The floating-point dtype holding most of the weights ``names`` (all by default): the
+        dtype a model keeps when none is asked for; float32 when none is floating-point."""
+        counts: dict[torch.dtype, int] = {}
+        for name in self.where if names is None else names:
+            kind = self.dtype(name)
+            if kind.is_floating_point:
+                numel = 1
+                for n in self.shape(name):
+                    numel *= n
+                counts[kind] = counts.get(kind, 0) + numel
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def copy_into(self, name: str, dest: torch.Tensor, transposed: bool = False) -> None:
+        """Write tensor ``name`` into ``dest`` (allocated by the caller, any dtype), transposed
+        (2-D) if asked. Same dtype, not transposed: one ``pread`` straight into ``dest``. Otherwise
+        the file is read ~32 MiB at a time into a scratch buffer and converted piece by piece, so
+        no second full copy of the tensor exists at any point."""
+        path = self.where[name]
+        shape = self.shape(name)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel != dest.numel():
+            raise ValueError(f"{path}: tensor {name!r} has shape {shape}, cannot fill {tuple(dest.shape)}")
+        if path in self._bins or name not in self._spans:  # a mapped .bin (torch.load mmap) or an odd header
+            source = self.get(name)
+            dest.copy_(source.t() if transposed else source.reshape(dest.shape))
+            return
+        kind = self.dtype(name)
+        start, end = self._spans[name]
+        if end - start != numel * kind.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} spans {end - start} bytes, its shape and dtype "
+                             f"need {numel * kind.itemsize}")
+        fd = self._fd(path)
+        try:
+            if kind == dest.dtype and not transposed and dest.is_contiguous():
+                if numel:
+                    _pread_into(fd, memoryview(dest.view(-1).view(torch.uint8).numpy()), start, path, name)
+                return
+            rows = shape[0] if shape else 1
+            width = numel // rows if rows else 0
+            target = dest if transposed else dest.view(rows, width) if dest.is_contiguous() else dest.reshape(rows, width)
+            step = max(1, _CHUNK_BYTES // max(1, width * kind.itemsize))
+            scratch = torch.empty(min(step, rows) * width, dtype=kind)
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                chunk = scratch[:(b - a) * width]
+                _pread_into(fd, memoryview(chunk.view(torch.uint8).numpy()), start + a * width * kind.itemsize,
+                            path, name)
+                chunk = chunk.view(b - a, width)
+                if transposed:
+                    target[:, a:b].copy_(chunk.t())
+                else:
+                    target[a:b].copy_(chunk)
+            if not transposed and not dest.is_contiguous():
+                dest.copy_(target.view(dest.shape))
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from None
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return self._fds[path]
+
+    def close(self) -> None:
+        """Close the descriptors ``copy_into`` opened (memory-mapped views stay valid)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def get(self, name: str) -> torch.Tensor:
         path = self.where[name]

@@ -3,7 +3,8 @@
 A map entry is a template (``{n}`` is the layer index) from our tensor name to one HF name, or to
 a tuple of HF names concatenated along dim 0 into one fused tensor of ours (q|k|v -> ``attn.qkv``,
 k|v -> ``cross_attn.kv``, Llama's gate|up -> ``mlp.fc_in``); a family's ``transposed`` and ``row``
-sets mark the tensors stored in another layout. Plain renames stay memory-mapped views of the file.
+sets mark the tensors stored in another layout. Plain renames stay memory-mapped views of the file;
+the rest is read into one tensor allocated in the target dtype, part by part.
 """
 from __future__ import annotations
 
@@ -91,11 +92,14 @@ def resolve(files: TensorFiles, family: Family, name: str) -> Optional[str]:
 
 
 def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig, expected: dict[str, torch.Size],
-                  dtype: torch.dtype = torch.float32, workers: int = 1) -> dict[str, torch.Tensor]:
-    """Our tensors (name -> tensor with the ``expected`` shape) read through the family's map.
+                  dtype: Optional[torch.dtype] = None, workers: int = 1) -> dict[str, torch.Tensor]:
+    """Our tensors (name -> tensor with the ``expected`` shape) read through the family's map, in
+    ``dtype`` (None: the dtype most of the file's weights are stored in, ``TensorFiles.main_dtype``).
 
-    Plain renames stay memory-mapped views of the file (no copy, as in transformers); fused
-    and transposed tensors are copied, by ``workers`` threads at once."""
+    A plain rename already in that dtype stays a memory-mapped view of the file (no copy, as in
+    transformers). Every other tensor (fused q|k|v or gate|up, transposed, converted) is allocated
+    once in the target dtype and its parts are read into it one at a time (``TensorFiles.copy_into``:
+    ``pread``, no temporary full copy, the file's pages not kept resident), by ``workers`` threads."""
     pending, used = {}, set()
     for ours, shape in expected.items():
         sources, template = _sources(family, ours)
@@ -113,14 +117,9 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
             if files.shape(stored) != want:
                 raise ValueError(f"{files.where[stored]}: tensor {stored!r} has shape {files.shape(stored)}, "
                                  f"expected {want} for this config.json")
-            tensor = files.get(stored)
-            if template in family.transposed:
-                tensor = tensor.t()
-            if template in family.row:
-                tensor = tensor[0]
-            parts.append(tensor)
+            parts.append((stored, rows))
             used.add(stored)
-        pending[ours] = parts
+        pending[ours] = (tuple(shape), parts, template in family.transposed, template in family.row)
     # head tensors a bare backbone does not take, and tied copies of tensors already read, are expected leftovers
     known = {resolve(files, family, s) for name in HEAD_PARAMS if name in family.weights
              for s in _sources(family, name)[0]}
@@ -130,12 +129,21 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
     if left:
         log.warning("%s: %d tensor(s) have no place in zenlm's %s model and were not loaded: %s",
                     files.directory, len(left), family.model_type, ", ".join(sorted(left)[:8]))
+    target = dtype or files.main_dtype(used)
 
-    def build(parts: list[torch.Tensor]) -> torch.Tensor:
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return tensor.to(dtype).contiguous()
+    def build(item) -> torch.Tensor:
+        shape, parts, transposed, row = item
+        if len(parts) == 1 and not transposed and files.dtype(parts[0][0]) == target:
+            tensor = files.get(parts[0][0])  # a view of the mapped file
+            return (tensor[0] if row else tensor).contiguous()
+        out = torch.empty(shape, dtype=target)
+        offset = 0
+        for stored, rows in parts:
+            files.copy_into(stored, out[offset:offset + rows], transposed)
+            offset += rows
+        return out
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # copies release the GIL; first-touch page faults dominate
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # reads and copies release the GIL
         return dict(zip(pending, pool.map(build, pending.values())))
 
 
