@@ -96,7 +96,7 @@ def engine_zenlm(folder: Path, reps: int, int8: bool, cells, mkl: bool = False) 
     import torch
 
     import zenlm
-    from zenlm.generate import Generator
+    from zenlm.generation import Generator
 
     model = zenlm.load(folder)
     if int8:  # int8 weights (embeddings and the tied head too) and activations, as CTranslate2's int8
@@ -163,7 +163,7 @@ def decoder_only(reps: int) -> dict:
 
     import zenlm
     from zenlm import TransformerConfig, TransformerLM
-    from zenlm.generate import Generator
+    from zenlm.generation import Generator
 
     results = {}
     prompt = torch.randint(3, 4000, (1, 32), generator=torch.Generator().manual_seed(2))

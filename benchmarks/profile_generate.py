@@ -22,7 +22,7 @@ import torch
 
 import bench_generate as bg
 import zenlm
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from tiny_app_models import save_tiny, tiny_tokenizer
 
 import zenlm
 from zenlm import LLM
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

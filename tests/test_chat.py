@@ -9,7 +9,7 @@ from tiny_app_models import save_tiny, tiny_tokenizer
 
 from zenlm import load, load_tokenizer
 from zenlm.data import encode_chat
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 from zenlm.tasks.chat import ChatSession, fit_history, run_terminal
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -81,3 +81,27 @@ def test_the_ground_floor_imports_nothing_above_it():
     assert graph["zenlm.config"] == set()
     assert graph["zenlm.kernels"] <= {"zenlm.cpu"}
     assert graph["zenlm.model"] <= {"zenlm.config", "zenlm.kernels"}
+
+
+def test_names_say_one_thing_each():
+    """No two modules define a top-level function of the same name, and no package attribute
+    hides a submodule of the same name (``zenlm.generate`` is the function, ``zenlm.generation``
+    the module)."""
+    defined: dict[str, list[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                defined.setdefault(node.name, []).append(_module_name(path))
+    assert {name: mods for name, mods in defined.items() if len(mods) > 1} == {}
+
+    import importlib
+    import pkgutil
+
+    import zenlm
+
+    for package in [zenlm] + [importlib.import_module(f"zenlm.{m.name}") for m in pkgutil.iter_modules(zenlm.__path__)
+                              if m.ispkg]:
+        for sub in pkgutil.iter_modules(package.__path__):
+            value = package.__dict__.get(sub.name)
+            assert value is None or getattr(value, "__name__", None) == f"{package.__name__}.{sub.name}", \
+                f"{package.__name__}.{sub.name} is both a module and {value!r}"

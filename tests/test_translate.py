@@ -10,7 +10,7 @@ from tiny_app_models import save_tiny
 
 from zenlm import load, load_tokenizer
 from zenlm.cli import main
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 from zenlm.tasks.translate import check_pair, file_language, score, translate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

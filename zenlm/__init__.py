@@ -3,7 +3,7 @@ from .config import PRESETS, TransformerConfig
 from .kernels import fast_cpu
 from .model import KVCache, LMOutput, TransformerLM, TransformerModel, TransformerOutput, pool
 from .tokenizer import Tokenizer
-from . import generate  # a module you can call: zenlm.generate(model, prompt, tokenizer=tok)
+from .generation import GenerationConfig, Generator, generate
 from . import model as _model
 from .checkpoint import load_model as _load_model, save_pretrained as _save_pretrained
 from .api import LLM
@@ -11,7 +11,7 @@ from .folders import load, load_tokenizer
 from .hf import load_hf as _load_hf
 
 # model.py is the ground floor: the conveniences on the model come from the floors above
-_model.provide(generate=generate.generate, save_pretrained=_save_pretrained, load_model=_load_model, load_hf=_load_hf)
+_model.provide(generate=generate, save_pretrained=_save_pretrained, load_model=_load_model, load_hf=_load_hf)
 
 __version__ = "0.1.0"
 
@@ -26,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'zenlm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",
+__all__ = ["LLM", "GenerationConfig", "Generator", "TransformerConfig", "TransformerModel", "TransformerLM", "TransformerOutput", "LMOutput", "KVCache",
            "Tokenizer", "PRESETS", "pool", "fast_cpu", "load", "load_tokenizer", "embed", "generate", "__version__"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .folders import load, load_tokenizer
-from .generate import Generator, generate as _generate
+from .generation import Generator, generate as _generate
 from .model import TransformerLM
 from .tokenizer import Tokenizer
 
@@ -57,7 +57,7 @@ class LLM:
     # ---------------------------------------------------------------- text in, text out
     def generate(self, prompt, **options):
         """A str gives a str, a list of str a list; token ids give token ids. Options as in
-        ``zenlm.generate.GenerationConfig`` (max_new_tokens, temperature, top_p, num_beams, seed, ...)."""
+        ``zenlm.GenerationConfig`` (max_new_tokens, temperature, top_p, num_beams, seed, ...)."""
         return _generate(self.model, prompt, tokenizer=self.tokenizer, **options)
 
     def stream(self, prompt: str, **options) -> Iterator[str]:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .generate import Generator
+from .generation import Generator
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import zenlm
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 
 ATOL = 1e-4
 NEW = 24

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zenlm
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 
 transformers = pytest.importorskip("transformers")
 

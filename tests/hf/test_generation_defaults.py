@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zenlm
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 from zenlm.hf import convert_from_hf, load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
@@ -107,7 +107,7 @@ def test_export_writes_the_settings_back(folders, tmp_path):
 
 
 def test_bad_generation_settings_are_refused_by_name():
-    from zenlm.generate import GenerationConfig
+    from zenlm.generation import GenerationConfig
 
     with pytest.raises(ValueError, match="forced_eos_token_id must be a token id >= 0"):
         GenerationConfig(forced_eos_token_id=-1)

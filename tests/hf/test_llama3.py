@@ -6,7 +6,7 @@ import torch
 
 import zenlm
 from family_checks import NEW, PROMPTS, build, check_all, hf_generate
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 
 transformers = pytest.importorskip("transformers")
 

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 import zenlm
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 
 from .conftest import ADMIN
 

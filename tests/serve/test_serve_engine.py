@@ -7,7 +7,7 @@ import time
 import pytest
 
 import zenlm
-from zenlm.generate import Generator
+from zenlm.generation import Generator
 from zenlm.serve.engine import BatchEngine, EngineRequest, SamplingParams
 from zenlm.serve.errors import Overloaded, RateLimited
 

@@ -45,7 +45,7 @@ def run_generate(args) -> None:
     import os
 
     from ..folders import load, load_tokenizer
-    from ..generate import Generator
+    from ..generation import Generator
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"no model folder at {args.model}")

@@ -30,7 +30,7 @@ def generation_from_hf(settings: dict, encoder_decoder: bool, eos_token_id: Opti
     start token in an encoder-decoder (new tokens = length - 1); a decoder-only model's count the
     prompt, which zenlm cannot know in advance, so they are left out there. Settings zenlm cannot
     combine (sampling with beams) are dropped with a warning rather than making the model unloadable."""
-    from ..generate import GenerationConfig
+    from ..generation import GenerationConfig
 
     out: dict[str, Any] = {}
     for key, default in HF_GENERATION.items():

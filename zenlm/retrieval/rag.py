@@ -83,7 +83,7 @@ def ask(index: Index, generator, question: str, k: int = 3, mode: str = "hybrid"
     """Answer ``question`` from the ``k`` best passages of ``index`` with ``generator``
     (a ``TransformerLM``; its tokenizer from ``tokenizer`` or ``generator.tokenizer``).
     ``chat``: ask through the chat template (default: when the tokenizer carries a model's own)."""
-    from ..generate import generate
+    from ..generation import generate
 
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question is empty")

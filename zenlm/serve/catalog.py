@@ -2,7 +2,7 @@
 
 A decoder-only model generates (``/v1/completions``, ``/v1/chat/completions``) through the
 continuous-batching engine and can also embed; an encoder-decoder model translates
-(``/v1/translations``, beam search through ``zenlm.generate``); an embedding model
+(``/v1/translations``, beam search through ``zenlm.generation``); an embedding model
 (``--embeddings DIR``: a zenlm or sentence-transformers folder) serves ``/v1/embeddings``.
 The model id is the folder's name unless given as ``NAME=DIR``.
 """

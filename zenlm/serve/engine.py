@@ -4,7 +4,7 @@ One thread owns the model. Each loop it (1) admits waiting requests up to ``max_
 their prompt is prefilled alone into a fresh ``KVCache`` and the row is merged into the running
 batch cache, right-aligned, with a padding mask and its own positions; (2) runs one decoding step
 for every row at once; (3) picks each row's next token with the logits rules of
-``zenlm.generate`` (plus OpenAI's presence/frequency penalties) and that row's own seeded
+``zenlm.generation`` (plus OpenAI's presence/frequency penalties) and that row's own seeded
 generator; (4) drops finished or cancelled rows from the cache. A cancelled request (its client
 left) leaves at the next step boundary, so its slot is free at once.
 
@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..generate import Generator, GenerationConfig, _first_stop, process_scores
+from ..generation import Generator, GenerationConfig, _first_stop, process_scores
 from ..model import KVCache
 from .errors import Overloaded, RateLimited
 
@@ -55,7 +55,7 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def rules(self) -> GenerationConfig:
-        """The same settings as ``zenlm.generate``'s config, whose rules pick the tokens (validated there)."""
+        """The same settings as ``zenlm.generation``'s config, whose rules pick the tokens (validated there)."""
         return GenerationConfig(max_new_tokens=self.max_tokens, do_sample=self.temperature > 0,
                                 temperature=self.temperature if self.temperature > 0 else 1.0, top_p=self.top_p,
                                 stop_strings=tuple(self.stop), seed=self.seed)
@@ -390,7 +390,7 @@ class BatchEngine:
             self._select(keep)
 
     def _pick(self, reqs: list[EngineRequest], logits: torch.Tensor) -> tuple[list[int], list, list]:
-        """Next tokens for all rows at once. Rows that sample share one call of ``zenlm.generate``'s
+        """Next tokens for all rows at once. Rows that sample share one call of ``zenlm.generation``'s
         rules per distinct (temperature, top_p), then draw by inverse CDF with their own seeded RNG,
         so a row's tokens never depend on who else is in the batch."""
         scores = logits

@@ -117,7 +117,7 @@ class ChatSession:
     template_kwargs: dict = field(default_factory=dict)  # further template variables (enable_thinking=False, ...)
 
     def __post_init__(self) -> None:
-        from ..generate import Generator
+        from ..generation import Generator
 
         self.generator = Generator(self.model, self.tokenizer)
         if self.tokenizer.has_chat_template:  # the model's own template: stop on every end token it names

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..generate import Generation
+    from ..generation import Generation
 
 TOP_LEVEL_STOPS = ("\ndef ", "\nclass ", "\n@", "\nif __name__", "\n# file:")
 
@@ -34,7 +34,7 @@ def sample_definitions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     """One sampled completion per prompt (a ``Generation``), cut at the next top-level statement.
     ``finish_reason`` tells a completed definition ("stop") from one cut by the token budget
     ("length"), which cannot parse however good the code so far is."""
-    from ..generate import Generator
+    from ..generation import Generator
 
     generator = Generator(model, tokenizer)
     return [generator.generate(prompt, max_new_tokens=max_new_tokens, do_sample=temperature > 0,

@@ -39,7 +39,7 @@ def write_poem(model, tokenizer: Tokenizer, title: str, lines: int = 4, chars: i
                seed: int | None = None, temperature: float = 0.8, top_k: int = 50) -> str:
     """A poem of ``lines`` lines of ``chars`` characters after ``title``, one line per call
     to the generator, each constrained to the form; returns the poem without the title."""
-    from ..generate import Generator
+    from ..generation import Generator
 
     if not isinstance(lines, int) or lines < 1 or not isinstance(chars, int) or chars < 1:
         raise ValueError(f"lines and chars must be integers >= 1, got lines={lines!r}, chars={chars!r}")

@@ -1,4 +1,4 @@
-"""Machine translation over ``zenlm.generate``: batched beam search, files, and sacrebleu scores.
+"""Machine translation over ``zenlm.generation``: batched beam search, files, and sacrebleu scores.
 
 A sentence is encoded exactly as the ``seq2seq`` objective encodes training pairs
 (its tokens, then ``</s>``), so the model sees at inference what it learned from.
@@ -65,7 +65,7 @@ def translate(model, tokenizer: Tokenizer, texts: Sequence[str], beam: int = 4, 
     """Translate each text; returns translations in the input order. Blank texts translate to "".
 
     ``max_new_tokens`` defaults per batch to 2 × the longest source + 10 (within the window)."""
-    from ..generate import Generator
+    from ..generation import Generator
 
     if isinstance(texts, str):
         raise ValueError("texts must be a list of strings; for one sentence pass [text]")

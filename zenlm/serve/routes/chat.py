@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from .. import protocol as P
 from ..server import authenticated
-from .generation import CHAT_ROUTE, generate
+from .generation import CHAT_ROUTE, serve_generation
 
 router = APIRouter()
 
@@ -15,4 +15,4 @@ router = APIRouter()
 async def chat_completions(body: P.ChatCompletionRequest, request: Request):
     server, key, served = await authenticated(request, body.model, "generate")
     prompt = served.encode_chat([{"role": m.role, "content": m.text} for m in body.messages])
-    return await generate(server, request, key, served, body, [prompt], param="messages", chat=True)
+    return await serve_generation(server, request, key, served, body, [prompt], param="messages", chat=True)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from .. import protocol as P
 from ..errors import InvalidRequest
 from ..server import authenticated
-from .generation import COMPLETIONS_ROUTE, generate
+from .generation import COMPLETIONS_ROUTE, serve_generation
 
 router = APIRouter()
 
@@ -21,4 +21,4 @@ async def completions(body: P.CompletionRequest, request: Request):
         if not ids:
             raise InvalidRequest("prompt is empty (0 tokens)", param="prompt")
         prompts.append(ids)
-    return await generate(server, request, key, served, body, prompts, param="prompt", chat=False)
+    return await serve_generation(server, request, key, served, body, prompts, param="prompt", chat=False)

@@ -61,7 +61,7 @@ class Decoding:
     created: int
 
 
-async def generate(server: Server, request: Request, key: KeyContext, served: ServedModel, body,
+async def serve_generation(server: Server, request: Request, key: KeyContext, served: ServedModel, body,
                    prompts: list[list[int]], param: str, chat: bool):
     """Decode ``prompts`` (each ``body.n`` times) for an authenticated key, metered: reserve the
     worst case (refused whole when the engine has no room for every sequence), submit all the

@@ -50,7 +50,7 @@ async def translations(body: P.TranslationRequest, request: Request):
         queue = 0
         if batched:  # greedy: joins the running batch
             out, queue, compute = await _engine_translate(server, request, served, rows, max_tokens, key.key_id)
-        else:  # beam search: one request at a time through zenlm.generate
+        else:  # beam search: one request at a time through zenlm.generation
             start = time.perf_counter()
             out = await run_in_threadpool(_translate, served, rows, body.num_beams, max_tokens)
             compute = int(1000 * (time.perf_counter() - start)) + 1
@@ -70,7 +70,7 @@ async def _engine_translate(server: Server, request: Request, served: ServedMode
                             max_tokens: int, owner: int):
     """Greedy translation of each input as a row of the continuous batch; (generations, queue ms,
     compute ms), with generations None when the client left first."""
-    from ...generate import Generation
+    from ...generation import Generation
 
     mailbox = server.mailbox(asyncio.get_running_loop())
     events: asyncio.Queue = asyncio.Queue()
@@ -97,7 +97,7 @@ async def _engine_translate(server: Server, request: Request, served: ServedMode
 
 
 def _translate(served: ServedModel, rows: list[list[int]], num_beams: int, max_tokens: int):
-    from ...generate import Generator
+    from ...generation import Generator
 
     with served.lock:
         return Generator(served.model, served.tokenizer).generate(rows, num_beams=num_beams,

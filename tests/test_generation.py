@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zenlm import TransformerConfig, TransformerLM
-from zenlm.generate import (GenerationConfig, Generator, apply_bad_words, apply_min_p, apply_no_repeat_ngram,
+from zenlm.generation import (GenerationConfig, Generator, apply_bad_words, apply_min_p, apply_no_repeat_ngram,
                             apply_repetition_penalty, apply_top_k, apply_top_p, generate)
 
 VOCAB = 61
@@ -281,7 +281,7 @@ def test_python_convenience_returns_strings_and_ids(tokenizer):
     model.calls = 0
     import zenlm
 
-    assert zenlm.generate(model, "hello", tokenizer=tokenizer, max_new_tokens=20) == "the mat"  # the module is callable
+    assert zenlm.generate(model, "hello", tokenizer=tokenizer, max_new_tokens=20) == "the mat"  # the one-call function
     model.calls = 0
     ids = generate(model, [5, 6], max_new_tokens=3)
     assert isinstance(ids, list) and all(isinstance(t, int) for t in ids) and len(ids) == 3

@@ -15,9 +15,7 @@ deltas that never split a multi-byte character and never show a stop string.
 from __future__ import annotations
 
 import math
-import sys
 import threading
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional, Sequence, Union
@@ -834,13 +832,3 @@ def generate(model, prompt, tokenizer=None, config: Optional[GenerationConfig] =
     if single:
         return values[0] if per == 1 else values
     return values
-
-
-class _CallableModule(types.ModuleType):
-    """``zenlm.generate`` is this module and also its one-call function: ``zenlm.generate(model, prompt)``."""
-
-    def __call__(self, model, prompt, tokenizer=None, config: Optional[GenerationConfig] = None, **options):
-        return generate(model, prompt, tokenizer=tokenizer, config=config, **options)
-
-
-sys.modules[__name__].__class__ = _CallableModule
