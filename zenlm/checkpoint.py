@@ -128,17 +128,20 @@ def load_model(directory: PathLike, cls=None, dtype: Optional[torch.dtype] = Non
                          f"got {dtype!r}")
     config = TransformerConfig.load(directory / CONFIG_NAME)
     tensors = load_weights(directory / WEIGHTS_NAME)
-    target = dtype or stored_dtype(tensors)
+    quantized = config.extra.get("quantization")
     model = cls(config)
-    if config.extra.get("quantization"):  # integer weights: build the quantized layout first (zenlm.quantize)
+    if quantized:  # integer weights: build the quantized layout first (zenlm.quantize); its scales keep their dtype
         from .quantize import prepare_quantized
 
-        model = prepare_quantized(model, config.extra["quantization"])
+        model = prepare_quantized(model, quantized)
     if strict is None:
         strict = cls is not TransformerModel
-    if target != torch.float32:
+    target = dtype or (None if quantized else stored_dtype(tensors))
+    if not quantized and target != torch.float32:
         model = model.to(target)  # before the copy, so that no fp32 copy of the weights is made
     load_state(model, tensors, directory / WEIGHTS_NAME, strict=strict)
+    if quantized and dtype is not None:
+        model = model.to(dtype)
     return model.eval()
 
 
