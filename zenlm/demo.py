@@ -281,6 +281,32 @@ def demo_plan(database: str) -> str:
             f"{HARDWARE_PRICE_PER_HOUR} {CURRENCY}/hour for the margin report")
 
 
+def demo_setup(config, host: str = "127.0.0.1", port: int = 8000, customer: str = "demo",
+               plan: str = "demo", model: Optional[str] = None) -> dict:
+    """Make a demo plan (1.00 / 2.00 per million prompt / completion tokens, 100,000 included tokens,
+    a 10.00 monthly budget) if it is missing, and a fresh key for ``customer`` on it. Returns the
+    key, the playground URL and a curl line that works against ``zenlm.serve.serve(config, host,
+    port)`` for a ``zenlm.serve.ServeConfig``."""
+    import json
+    import shlex
+
+    from .serve.billing import Billing
+
+    billing = Billing.open(config.database)
+    if plan not in {p.name for p in billing.list_plans()}:
+        billing.create_plan(plan, {"*": (1_000_000, 2_000_000)}, included_tokens=100_000,
+                            monthly_budget_micros=10_000_000, requests_per_minute=120, tokens_per_minute=200_000)
+    key, _ = billing.create_key(customer, plan)
+    if model is None and config.models:
+        spec = config.models[0]
+        model = spec.partition("=")[0] if "=" in spec and not Path(spec).is_dir() else Path(spec).resolve().name
+    url = f"http://{host}:{port}"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+    curl = (f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    return {"key": key, "url": url + "/", "curl": curl, "model": model}
+
+
 def run(out: str = "runs/demo", seconds: float = 120.0, seed: int = 0, serve: bool = True,
         host: str = "127.0.0.1", port: Optional[int] = None, retrain: bool = False) -> Path:
     """The main job: train (or reuse) the model, index the documentation, create a demo customer
@@ -296,7 +322,7 @@ def run(out: str = "runs/demo", seconds: float = 120.0, seed: int = 0, serve: bo
         train_model(model_dir, seconds=seconds, seed=seed)
     if not serve:
         return model_dir
-    from .serve import ServeConfig, demo_setup
+    from .serve import ServeConfig
     from .serve import serve as run_server
 
     embedder = minilm_dir()

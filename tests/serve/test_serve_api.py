@@ -389,7 +389,8 @@ def test_demo_setup_prints_a_curl_line_that_works(tmp_path, model_dir):
     import shlex
     import subprocess
 
-    from zenlm.serve import ServeConfig, demo_setup
+    from zenlm.demo import demo_setup
+    from zenlm.serve import ServeConfig
 
     from .conftest import free_port, start_server
 

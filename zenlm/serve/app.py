@@ -17,9 +17,7 @@ free room is refused as a whole before it is charged (503), and one key may hold
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -35,7 +33,7 @@ from .middleware import Gate
 from .routes import admin, chat, completions, embeddings, health, models, search, translations
 from .server import MAX_BODY_BYTES, ServeConfig, Server
 
-__all__ = ["MAX_BODY_BYTES", "ServeConfig", "Server", "build_server", "create_app", "demo_setup", "serve"]
+__all__ = ["MAX_BODY_BYTES", "ServeConfig", "Server", "build_server", "create_app", "serve"]
 
 log = logging.getLogger("zenlm.serve")
 ROUTERS = (models, health, chat, completions, embeddings, translations, search, admin)
@@ -141,28 +139,6 @@ def build_server(config: ServeConfig):
     billing = Billing.open(config.database, hardware_micros_per_hour=to_micros(config.hardware_price_per_hour),
                            lease_s=config.lease_s)
     return create_app(catalog, billing, config)
-
-
-def demo_setup(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, customer: str = "demo",
-               plan: str = "demo", model: Optional[str] = None) -> dict:
-    """Make a demo plan (1.00 / 2.00 per million prompt / completion tokens, 100,000 included tokens,
-    a 10.00 monthly budget) if it is missing, and a fresh key for ``customer`` on it. Returns the
-    key, the playground URL and a curl line that works against ``serve(config, host, port)``."""
-    import shlex
-
-    billing = Billing.open(config.database)
-    if plan not in {p.name for p in billing.list_plans()}:
-        billing.create_plan(plan, {"*": (1_000_000, 2_000_000)}, included_tokens=100_000,
-                            monthly_budget_micros=10_000_000, requests_per_minute=120, tokens_per_minute=200_000)
-    key, _ = billing.create_key(customer, plan)
-    if model is None and config.models:
-        spec = config.models[0]
-        model = spec.partition("=")[0] if "=" in spec and not Path(spec).is_dir() else Path(spec).resolve().name
-    url = f"http://{host}:{port}"
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
-    curl = (f"curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}")
-    return {"key": key, "url": url + "/", "curl": curl, "model": model}
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
