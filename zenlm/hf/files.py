@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -50,6 +51,7 @@ class TensorFiles:
         self._open: dict[Path, Any] = {}
         self._spans: dict[str, tuple[int, int]] = {}  # safetensors: name -> (first byte, end) in its file
         self._fds: dict[Path, int] = {}
+        self._local = threading.local()
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         d = self.directory
         self.source = d  # the file a missing tensor should have been in: the weights file or the shard index
@@ -188,7 +190,7 @@ class TensorFiles:
             width = numel // rows if rows else 0
             target = dest if transposed else dest.view(rows, width) if dest.is_contiguous() else dest.reshape(rows, width)
             step = max(1, _CHUNK_BYTES // max(1, width * kind.itemsize))
-            scratch = torch.empty(min(step, rows) * width, dtype=kind)
+            scratch = self._scratch(min(step, rows) * width * kind.itemsize).view(kind)
             for a in range(0, rows, step):
                 b = min(rows, a + step)
                 chunk = scratch[:(b - a) * width]
@@ -204,6 +206,14 @@ class TensorFiles:
         except OSError as e:
             raise ValueError(f"{path}: cannot read tensor {name!r}: {e}") from None
 
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        """This thread's reusable read buffer: allocated once, not per tensor (freed scratch
+        buffers of varying sizes would leave resident holes in the heap)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.buf = torch.empty(max(nbytes, _CHUNK_BYTES), dtype=torch.uint8)
+        return buf[:nbytes]
+
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -214,6 +224,7 @@ class TensorFiles:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._local = threading.local()  # the read buffers go too
 
     def __del__(self):
         try:

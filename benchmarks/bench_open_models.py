@@ -1,0 +1,261 @@
+"""Open-model shapes, random weights: zenlm vs transformers on loading, memory, prefill and decode.
+
+Three Hugging Face folders are written with random bf16 weights straight through safetensors (the
+tensor names and shapes come from transformers' own model class built on the meta device, the
+config from its config class), as the real models ship them:
+
+* SmolLM-135M's shape (Llama: hidden 576, 30 layers, 9 heads / 3 KV heads, MLP 1536, vocab 49152, tied);
+* Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 / 2 heads, MLP 4864, vocab 151936, tied, q/k/v bias);
+* Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 / 8 heads, MLP 8192, vocab 128256, tied, llama3 RoPE):
+  loading only (time, peak memory), plus one short forward.
+
+Every measurement runs in a fresh process (``--child``) that imports its library, resets the
+resident-memory high-water mark (``/proc/self/clear_refs``), then loads: "peak load" is the peak
+resident size while loading minus the size after the imports; "after fwd" is the peak once a
+forward has touched every weight (memory-mapped weights count only once read). Load time is the
+best of three loads in that process (page cache warm for both sides: the folder was just written).
+Prefill: one forward over a ``--prompt``-token batch-1 prompt (best of two after a warm-up);
+decode: ``--new`` greedy steps through each library's KV cache (forward of one token + argmax),
+tokens/s. fp32 runs load the bf16 folder with dtype=float32 on both sides; bf16 runs keep bf16,
+and run only where the CPU multiplies bf16 natively (``zenlm.cpu.cpu_info().bf16``). "same
+tokens" says whether both libraries' greedy continuations agree. llama.cpp is timed where
+``llama_cpp`` imports (it is not installed here: skipped with a note).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_open_models.py [--threads 1] [--prompt 128] [--new 32]
+        [--skip-1b] [--only smollm,qwen]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHAPES = {
+    "smollm-135m": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+        vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
+        rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)),
+    "qwen2.5-0.5b": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+        vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151643, use_sliding_window=False)),
+    "llama-3.2-1b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+        vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072, head_dim=64,
+        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+}
+
+
+# --------------------------------------------------------------------------- folders
+def write_folder(shape: str, directory: Path) -> int:
+    """config.json from transformers' config class, model.safetensors with random bf16 weights
+    (normal, std 0.02; norms 1), names and shapes from the model class on the meta device.
+    Returns the parameter count."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    config_name, model_name, kwargs = SHAPES[shape]
+    config = getattr(transformers, config_name)(**kwargs)
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        meta = getattr(transformers, model_name)(config)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, p in meta.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        t = torch.empty(p.shape, dtype=torch.bfloat16)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02, generator=g)
+        tensors[name] = t
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    count = sum(t.numel() for t in tensors.values())
+    del tensors
+    gc.collect()
+    return count
+
+
+# --------------------------------------------------------------------------- one measurement (child process)
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    if spec["lib"] == "zenlm":
+        import zenlm
+
+        def load():
+            return zenlm.load(spec["folder"], dtype=dtype)
+    else:
+        import transformers
+
+        def load():
+            return transformers.AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=dtype).eval()
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # high-water mark := current resident size
+    except OSError:
+        pass
+    base = _status("VmRSS")
+    start = time.perf_counter()
+    model = load()
+    times = [time.perf_counter() - start]
+    out = {"peak_load": _status("VmHWM") - base,
+           "weights": sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
+           "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})}
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=g)
+        first = cache = logits = step = None
+        if not spec["speed"]:  # loading only: one short forward touches every weight
+            model(ids[:, :8])
+            out["peak_forward"] = _status("VmHWM") - base
+        else:
+            model(ids[:, :16], use_cache=True)  # warm-up (kernels, packing)
+            out["peak_forward"] = _status("VmHWM") - base
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                first = model(ids, use_cache=True)
+                best = min(best, time.perf_counter() - start)
+            out["prefill_tps"] = spec["prompt"] / best
+            cache, logits = first.past_key_values, first.logits
+            tokens = []
+            start = time.perf_counter()
+            for _ in range(spec["new"]):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(nxt))
+                step = model(nxt, past_key_values=cache, use_cache=True)
+                cache, logits = step.past_key_values, step.logits
+            out["decode_tps"] = spec["new"] / (time.perf_counter() - start)
+            out["tokens"] = tokens
+    model = first = cache = logits = step = None  # noqa: F841 (free the model before the timed reloads)
+    gc.collect()
+    for _ in range(spec["loads"] - 1):  # more loads for the time (the first paid one-time costs too)
+        start = time.perf_counter()
+        model = load()
+        times.append(time.perf_counter() - start)
+        del model
+        gc.collect()
+    out["load_s"], out["load_first_s"] = min(times), times[0]
+    return out
+
+
+def measure(lib: str, folder: Path, dtype: str, args, speed: bool) -> dict:
+    spec = {"lib": lib, "folder": str(folder), "dtype": dtype, "threads": args.threads, "prompt": args.prompt,
+            "new": args.new, "speed": speed, "loads": args.loads}
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                            env=env, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{lib} {folder.name} {dtype} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--loads", type=int, default=3)
+    parser.add_argument("--skip-1b", action="store_true")
+    parser.add_argument("--only", default="smollm-135m,qwen2.5-0.5b", help="speed shapes, comma-separated")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    import torch
+    import transformers
+
+    from zenlm.cpu import cpu_info
+
+    info = cpu_info()
+    print(info.describe())
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
+          f"prompt {args.prompt} tokens, {args.new} decode steps, batch 1")
+    try:
+        import llama_cpp  # noqa: F401
+
+        print("llama.cpp: llama_cpp is installed, but this benchmark does not time it yet (export with "
+              "`zenlm export gguf` and see benchmarks/check_gguf_llamacpp.py)")
+    except ImportError:
+        print("llama.cpp: not installed (`pip install llama-cpp-python` builds it, ~20 min on 2 cores): skipped")
+    dtypes = ["float32"] + (["bfloat16"] if info.bf16 else [])
+    if not info.bf16:
+        print("bf16: this CPU has no native bf16 (AVX512_BF16/AMX): bf16 speed runs skipped")
+
+    header = ("| model | dtype | lib | load s (best) | first load s | peak load MiB | peak / weights | after fwd MiB "
+              "| prefill tok/s | decode tok/s | same tokens |")
+    rule = "|" + "---|" * (header.count("|") - 1)
+    rows, ratios = [], []
+    with tempfile.TemporaryDirectory(prefix="zenlm-open-models-") as tmp:
+        shapes = [s for s in args.only.split(",") if s] + ([] if args.skip_1b else ["llama-3.2-1b"])
+        for shape in shapes:
+            folder = Path(tmp) / shape
+            start = time.perf_counter()
+            params = write_folder(shape, folder)
+            print(f"\n{shape}: {params / 1e6:,.0f}M parameters, folder written in {time.perf_counter() - start:.0f} s "
+                  f"({mib((folder / 'model.safetensors').stat().st_size)} MiB)", flush=True)
+            speed = shape != "llama-3.2-1b"
+            for dtype in (dtypes if speed else ["bfloat16", "float32"]):
+                got = {lib: measure(lib, folder, dtype, args, speed) for lib in ("zenlm", "transformers")}
+                for lib, m in got.items():
+                    same = ""
+                    if speed and lib == "zenlm":
+                        a, b = m["tokens"], got["transformers"]["tokens"]
+                        same = "yes" if a == b else f"{next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}/{len(a)}"
+                    row = (f"| {shape} | {dtype} | {lib} | {m['load_s']:.2f} | {m['load_first_s']:.2f} | "
+                           f"{mib(m['peak_load'])} | {m['peak_load'] / m['weights']:.2f} | {mib(m['peak_forward'])} | "
+                           + (f"{m['prefill_tps']:.0f} | {m['decode_tps']:.1f} | {same} |" if speed else "- | - | - |"))
+                    rows.append(row)
+                    print(row, flush=True)
+                z, h = got["zenlm"], got["transformers"]
+                ratio = (f"{shape} {dtype}: load {h['load_s'] / z['load_s']:.2f}x faster, peak load memory "
+                         f"{z['peak_load'] / h['peak_load']:.2f}x transformers' "
+                         f"({z['peak_load'] / z['weights']:.2f}x the weights; transformers "
+                         f"{h['peak_load'] / h['weights']:.2f}x)")
+                if speed:
+                    ratio += (f", prefill {z['prefill_tps'] / h['prefill_tps']:.2f}x, "
+                              f"decode {z['decode_tps'] / h['decode_tps']:.2f}x transformers' tokens/s")
+                ratios.append(ratio)
+                print(ratio, flush=True)
+            (folder / "model.safetensors").unlink()
+    print("\n" + header + "\n" + rule)
+    print("\n".join(rows))
+    print("\nzenlm / transformers (load: transformers' time / zenlm's, > 1 = zenlm faster):")
+    print("\n".join(ratios))
+
+
+if __name__ == "__main__":
+    main()
