@@ -27,7 +27,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, **({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
                            if hasattr(torch, "float8_e4m3fn") else {}),
 }
-_CHUNK_BYTES = 32 << 20  # a converted or transposed tensor is read this much at a time
+_CHUNK_BYTES = 8 << 20  # a converted or transposed tensor is read this much at a time
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
@@ -162,7 +162,7 @@ class TensorFiles:
     def copy_into(self, name: str, dest: torch.Tensor, transposed: bool = False) -> None:
         """Write tensor ``name`` into ``dest`` (allocated by the caller, any dtype), transposed
         (2-D) if asked. Same dtype, not transposed: one ``pread`` straight into ``dest``. Otherwise
-        the file is read ~32 MiB at a time into a scratch buffer and converted piece by piece, so
+        the file is read ~8 MiB at a time into a scratch buffer and converted piece by piece, so
         no second full copy of the tensor exists at any point."""
         path = self.where[name]
         shape = self.shape(name)
