@@ -49,7 +49,8 @@ class TensorFiles:
         self.directory = Path(directory)
         self.where: dict[str, Path] = {}
         self._open: dict[Path, Any] = {}
-        self._spans: dict[str, tuple[int, int]] = {}  # safetensors: name -> (first byte, end) in its file
+        # safetensors, from the header: name -> (first byte, end byte, dtype name, shape) in its file
+        self._spans: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
         self._fds: dict[Path, int] = {}
         self._local = threading.local()
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
@@ -100,10 +101,12 @@ class TensorFiles:
             with open(path, "rb") as f:
                 size = struct.unpack("<Q", f.read(8))[0]
                 header = json.loads(f.read(size))
+            spans = {}
             for name, entry in header.items():
                 if name != "__metadata__":
                     start, end = entry["data_offsets"]
-                    self._spans[name] = (8 + size + start, 8 + size + end)
+                    spans[name] = (8 + size + start, 8 + size + end, str(entry["dtype"]), tuple(entry["shape"]))
+            self._spans.update(spans)
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             pass  # a header only safe_open understands: tensors are then read through it (copy_into)
 
@@ -132,6 +135,8 @@ class TensorFiles:
                              f"with torch.load(weights_only=True)): {str(e).splitlines()[0]}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._spans:  # from the header: no call into safe_open (the reading threads use this)
+            return self._spans[name][3]
         path = self.where[name]
         if path in self._bins:
             return tuple(self._bins[path][name].shape)
@@ -141,7 +146,7 @@ class TensorFiles:
         path = self.where[name]
         if path in self._bins:
             return self._bins[path][name].dtype
-        kind = self._open[path].get_slice(name).get_dtype()
+        kind = self._spans[name][2] if name in self._spans else self._open[path].get_slice(name).get_dtype()
         if kind not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, which zenlm does not read")
         return SAFETENSORS_DTYPES[kind]
@@ -176,7 +181,7 @@ class TensorFiles:
             dest.copy_(source.t() if transposed else source.reshape(dest.shape))
             return
         kind = self.dtype(name)
-        start, end = self._spans[name]
+        start, end = self._spans[name][:2]
         if end - start != numel * kind.itemsize:
             raise ValueError(f"{path}: tensor {name!r} spans {end - start} bytes, its shape and dtype "
                              f"need {numel * kind.itemsize}")

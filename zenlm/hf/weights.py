@@ -130,12 +130,16 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
         log.warning("%s: %d tensor(s) have no place in zenlm's %s model and were not loaded: %s",
                     files.directory, len(left), family.model_type, ", ".join(sorted(left)[:8]))
     target = dtype or files.main_dtype(used)
-
-    def build(item) -> torch.Tensor:
-        shape, parts, transposed, row = item
+    state, copies = {}, {}
+    for ours, (shape, parts, transposed, row) in pending.items():
         if len(parts) == 1 and not transposed and files.dtype(parts[0][0]) == target:
             tensor = files.get(parts[0][0])  # a view of the mapped file
-            return (tensor[0] if row else tensor).contiguous()
+            state[ours] = (tensor[0] if row else tensor).contiguous()
+        else:
+            copies[ours] = (shape, parts, transposed)
+
+    def build(item) -> torch.Tensor:
+        shape, parts, transposed = item
         out = torch.empty(shape, dtype=target)
         offset = 0
         for stored, rows in parts:
@@ -144,7 +148,8 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
         return out
 
     with ThreadPoolExecutor(max(1, workers)) as pool:  # reads and copies release the GIL
-        return dict(zip(pending, pool.map(build, pending.values())))
+        state.update(zip(copies, pool.map(build, copies.values())))
+    return {name: state[name] for name in pending}
 
 
 # --------------------------------------------------------------------------- export
