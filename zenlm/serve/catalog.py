@@ -8,16 +8,20 @@ The model id is the folder's name unless given as ``NAME=DIR``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
 
 from ..data import encode_chat
+from ..tasks.chat import chat_prompt, stop_token_ids
 from .errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ class ServedModel:
     embedder: Optional[object] = None  # retrieval.Embedder for "embed"
     index: Optional[object] = None  # retrieval.Index for "search"
     lock: threading.Lock = field(default_factory=threading.Lock)  # serialises unbatched work (translation)
+    _stop_ids: Optional[list[int]] = field(default=None, repr=False)
 
     @property
     def context_length(self) -> Optional[int]:
@@ -41,22 +46,47 @@ class ServedModel:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        ids = [self.model.config.eos_token_id]
-        end = self.tokenizer.token_to_id("<|end|>")
-        return ids + ([end] if end is not None else [])
+        """Every token a reply ends on (``zenlm.tasks.chat.stop_token_ids``): the model's eos ids, the
+        folder's generation_config ``eos_token_id`` list, and its template's end-of-turn token
+        (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>`` ...; zenlm's ``<|end|>`` without a template)."""
+        if self._stop_ids is None:
+            self._stop_ids = stop_token_ids(self.tokenizer, self.model)
+        return self._stop_ids
 
     # ------------------------------------------------------------------ prompts
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        """The chat template the trainer uses (``zenlm.data.encode_chat``), with the assistant prompt."""
-        messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-                    for m in messages]
+        """The prompt ids for a conversation, with the assistant prompt appended.
+
+        A folder with its own chat template (an imported Llama 3, Qwen, Gemma ... instruct model)
+        gets it, rendered as transformers renders it (``zenlm.tasks.chat.chat_prompt``), with every
+        field of the messages (``name``, ``tool_calls``, ``tool_call_id``; list content kept for a
+        template that reads parts, joined for one that reads a string); a template that refuses the
+        conversation (``raise_exception``) is a 400 carrying its message. Otherwise zenlm's own
+        ``<|role|>`` template the trainer uses (``zenlm.data.encode_chat``), or plain ``role:
+        content`` lines for a tokenizer without role tokens. ``developer`` is read as ``system``."""
+        messages = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+        if self.tokenizer.has_chat_template:
+            parts = _reads_content_parts(self.tokenizer.get_chat_template())
+            messages = [_for_template(m, parts) for m in messages]
+            try:
+                return chat_prompt(self.tokenizer, messages)
+            except ValueError as e:  # ChatTemplateError: the template's raise_exception(...) or a failed render
+                raise InvalidRequest(f"the chat template of {self.id!r} refused these messages: {e}",
+                                     param="messages") from None
+        plain = []
+        for i, m in enumerate(messages):
+            if m["role"] == "tool" or m.get("tool_calls"):
+                raise InvalidRequest(f"messages.{i}: {self.id!r} has no chat template of its own (zenlm's <|role|> "
+                                     f"template), which has no place for tool calls or tool results",
+                                     param=f"messages.{i}")
+            plain.append({"role": m["role"], "content": _text(m.get("content"))})
         if self.tokenizer.token_to_id("<|assistant|>") is None:  # a tokenizer without role tokens
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
             return self.encode(text)
-        return encode_chat(self.tokenizer, messages, add_generation_prompt=True)[0]
+        return encode_chat(self.tokenizer, plain, add_generation_prompt=True)[0]
 
     def check_ids(self, ids: Sequence[int], param: str = "prompt") -> list[int]:
         vocab = self.model.config.vocab_size
@@ -82,6 +112,45 @@ class ServedModel:
                 f"this model's maximum context length is {window} tokens; you requested {prompt_tokens + max_tokens} "
                 f"tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion)", param=param)
         return max_tokens
+
+
+def _text(content) -> str:
+    """Message content as one string: text parts joined in order (null: empty)."""
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+# a template that loops over a message's content reads it as parts (``{% for part in message['content'] %}``);
+# any other reads a string, as vLLM decides between its "openai" and "string" content formats
+_PARTS_LOOP = re.compile(r"""for\s+\w+\s+in\s+[\w.]*(?:\.content\b|\[\s*['"]content['"]\s*\])""")
+
+
+@lru_cache(maxsize=32)
+def _reads_content_parts(template: str) -> bool:
+    return bool(_PARTS_LOOP.search(template))
+
+
+def _for_template(message: dict, parts: bool) -> dict:
+    """A wire message as a chat template reads it: list content kept for a template that loops over
+    parts, joined for one that reads a string; an assistant's tool-call arguments given as JSON text
+    become the object they encode (templates write them with ``tojson``, as transformers expects)."""
+    out = dict(message)
+    if isinstance(out.get("content"), list) and not parts:
+        out["content"] = _text(out["content"])
+    if out.get("tool_calls"):
+        calls = []
+        for call in out["tool_calls"]:
+            call = {**call, "function": dict(call["function"])}
+            arguments = call["function"].get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    call["function"]["arguments"] = json.loads(arguments)
+                except ValueError:
+                    pass  # not JSON: the template gets the text as sent
+            calls.append(call)
+        out["tool_calls"] = calls
+    return out
 
 
 class ModelCatalog:

@@ -153,11 +153,31 @@ class ContentPart(Request):
     text: Optional[str] = None
 
 
+class FunctionCall(Request):
+    name: str
+    arguments: str = Field(description="the function's arguments as JSON text, as OpenAI sends them")
+
+
+class ToolCall(Request):
+    """A tool call an assistant message made earlier in the conversation, given back to the template."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Request):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[ContentPart]] = Field(
-        description="a string, or a list of parts of which only text parts are accepted (joined in order)")
+    """One message of a conversation. Everything a model's chat template may read passes through to
+    it: ``name``, an assistant's ``tool_calls`` (then ``content`` may be null), a tool result's
+    ``tool_call_id``, content as a list of text parts."""
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[str, list[ContentPart], None] = Field(
+        None, description="a string, or a list of parts of which only text parts are accepted; null only for an "
+                          "assistant message with tool_calls")
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     @field_validator("content")
     @classmethod
@@ -173,10 +193,27 @@ class ChatMessage(Request):
                     raise ValueError(f"part {i} is a text part without 'text'")
         return v
 
+    @model_validator(mode="after")
+    def _fields_of_the_role(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls "
+                             f"may leave it out)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
     @property
     def text(self) -> str:
         """The content as one string: text parts are concatenated, as chat templates render them."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict:
+        """The message as a template reads it: the fields given (nulls left out), parts as dicts."""
+        return self.model_dump(exclude_none=True)
 
 
 class ChatCompletionRequest(SamplingRequest):

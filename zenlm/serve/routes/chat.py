@@ -14,5 +14,5 @@ router = APIRouter()
 @router.post(CHAT_ROUTE, response_model=P.ChatCompletionResponse, responses=P.ERROR_RESPONSES)
 async def chat_completions(body: P.ChatCompletionRequest, request: Request):
     server, key, served = await authenticated(request, body.model, "generate")
-    prompt = served.encode_chat([{"role": m.role, "content": m.text} for m in body.messages])
+    prompt = served.encode_chat([m.as_dict() for m in body.messages])
     return await serve_generation(server, request, key, served, body, [prompt], param="messages", chat=True)
