@@ -21,8 +21,8 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, tie_word_embeddings=True)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, tie_word_embeddings=False)),  # q/k/v bias fused
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=1, eos_token_id=2,
-                                                   initializer_range=0.2)),  # transposed Conv1D weights
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64,
+                                                   bos_token_id=1, eos_token_id=2, initializer_range=0.2)),  # Conv1D
 }
 
 
@@ -56,7 +56,8 @@ def test_bf16_folder_stays_bf16_with_transformers_logits(tmp_path, family):
     assert got.dtype == torch.bfloat16
     # both bf16 computations sit within bf16 rounding of the exact one, and of each other
     rounding = (want.float() - exact).abs().max()
-    print(family, "zenlm vs transformers bf16:", float((got.float() - want.float()).abs().max()), "transformers bf16 vs fp32:", float(rounding))
+    print(family, "zenlm vs transformers bf16:", float((got.float() - want.float()).abs().max()),
+          "transformers bf16 vs fp32:", float(rounding))
     assert (got.float() - want.float()).abs().max() <= 2 * rounding + 1e-2 * exact.abs().max(), \
         ((got.float() - want.float()).abs().max(), rounding)
     assert torch.equal(got.argmax(-1), want.argmax(-1)) or (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
@@ -158,7 +159,8 @@ def _write_big_folder(folder):
     folder.mkdir()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 2048,
+              "tie_word_embeddings": True,
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", **BIG}
     (folder / "config.json").write_text(json.dumps(config))
     return sum(t.numel() for t in tensors.values())

@@ -3,9 +3,9 @@
 safetensors (one ``model.safetensors``, or shards listed in ``model.safetensors.index.json``) are
 memory-mapped (``get``: a view of the file, no copy), or read with ``pread`` straight into a tensor
 the caller allocated (``copy_into``: a fused or converted tensor is built without a second copy of
-it, and without the file's pages staying resident in this process); a legacy ``pytorch_model.bin`` (or its shards) is read only through
-``torch.load(weights_only=True)``, which refuses anything but tensors. Every error names the file
-and the tensor.
+it, and without the file's pages staying resident in this process); a legacy ``pytorch_model.bin``
+(or its shards) is read only through ``torch.load(weights_only=True)``, which refuses anything but
+tensors. Every error names the file and the tensor.
 """
 from __future__ import annotations
 
@@ -193,7 +193,8 @@ class TensorFiles:
                 return
             rows = shape[0] if shape else 1
             width = numel // rows if rows else 0
-            target = dest if transposed else dest.view(rows, width) if dest.is_contiguous() else dest.reshape(rows, width)
+            target = dest if transposed else dest.view(rows, width) if dest.is_contiguous() \
+                else dest.reshape(rows, width)
             step = max(1, _CHUNK_BYTES // max(1, width * kind.itemsize))
             scratch = self._scratch(min(step, rows) * width * kind.itemsize).view(kind)
             for a in range(0, rows, step):
