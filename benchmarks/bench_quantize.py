@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_quantize.py MODEL_DIR [--threads 1]
 
-    .venv/bin/python benchmarks/bench_quantize.py --isas [--isa-preset small]
+    .venv/bin/python benchmarks/bench_quantize.py --isas [--isa-preset gpt2-small]
 
 --isas: dynamic int8 on this CPU as it is and with the AVX2 kernels forced (fbgemm without
 VNNI, ATen at AVX2; each in its own process), in one run: relative error of the logits
@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--ref", help="reference translations for --translation")
     p.add_argument("--limit", type=int, default=200, help="sentences to translate for BLEU")
     p.add_argument("--isas", action="store_true", help="dynamic int8 error and speed, native vs AVX2 forced")
-    p.add_argument("--isa-preset", default="small", help="model shape for --isas (random weights)")
+    p.add_argument("--isa-preset", default="gpt2-small", help="model shape for --isas (a preset; random weights)")
     p.add_argument("--isa-worker", choices=("native", "avx2"), help=argparse.SUPPRESS)
     args = p.parse_args()
     from zenlm.cpu import cpu_info
@@ -160,7 +160,9 @@ def isa_table(args) -> None:
     for isa in ("native", "avx2"):
         env = {**os.environ, **(FORCED_AVX2 if isa == "avx2" else {})}
         out = subprocess.run([sys.executable, __file__, "--isa-worker", isa, "--isa-preset", args.isa_preset,
-                              "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
+                              "--threads", str(args.threads)], env=env, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"the {isa} worker failed:\n{out.stderr[-2000:]}")
         print(out.stdout.splitlines()[0])  # the worker's CPU line
         rows[isa] = json.loads(out.stdout.splitlines()[-1])
     print(f"\ndynamic int8, {args.isa_preset} shape, random weights, {args.threads} thread(s); error = |logits - fp32| / "
