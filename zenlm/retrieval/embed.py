@@ -182,7 +182,7 @@ class Embedder:
         if not path.is_dir():
             raise FileNotFoundError(f"no model folder at {path}")
         saved = read_embedder_config(path)
-        model = load(path, cls=TransformerModel)
+        model = load(path, cls=TransformerModel, dtype=torch.float32)  # `precision` decides what runs reduced
         return cls(model, load_tokenizer(path), pooling or saved.pooling,
                    saved.normalize if normalize is None else normalize,
                    max_length if max_length is not None else saved.max_length, precision, batch_size,

@@ -240,7 +240,8 @@ class Trainer:
         if self.config.init_from:
             from ..checkpoint import load_model
 
-            model = load_model(self.config.init_from).train()
+            # weights train in fp32 (autocast does the bf16 part), whatever dtype the folder stores
+            model = load_model(self.config.init_from, dtype=torch.float32).train()
         else:
             model = TransformerLM(self.model_config)
         return model.to(self.device)
