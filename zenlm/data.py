@@ -135,7 +135,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_p
     A tokenizer with a model's own template (``tokenizer.has_chat_template``) renders it as
     transformers' ``apply_chat_template`` does; the loss then falls on each assistant turn (its
     content, tool calls and end-of-turn token), found by rendering the conversation's prefixes,
-    which works for every template (see ``zenlm.tokenizer.chat_spans``). ``add_generation_prompt``
+    which works for every template (see ``zenlm.chat_template.chat_spans``). ``add_generation_prompt``
     (inference) appends the assistant header and gives an all-zero mask. ``tools`` and
     ``template_kwargs`` (``enable_thinking=False``, ...) go to the template. Without a template,
     zenlm's ``<|role|>`` template (``chat_segments``) is used; it takes no tools."""
@@ -154,7 +154,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_p
 
 def _encode_with_template(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool,
                           tools: Optional[Sequence[dict]], template_kwargs: dict) -> tuple[list[int], list[int]]:
-    from .tokenizer import chat_spans
+    from .chat_template import chat_spans
 
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
