@@ -89,6 +89,17 @@ class GenerationConfig:
     # duration of the call): on CPUs where torch's MKL matrix-vector products are slow (AMD EPYC here) a
     # decoding step is ~1.5-3x faster; results equal to float rounding. False keeps torch's default path.
     fast_cpu: bool = True
+    # constrained decoding (zenlm.constraints, llguidance): at most one of these; each step allows only the
+    # tokens the grammar can take, stop tokens only where it is complete
+    json_schema: Optional[Union[dict, str, bool]] = None  # a JSON schema (dict or its JSON text)
+    regex: Optional[str] = None  # the whole output matches this regular expression
+    grammar: Optional[str] = None  # a Lark grammar (or llama.cpp's GBNF)
+    json_object: bool = False  # any JSON object (OpenAI's response_format {"type": "json_object"})
+
+    @property
+    def constrained(self) -> bool:
+        return (self.json_schema is not None or self.regex is not None or self.grammar is not None
+                or bool(self.json_object))
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
@@ -145,6 +156,10 @@ class GenerationConfig:
             ids = [value] if isinstance(value, int) or value is None else list(value)
             if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids if t is not None) or ids == []:
                 raise ValueError(f"{name} must be a token id >= 0 (or a list of them for eos), got {value!r}")
+        constraints = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        constraints += ["json_object"] if self.json_object else []
+        if len(constraints) > 1:
+            raise ValueError(f"give one constraint at a time, got {' and '.join(constraints)}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -549,6 +564,7 @@ class Generator:
         stop_ids = self._stop_ids(config)
         if config.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to read the text; pass tokenizer=...")
+        spec = self._constraint(config)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -557,7 +573,7 @@ class Generator:
                     gens = self._beam_search(rows, config, stop_ids)
                 else:
                     gens = [None] * (len(rows) * config.num_return_sequences)
-                    for events in self._sample(rows, config, stop_ids):
+                    for events in self._sample(rows, config, stop_ids, spec=spec):
                         for slot, gen in events:
                             if gen is not None:
                                 gens[slot] = gen
@@ -584,13 +600,14 @@ class Generator:
             raise ValueError("stream decodes one sequence: num_beams and num_return_sequences must be 1")
         rows = self._fit(rows, config)
         stop_ids = self._stop_ids(config)
+        spec = self._constraint(config)
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=config.skip_special_tokens)
         safe, emitted = "", 0
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode(), _fast_cpu(config.fast_cpu and self._on_cpu()):
-                for events in self._sample(rows, config, stop_ids, streaming=True):
+                for events in self._sample(rows, config, stop_ids, streaming=True, spec=spec):
                     for _, gen in events:
                         if gen is None:
                             continue
@@ -601,6 +618,19 @@ class Generator:
                             emitted = len(visible)
         finally:
             self.model.train(was_training)
+
+    def _constraint(self, config: GenerationConfig):
+        """The compiled grammar of ``config`` (zenlm.constraints), or None when it asks for none."""
+        if not config.constrained:
+            return None
+        if config.num_beams > 1:
+            raise ValueError("constrained decoding (json_schema, regex, grammar, json_object) runs with greedy "
+                             "decoding or sampling; beam search (num_beams > 1) is not supported with it yet")
+        if self.tokenizer is None:
+            raise ValueError("constrained decoding needs a tokenizer to know each token's bytes; pass tokenizer=...")
+        from .constraints import compile_constraint
+        return compile_constraint(self.tokenizer, self.config.vocab_size, json_schema=config.json_schema,
+                                  regex=config.regex, grammar=config.grammar, json_object=config.json_object)
 
     # ------------------------------------------------------------------ text helpers
     def _text(self, token_ids: list[int], config: GenerationConfig) -> tuple[str, bool]:
@@ -627,7 +657,8 @@ class Generator:
         return text[:len(text) - hold]
 
     # ------------------------------------------------------------------ greedy / sampling
-    def _sample(self, rows: list[list[int]], config: GenerationConfig, stop_ids: list[int], streaming: bool = False):
+    def _sample(self, rows: list[list[int]], config: GenerationConfig, stop_ids: list[int], streaming: bool = False,
+                spec=None):
         """Greedy or sampled decoding. Yields, per step, (slot, Generation) for rows that took a token;
         a finished row is yielded with its final Generation and then leaves the batch."""
         expand = config.num_return_sequences
@@ -643,11 +674,20 @@ class Generator:
             generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2 ** 62, ())))
         rules = (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
                  or config.min_new_tokens or config.sampling or _forcing(config))
+        constraints = [spec.new() for _ in range(n)] if spec is not None else None
         logits = state.prefill()
         for step in range(config.max_new_tokens):
             scores = logits.float()
+            if constraints is not None:  # the grammar's allowed tokens, before every other rule
+                from .constraints import apply_mask
+                scores = apply_mask(scores, [constraints[s].mask(stop_ids) for s in alive])
+                allowed = scores
             if rules:
                 scores = process_scores(scores, [history[s] for s in alive], step, config, stop_ids)
+                if constraints is not None:  # a rule that banned every allowed token gives way to the grammar
+                    empty = ~torch.isfinite(scores).any(dim=-1)
+                    if bool(empty.any()):
+                        scores = torch.where(empty[:, None], allowed, scores)
             if config.sampling:
                 tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
             else:
@@ -665,6 +705,10 @@ class Generator:
                 if chosen_lp is not None:
                     gen.logprobs.append(chosen_lp[i])
                 done = tok in stop_set
+                if not done and constraints is not None:  # complete grammar: the sequence is over
+                    constraint = constraints[slot]
+                    constraint.advance(tok)
+                    done = constraint.done
                 if not done and config.stop_strings:
                     done = self._text(gen.token_ids, config)[1]
                 if done:
