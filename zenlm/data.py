@@ -245,14 +245,32 @@ def _bad(bad: Counter, where: dict, reason: str, path: str, offset: int) -> None
     where.setdefault(reason, f"{path} byte {offset}")
 
 
+@dataclass
+class _Chunk:
+    """What one worker's byte range becomes: a token list per record with its (len_a, len_b) row, a
+    loss mask per chat record, and the bad records counted by reason (each reason's first place kept)."""
+    path: str
+    tokens: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    masks: list = field(default_factory=list)
+    bad: Counter = field(default_factory=Counter)
+    where: dict = field(default_factory=dict)
+
+    def reject(self, reason: str, offset: int) -> None:
+        _bad(self.bad, self.where, reason, self.path, offset)
+
+    def keep(self, ids: list[int], len_b: int = 0, mask: Optional[list[int]] = None) -> None:
+        self.tokens.append(ids)
+        self.rows.append((len(ids) - len_b, len_b))
+        if mask is not None:
+            self.masks.append(mask)
+
+
 def _tokenize_chunk(task: tuple) -> dict:
     """Worker: read one byte range, tokenize, write ``<prefix>.tokens.bin`` (+ mask, index)."""
     path, start, end, last_chunk, options, prefix = task
     tok: Tokenizer = _WORKER["tokenizer"].with_chat_options(options.get("chat"))
-    fmt, eos = options["format"], tok.eos_id
-    dtype = np.dtype(options["dtype"])
-    bad: Counter = Counter()
-    where: dict = {}
+    fmt = options["format"]
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
@@ -260,105 +278,116 @@ def _tokenize_chunk(task: tuple) -> dict:
         from .privacy import scrub as clean
     else:
         clean = lambda t: t  # noqa: E731
-    tokens: list[list[int]] = []  # one list per record
-    masks: list[list[int]] = []
-    rows: list[tuple[int, int]] = []  # (len_a, len_b) per record
+    out = _Chunk(path)
     if fmt == "text":
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "".join(line for _, line in _decode_lines(data, start, bad, where, path))
-        if start == 0 and last_chunk and not text.strip():
-            _bad(bad, where, "empty", path, 0)
-        else:
-            ids = tok.encode(clean(text)) if text else []
-            if last_chunk and eos is not None:
-                ids.append(eos)  # documents (files) end with </s>
-            tokens.append(ids)
-            rows.append((len(ids), 0))
+        _tokenize_text(out, tok, data, start, last_chunk, clean)
+    else:  # records: every line parsed first, then each objective's records encoded in a batch
+        items = []
+        for offset, line in _decode_lines(data, start, out.bad, out.where, path):
+            value = _record_value(out, line, offset, options, clean)
+            if value is not None:
+                items.append((value, offset))
+        {"jsonl": _tokenize_jsonl, "pairs": _tokenize_pairs, "chat": _tokenize_chats}[fmt](out, tok, items, options)
+    return _write_chunk(out, prefix, np.dtype(options["dtype"]), with_mask=fmt == "chat")
+
+
+def _tokenize_text(out: _Chunk, tok: Tokenizer, data: bytes, start: int, last_chunk: bool, clean) -> None:
+    """Plain text: the whole range is one record; a file's last chunk ends with </s>."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "".join(line for _, line in _decode_lines(data, start, out.bad, out.where, out.path))
+    if start == 0 and last_chunk and not text.strip():
+        out.reject("empty", 0)
+        return
+    ids = tok.encode(clean(text)) if text else []
+    if last_chunk and tok.eos_id is not None:
+        ids.append(tok.eos_id)  # documents (files) end with </s>
+    out.keep(ids)
+
+
+def _record_value(out: _Chunk, line: str, offset: int, options: dict, clean):
+    """One line's usable value (jsonl: the text; pairs: (source, target); chat: the messages), or None
+    with the line counted as bad (empty, malformed, missing its field)."""
+    fmt = options["format"]
+    if not line.strip():
+        return out.reject("empty", offset)
+    if fmt == "pairs" and not out.path.endswith((".jsonl", ".json")):
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) < 2:
+            return out.reject("malformed_pair", offset)
+        record = {options["source_field"]: cols[0], options["target_field"]: cols[1]}
     else:
-        texts_a, texts_b, chats = [], [], []
-        for offset, line in _decode_lines(data, start, bad, where, path):
-            if not line.strip():
-                _bad(bad, where, "empty", path, offset)
-                continue
-            record = None
-            if fmt == "pairs" and not path.endswith((".jsonl", ".json")):
-                cols = line.rstrip("\r\n").split("\t")
-                if len(cols) < 2:
-                    _bad(bad, where, "malformed_pair", path, offset)
-                    continue
-                record = {options["source_field"]: cols[0], options["target_field"]: cols[1]}
-            else:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    _bad(bad, where, "malformed_json", path, offset)
-                    continue
-                if not isinstance(record, dict):
-                    _bad(bad, where, "malformed_json", path, offset)
-                    continue
-            if fmt == "jsonl":
-                value = record.get(options["text_field"])
-                if not isinstance(value, str):
-                    _bad(bad, where, "missing_field", path, offset)
-                elif not value.strip():
-                    _bad(bad, where, "empty", path, offset)
-                else:
-                    texts_a.append(clean(value))
-            elif fmt == "pairs":
-                a, b = record.get(options["source_field"]), record.get(options["target_field"])
-                if not isinstance(a, str) or not isinstance(b, str):
-                    _bad(bad, where, "missing_field", path, offset)
-                elif not a.strip() or not b.strip():
-                    _bad(bad, where, "empty", path, offset)
-                else:
-                    texts_a.append((clean(a.strip()), offset))
-                    texts_b.append(clean(b.strip()))
-            else:  # chat
-                messages = record.get(options["messages_field"])
-                if not isinstance(messages, list):
-                    _bad(bad, where, "missing_field", path, offset)
-                elif not messages:
-                    _bad(bad, where, "empty", path, offset)
-                else:
-                    chats.append(([{**m, "content": clean(m["content"])} if isinstance(m, dict) and isinstance(
-                        m.get("content"), str) else m for m in messages], offset))
-        extra = [eos] if eos is not None else []
-        if fmt == "jsonl":
-            for enc in tok.backend.encode_batch(texts_a, add_special_tokens=False):
-                tokens.append(enc.ids + extra)
-                rows.append((len(enc.ids) + len(extra), 0))
-        elif fmt == "pairs":
-            src = tok.backend.encode_batch([a for a, _ in texts_a], add_special_tokens=False)
-            tgt = tok.backend.encode_batch(texts_b, add_special_tokens=False)
-            for (_, offset), s, t in zip(texts_a, src, tgt):
-                s_ids, t_ids = s.ids + extra, t.ids + extra
-                if len(s_ids) > options["max_source_len"] or len(t_ids) > options["max_target_len"]:
-                    _bad(bad, where, "too_long", path, offset)
-                    continue
-                tokens.append(s_ids + t_ids)
-                rows.append((len(s_ids), len(t_ids)))
-        elif fmt == "chat":
-            for messages, offset in chats:
-                try:
-                    ids, mask = encode_chat(tok, messages)
-                except ValueError:
-                    _bad(bad, where, "bad_messages", path, offset)
-                    continue
-                if not any(mask):
-                    _bad(bad, where, "no_assistant_reply", path, offset)
-                    continue
-                if len(ids) > options["max_len"]:
-                    _bad(bad, where, "too_long", path, offset)
-                    continue
-                tokens.append(ids)
-                masks.append(mask)
-                rows.append((len(ids), 0))
-    flat = np.fromiter((t for ids in tokens for t in ids), dtype=dtype, count=sum(map(len, tokens)))
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return out.reject("malformed_json", offset)
+        if not isinstance(record, dict):
+            return out.reject("malformed_json", offset)
+    if fmt == "jsonl":
+        value = record.get(options["text_field"])
+        if not isinstance(value, str):
+            return out.reject("missing_field", offset)
+        return clean(value) if value.strip() else out.reject("empty", offset)
+    if fmt == "pairs":
+        a, b = record.get(options["source_field"]), record.get(options["target_field"])
+        if not isinstance(a, str) or not isinstance(b, str):
+            return out.reject("missing_field", offset)
+        return (clean(a.strip()), clean(b.strip())) if a.strip() and b.strip() else out.reject("empty", offset)
+    messages = record.get(options["messages_field"])
+    if not isinstance(messages, list):
+        return out.reject("missing_field", offset)
+    if not messages:
+        return out.reject("empty", offset)
+    return [{**m, "content": clean(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), str)
+            else m for m in messages]
+
+
+def _tokenize_jsonl(out: _Chunk, tok: Tokenizer, items: list, options: dict) -> None:
+    """One text per record, each ending with </s>."""
+    extra = [tok.eos_id] if tok.eos_id is not None else []
+    for enc in tok.backend.encode_batch([text for text, _ in items], add_special_tokens=False):
+        out.keep(enc.ids + extra)
+
+
+def _tokenize_pairs(out: _Chunk, tok: Tokenizer, items: list, options: dict) -> None:
+    """Source and target each ending with </s>; a pair over max_source_len / max_target_len is bad."""
+    extra = [tok.eos_id] if tok.eos_id is not None else []
+    src = tok.backend.encode_batch([a for (a, _), _ in items], add_special_tokens=False)
+    tgt = tok.backend.encode_batch([b for (_, b), _ in items], add_special_tokens=False)
+    for (_, offset), s, t in zip(items, src, tgt):
+        s_ids, t_ids = s.ids + extra, t.ids + extra
+        if len(s_ids) > options["max_source_len"] or len(t_ids) > options["max_target_len"]:
+            out.reject("too_long", offset)
+            continue
+        out.keep(s_ids + t_ids, len_b=len(t_ids))
+
+
+def _tokenize_chats(out: _Chunk, tok: Tokenizer, items: list, options: dict) -> None:
+    """Each conversation with its loss mask (``encode_chat``); one the template refuses, one with no
+    assistant reply and one over max_len are bad."""
+    for messages, offset in items:
+        try:
+            ids, mask = encode_chat(tok, messages)
+        except ValueError:
+            out.reject("bad_messages", offset)
+            continue
+        if not any(mask):
+            out.reject("no_assistant_reply", offset)
+        elif len(ids) > options["max_len"]:
+            out.reject("too_long", offset)
+        else:
+            out.keep(ids, mask=mask)
+
+
+def _write_chunk(out: _Chunk, prefix: str, dtype: np.dtype, with_mask: bool) -> dict:
+    """``<prefix>.tokens.bin`` (all records back to back), ``.mask.bin`` for chats, and ``.index.npy``
+    (start, len_a, len_b per record); returns the shard's summary."""
+    flat = np.fromiter((t for ids in out.tokens for t in ids), dtype=dtype, count=sum(map(len, out.tokens)))
     flat.tofile(prefix + ".tokens.bin")
-    if fmt == "chat":
-        np.fromiter((m for ms in masks for m in ms), dtype=np.uint8, count=len(flat)).tofile(prefix + ".mask.bin")
+    if with_mask:
+        np.fromiter((m for ms in out.masks for m in ms), dtype=np.uint8, count=len(flat)).tofile(prefix + ".mask.bin")
+    rows = out.rows
     starts = np.zeros(len(rows), dtype=np.int64)
     if rows:
         lengths = np.array([a + b for a, b in rows], dtype=np.int64)
@@ -367,7 +396,7 @@ def _tokenize_chunk(task: tuple) -> dict:
         np.zeros((0, 3), dtype=np.int64)
     np.save(prefix + ".index.npy", index)
     return {"name": os.path.basename(prefix), "tokens": int(len(flat)), "records": len(rows),
-            "bad": dict(bad), "where": where}
+            "bad": dict(out.bad), "where": out.where}
 
 
 @dataclass
@@ -459,40 +488,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ZENLM_CACHE", Path.home() / ".cache" / "zenlm")) / "shards"
 
 
-def build_shards(paths: Sequence[str], tokenizer: Tokenizer, config: DataConfig, progress: bool = True
-                 ) -> TokenShards:
-    """Tokenize files once into shards (reused when files, tokenizer and options are unchanged)."""
-    from .checkpoint import atomic_write
-
-    files = list_files(paths)
+def _shard_options(tokenizer: Tokenizer, config: DataConfig) -> dict:
+    """Everything besides the files and tokenizer.json that the shards depend on (and so their cache key)."""
     fmt = config.format
-    options = {"format": fmt, "text_field": config.text_field, "source_field": config.source_field,
-               "target_field": config.target_field, "messages_field": config.messages_field,
-               "max_source_len": config.max_source_len, "max_target_len": config.max_target_len,
-               # pairs are bounded by max_source_len / max_target_len only: their shards do not depend on
-               # seq_len (nor get rebuilt when it changes)
-               "max_len": None if fmt == "pairs" else config.seq_len,
-               **({"scrub_pii": True} if config.scrub_pii else {}),
-               # a model's own chat template formats the conversations (and so keys the cache)
-               **({"chat": tokenizer.chat_options()} if fmt == "chat" and tokenizer.has_chat_template else {}),
-               "dtype": "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"}
-    tokenizer_json = tokenizer.backend.to_str()
-    key = _fingerprint(files, tokenizer_json, options)
-    directory = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    directory = directory / key[:20]
-    if (directory / "index.json").exists():
-        shards = TokenShards(directory)
-        logger.info("reusing token shards in %s: %s tokens; %s", directory, f"{shards.num_tokens:,}", shards.report)
-        _check_bad(shards.report, config)
-        return shards
-    directory.mkdir(parents=True, exist_ok=True)
-    chunks = plan_chunks(files, config.chunk_bytes)
-    last = {}
-    for i, (path, _, _) in enumerate(chunks):
-        last[path] = i
-    tasks = [(path, start, end, last[path] == i, options, str(directory / f"shard-{i:06d}"))
-             for i, (path, start, end) in enumerate(chunks)]
-    workers = config.num_workers or min(4, os.cpu_count() or 1)
+    return {"format": fmt, "text_field": config.text_field, "source_field": config.source_field,
+            "target_field": config.target_field, "messages_field": config.messages_field,
+            "max_source_len": config.max_source_len, "max_target_len": config.max_target_len,
+            # pairs are bounded by max_source_len / max_target_len only: their shards do not depend on
+            # seq_len (nor get rebuilt when it changes)
+            "max_len": None if fmt == "pairs" else config.seq_len,
+            **({"scrub_pii": True} if config.scrub_pii else {}),
+            # a model's own chat template formats the conversations (and so keys the cache)
+            **({"chat": tokenizer.chat_options()} if fmt == "chat" and tokenizer.has_chat_template else {}),
+            "dtype": "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"}
+
+
+def _run_workers(tasks: list, tokenizer_json: str, num_workers: Optional[int], progress: bool) -> list[dict]:
+    """``_tokenize_chunk`` over every task, in this process or a pool of forked workers; results in task order."""
+    workers = num_workers or min(4, os.cpu_count() or 1)
     workers = max(1, min(workers, len(tasks)))
     results = []
     bar = _progress(len(tasks), "tokenizing", progress)
@@ -512,6 +525,34 @@ def build_shards(paths: Sequence[str], tokenizer: Tokenizer, config: DataConfig,
                 results.append(result)
                 bar.update(1)
     bar.close()
+    return results
+
+
+def build_shards(paths: Sequence[str], tokenizer: Tokenizer, config: DataConfig, progress: bool = True
+                 ) -> TokenShards:
+    """Tokenize files once into shards (reused when files, tokenizer and options are unchanged)."""
+    from .checkpoint import atomic_write
+
+    files = list_files(paths)
+    fmt = config.format
+    options = _shard_options(tokenizer, config)
+    tokenizer_json = tokenizer.backend.to_str()
+    key = _fingerprint(files, tokenizer_json, options)
+    directory = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    directory = directory / key[:20]
+    if (directory / "index.json").exists():
+        shards = TokenShards(directory)
+        logger.info("reusing token shards in %s: %s tokens; %s", directory, f"{shards.num_tokens:,}", shards.report)
+        _check_bad(shards.report, config)
+        return shards
+    directory.mkdir(parents=True, exist_ok=True)
+    chunks = plan_chunks(files, config.chunk_bytes)
+    last = {}
+    for i, (path, _, _) in enumerate(chunks):
+        last[path] = i
+    tasks = [(path, start, end, last[path] == i, options, str(directory / f"shard-{i:06d}"))
+             for i, (path, start, end) in enumerate(chunks)]
+    results = _run_workers(tasks, tokenizer_json, config.num_workers, progress)
     bad: Counter = Counter()
     first: dict = {}
     for r in results:
