@@ -98,7 +98,8 @@ class TransformerConfig:
 
     # ------------------------------------------------------------------ rules
     def validate(self) -> None:
-        """Raise ValueError naming the offending value and the rule it breaks."""
+        """Raise ValueError naming the offending value and the rule it breaks. It is long because it
+        is the list of rules, one check each, read top to bottom."""
 
         def positive(name: str) -> None:
             value = getattr(self, name)

@@ -10,6 +10,10 @@ reported, and ``max_bad_fraction`` turns them into an error.
 Every batch is a pure function of the seed and the indices of the samples in it,
 so a run that resumes at step *k* sees exactly the batches an uninterrupted run
 would, and N data-parallel ranks together see the same global batch as one process.
+
+Why it is one long module: it is one pipeline (corpus → shards → batches) whose stages share the
+shard format (``index.json``, tokens/mask/index files) and the per-objective record rules; split, each
+half would have to know the other's format. Each function is one step of it.
 """
 from __future__ import annotations
 

@@ -165,7 +165,9 @@ def estimate(tokens: float, preset: Optional[str] = None, params: Optional[float
     """Training FLOPs, wall time, energy and cost. Give exactly one of ``preset`` (a PRESETS
     name), ``config`` (a TransformerConfig) or ``params`` (a parameter count; attention FLOPs then
     cannot be counted). ``hardware="custom"`` needs ``peak_flops``; ``"cpu"`` uses the cached
-    calibration of this machine (run ``calibrate`` first) unless peak and MFU are given."""
+    calibration of this machine (run ``calibrate`` first) unless peak and MFU are given. Its length
+    is the argument checks of those three ways in and the one formula chain (FLOPs → time → energy
+    → cost), kept in one place so each number's source is visible."""
     from .config import TransformerConfig, estimate_costs
 
     if sum(x is not None for x in (preset, params, config)) != 1:

@@ -209,7 +209,8 @@ def _heatmap(plt, matrix, rows, cols, title, path, cmap="viridis") -> None:
 
 def write_report(expl: Explanation, out_dir) -> Path:
     """PNG per (stack, layer, head), the alignment and the attributions, plus index.html
-    linking them; returns the HTML path."""
+    linking them; returns the HTML path. Long because it is mostly the figures' and the HTML
+    page's template, written in the order the page shows them."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,6 +19,10 @@ the way in. ``qwen2``/``qwen3`` use the NeoX layout, which is ours: no permutati
 
 The ``gguf`` package (written by the llama.cpp project) is imported inside the functions only, so
 ``import zenlm`` does not need it: ``pip install 'zenlm[gguf]'``.
+
+Why it is one long module: writing and reading share the ``ARCHS`` records, the tensor-name plan,
+the rotary permutation and the tokenizer fields; keeping both directions beside those tables is what
+keeps them the inverse of each other.
 """
 from __future__ import annotations
 
@@ -349,6 +353,94 @@ def _tensor_plan(model: TransformerLM, arch: Arch) -> list[tuple[str, torch.Tens
     return out
 
 
+def _write_hparams(w, c, name: str, file_type) -> list:
+    """general.* and the hyper-parameters, in llama.cpp's converter's words; returns the extra tensors
+    the rotary scaling needs (llama3's ``rope_freqs.weight``)."""
+    import gguf
+
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_block_count(c.num_decoder_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_layer_norm_rms_eps(float(c.norm_eps))
+    w.add_key_length(c.head_dim)  # the converter writes them whenever config.json names head_dim
+    w.add_value_length(c.head_dim)
+    w.add_file_type(file_type)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.rotary_dim)
+    scaling = dict(c.rope_scaling or {})
+    kind = scaling.get("rope_type")
+    extra_tensors = []
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        if scaling.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(float(scaling["beta_fast"]))
+        if scaling.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(scaling["beta_slow"]))
+    elif kind == "llama3":
+        extra_tensors.append(("rope_freqs.weight", llama3_rope_factors(c, scaling)))
+        w.add_string(_ZENLM_ROPE_KEY, json.dumps(scaling, sort_keys=True))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return extra_tensors
+
+
+def _write_tokenizer(w, tok: dict) -> None:
+    """tokenizer.ggml.*: the vocabulary, merges, token types, special ids and chat template."""
+    w.add_tokenizer_model(tok["model"])
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    if tok.get("unk") is not None:
+        w.add_unk_token_id(tok["unk"])
+    if tok.get("pad") is not None:
+        w.add_pad_token_id(tok["pad"])
+    if tok.get("eot") is not None:
+        w.add_eot_token_id(tok["eot"])
+    w.add_add_bos_token(bool(tok["add_bos"]))
+    w.add_add_eos_token(bool(tok["add_eos"]))
+    template = tok["chat_template"]
+    if template:
+        w.add_chat_template(template if isinstance(template, str)
+                            else [{"name": k, "template": v} for k, v in template.items()])
+
+
+def _write_tensors(w, tensors: list, type: str) -> dict[str, int]:
+    """Each tensor as f32, f16 or q8_0 (vectors stay f32; a matrix whose rows are not a multiple of 32
+    falls back to f16); returns how many tensors each type got."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    counts: dict[str, int] = {}
+    for gguf_name, tensor in tensors:
+        data = tensor.numpy().astype(np.float32)
+        qtype = Q.F32
+        if data.ndim >= 2 and type != "f32":
+            qtype = Q.F16
+            if type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+                qtype = Q.Q8_0
+        if qtype == Q.F32:
+            w.add_tensor(gguf_name, data)
+        elif qtype == Q.F16:
+            w.add_tensor(gguf_name, data.astype(np.float16))
+        else:
+            w.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    return counts
+
+
 def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: PathLike, type: str = "f32",
                 name: Optional[str] = None, arch: Optional[str] = None, ignore_sliding_window: bool = False) -> dict:
     """Write ``model`` (and its tokenizer) as one GGUF file llama.cpp loads.
@@ -368,7 +460,6 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
     c = model.config
     arch = arch_for(c, arch, ignore_sliding_window)
     tok = _tokenizer_fields(tokenizer, c)
-    Q = gguf.GGMLQuantizationType
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type]
 
@@ -377,77 +468,9 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), arch.name)
     try:
-        # general.* and hyper-parameters, in the converter's words
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or c.extra.get("name") or path.stem)
-        w.add_block_count(c.num_decoder_layers)
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
-        w.add_rope_freq_base(float(c.rope_theta))
-        w.add_layer_norm_rms_eps(float(c.norm_eps))
-        w.add_key_length(c.head_dim)  # the converter writes them whenever config.json names head_dim
-        w.add_value_length(c.head_dim)
-        w.add_file_type(file_type)
-        w.add_vocab_size(c.vocab_size)
-        w.add_rope_dimension_count(c.rotary_dim)
-        scaling = dict(c.rope_scaling or {})
-        kind = scaling.get("rope_type")
-        extra_tensors = []
-        if kind == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(scaling["factor"]))
-        elif kind == "yarn":
-            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(float(scaling["factor"]))
-            w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
-            if scaling.get("beta_fast") is not None:
-                w.add_rope_scaling_yarn_beta_fast(float(scaling["beta_fast"]))
-            if scaling.get("beta_slow") is not None:
-                w.add_rope_scaling_yarn_beta_slow(float(scaling["beta_slow"]))
-        elif kind == "llama3":
-            extra_tensors.append(("rope_freqs.weight", llama3_rope_factors(c, scaling)))
-            w.add_string(_ZENLM_ROPE_KEY, json.dumps(scaling, sort_keys=True))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-        # tokenizer.ggml.*
-        w.add_tokenizer_model(tok["model"])
-        w.add_tokenizer_pre(tok["pre"])
-        w.add_token_list(tok["tokens"])
-        w.add_token_types(tok["types"])
-        w.add_token_merges(tok["merges"])
-        w.add_bos_token_id(tok["bos"])
-        w.add_eos_token_id(tok["eos"])
-        if tok.get("unk") is not None:
-            w.add_unk_token_id(tok["unk"])
-        if tok.get("pad") is not None:
-            w.add_pad_token_id(tok["pad"])
-        if tok.get("eot") is not None:
-            w.add_eot_token_id(tok["eot"])
-        w.add_add_bos_token(bool(tok["add_bos"]))
-        w.add_add_eos_token(bool(tok["add_eos"]))
-        template = tok["chat_template"]
-        if template:
-            w.add_chat_template(template if isinstance(template, str)
-                                else [{"name": k, "template": v} for k, v in template.items()])
-
-        counts: dict[str, int] = {}
-        for gguf_name, tensor in _tensor_plan(model, arch) + extra_tensors:
-            data = tensor.numpy().astype(np.float32)
-            qtype = Q.F32
-            if data.ndim >= 2 and type != "f32":
-                qtype = Q.F16
-                if type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
-                    qtype = Q.Q8_0
-            if qtype == Q.F32:
-                w.add_tensor(gguf_name, data)
-            elif qtype == Q.F16:
-                w.add_tensor(gguf_name, data.astype(np.float16))
-            else:
-                w.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        extra_tensors = _write_hparams(w, c, name or c.extra.get("name") or path.stem, file_type)
+        _write_tokenizer(w, tok)
+        counts = _write_tensors(w, _tensor_plan(model, arch) + extra_tensors, type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -629,7 +652,8 @@ def load_gguf(path: PathLike, dtype: Optional[torch.dtype] = None) -> Transforme
     """Read a GGUF file (llama, qwen2, qwen3, phi3) into a TransformerLM, its tokenizer as ``model.tokenizer``.
 
     Quantized matrices are dequantized to float32 (then cast to ``dtype`` when given). An
-    architecture, tensor type, tokenizer or setting zenlm cannot compute is a ValueError naming it."""
+    architecture, tensor type, tokenizer or setting zenlm cannot compute is a ValueError naming it.
+    Long because it is the checklist of those refusals, each with its own message, beside the load."""
     import gguf
 
     path = Path(path)

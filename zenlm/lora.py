@@ -21,6 +21,9 @@ matches a module whose name equals it, ends with ``.pattern``, or matches it as 
 glob (``decoder.layers.*.attn.qkv``). zenlm's Linear names are ``attn.qkv``,
 ``attn.out``, ``cross_attn.q``, ``cross_attn.kv``, ``cross_attn.out``,
 ``mlp.fc_in`` and ``mlp.fc_out``.
+
+Why it is one long module: zenlm's own adapter files and PEFT folders are two encodings of the same
+adapter, sharing the target patterns, the base fingerprint check and the name maps to Hugging Face.
 """
 from __future__ import annotations
 
@@ -527,7 +530,9 @@ def _read_peft_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 def _load_peft(model: nn.Module, directory: Path) -> list[str]:
-    """Load a PEFT LoRA folder onto ``model`` (see the comment above ``PEFT_CONFIG``)."""
+    """Load a PEFT LoRA folder onto ``model`` (see the comment above ``PEFT_CONFIG``). Long because
+    it is one check per way a PEFT folder can fail to fit the model (unknown tensor, unknown module,
+    missing half, wrong shape), each with its own error, before anything is attached."""
     cfg = read_peft_config(directory)
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("this model already has LoRA adapters; merge_and_unload() it first")

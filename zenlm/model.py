@@ -7,6 +7,10 @@ different layer counts; BERT, GPT-2, BART, Marian, Llama, Qwen, Mistral, Gemma a
 Phi differ only by the flags in ``TransformerConfig`` (norm type and placement,
 activation, position scheme and its scaling, bias, key/value heads, sliding windows,
 soft-capping).
+
+Why it is one long file: it is the one model, and it reads top to bottom like the paper; the house
+rule (tests/test_layout.py) lets it import only torch, config and kernels, so the per-family rotary
+scalings and options stay here beside the attention that uses them, each class and function short.
 """
 from __future__ import annotations
 
@@ -111,6 +115,9 @@ def rotary_frequencies(dim: int, theta: float, scaling: Optional[dict] = None, s
       0.1·ln(factor) + 1;
     * longrope (Phi-3): per-dimension ``short_factor`` divisors, ``long_factor`` past L; cos/sin
       scaled by sqrt(1 + ln(factor)/ln(L)) with factor = max_positions / L.
+
+    It stays one function because it is a table: one short branch per rope type above, each the
+    paper's formula, read side by side.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
     kind = (scaling or {}).get("rope_type")

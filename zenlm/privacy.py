@@ -45,6 +45,9 @@ of >= 5 / 9 / 12 / 17 digits, dotted quads, IBAN heads, two colons, context word
 finder runs only in windows around its own triggers; phonenumbers' matcher is called only for
 digit runs that could still yield a kept number, and only for regions whose shortest number
 fits. ``PIIScrubber(fast=False)`` runs every finder over the whole text and gives the same spans.
+
+Why it is one long module: every kind's finder and validity rule (and the per-country tables they
+read) feed one trigger scan and one overlap resolution; the length is the list of kinds, each short.
 """
 from __future__ import annotations
 

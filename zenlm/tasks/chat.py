@@ -174,7 +174,8 @@ def chat_perplexity(model, tokenizer: Tokenizer, path, batch_size: int = 16) -> 
     """Perplexity of the assistant replies of a chat JSONL file (token-weighted, the loss the
     ``chat`` objective trains). Decoder-only models are scored on every reply in context;
     encoder-decoder models on the last reply given the conversation before it, as they train.
-    Conversations longer than the context window are skipped and counted, never cut."""
+    Conversations longer than the context window are skipped and counted, never cut. Its length
+    is the two ways of scoring (decoder-only, encoder-decoder) side by side, so they stay comparable."""
     import json
     import math
     from pathlib import Path
