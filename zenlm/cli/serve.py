@@ -96,6 +96,13 @@ def add_serve(sub) -> None:
     p.add_argument("--admin-token", default=None, help="enables /admin/* (default: $ZENLM_ADMIN_TOKEN)")
     p.add_argument("--hardware-price", default="0", metavar="PER_HOUR",
                    help="what this machine costs per hour, in currency units (for compute cost and margin)")
+    p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL[,URL...]",
+                   help="a model served by OpenAI-compatible servers (vLLM, TGI, llama.cpp, zenlm), sold through "
+                        "this server's keys and ledger; replicas balanced by fewest requests in flight. Options "
+                        "after ';': timeout=S, concurrency=N, price=PER_HOUR (its hardware, per replica), "
+                        "model=REMOTE_NAME, max_tokens=N (when the client gives none), tokenizer=FOLDER")
+    p.add_argument("--upstream-tokenizer", action="append", default=[], metavar="NAME=FOLDER",
+                   help="the tokenizer that counts an upstream's tokens when it reports no usage")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--lease", type=float, default=60.0, help="seconds before a dead server's reservations are freed")
@@ -113,7 +120,19 @@ def run_serve(args) -> None:
                          admin_token=args.admin_token or os.environ.get("ZENLM_ADMIN_TOKEN"),
                          hardware_price_per_hour=args.hardware_price, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, lease_s=args.lease)
-    serve(config, host=args.host, port=args.port)
+    from ..serve.upstream import parse_upstream
+
+    tokenizers = {}
+    for spec in args.upstream_tokenizer:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--upstream-tokenizer must look like NAME=FOLDER, got {spec!r}")
+        tokenizers[name] = folder
+    upstreams = [parse_upstream(spec, tokenizers) for spec in args.upstream]
+    unknown = set(tokenizers) - {u.name for u in upstreams}
+    if unknown:
+        raise ValueError(f"--upstream-tokenizer names no --upstream: {', '.join(sorted(unknown))}")
+    serve(config, host=args.host, port=args.port, upstreams=upstreams)
 
 
 def add_billing(sub) -> None:
@@ -121,7 +140,8 @@ def add_billing(sub) -> None:
     bsub = p.add_subparsers(dest="billing_command", required=True)
     r = bsub.add_parser("report", help="a month's report per customer, model and day")
     r.add_argument("--month", default=None, help="YYYY-MM (default: the current month, UTC, as the ledger counts)")
-    r.add_argument("--by", choices=("customer", "model", "day"), default=None, help="one grouping (default: all three)")
+    r.add_argument("--by", choices=("customer", "model", "day", "upstream"), default=None,
+                   help="one grouping (default: customer, model and day; upstream: per upstream replica)")
     r.add_argument("--csv", default=None, metavar="FILE")
     r.add_argument("--plot", default=None, metavar="FILE.png", help="bars per day (or per --by)")
     _database_arg(r)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,11 +39,19 @@ log = logging.getLogger("zenlm.serve")
 ROUTERS = (models, health, chat, completions, embeddings, translations, search, admin)
 
 
-def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeConfig] = None) -> FastAPI:
-    """The FastAPI app (wrapped in the body-size/request-id gate) for a catalog and a billing database."""
+def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeConfig] = None,
+               upstreams: Sequence = ()) -> FastAPI:
+    """The FastAPI app (wrapped in the body-size/request-id gate) for a catalog and a billing database;
+    ``upstreams`` (``upstream.Upstream``) are models served elsewhere, sold through this app."""
     from contextlib import asynccontextmanager
 
+    from . import upstream as U
+
     config = config or ServeConfig()
+    by_name = {}
+    for up in upstreams:
+        catalog.add_upstream(up)
+        by_name[up.name] = up
     server = Server(catalog, billing, config)
 
     @asynccontextmanager
@@ -51,17 +59,26 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
         catalog.start()
         await run_in_threadpool(billing.sweep)
         task = asyncio.create_task(_housekeeping(billing, config.lease_s))
+        health = asyncio.create_task(U.health_loop(by_name)) if by_name else None
         try:
             yield
         finally:
             task.cancel()
+            if health is not None:
+                health.cancel()
+            for up in by_name.values():
+                await up.close()
             catalog.stop()
 
     app = FastAPI(title="zenlm", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API for zenlm models, with keys, plans, budgets and a usage ledger.")
     app.state.server = server
+    app.state.upstreams = by_name
     for module in ROUTERS:
         app.include_router(module.router)
+    if by_name:  # an upstream model's requests go to the gateway's route (upstream.py)
+        app.include_router(U.router)
+        app.add_middleware(U.UpstreamDispatch, upstreams=by_name)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -123,12 +140,13 @@ async def _housekeeping(billing: Billing, lease_s: float) -> None:
 
 
 # --------------------------------------------------------------------------- building and running
-def build_server(config: ServeConfig):
-    """Load the models and open the database; returns the ASGI app."""
+def build_server(config: ServeConfig, upstreams: Sequence = ()):
+    """Load the models and open the database; returns the ASGI app. ``upstreams``: models served by
+    other OpenAI-compatible servers (``upstream.parse_upstream``)."""
     from .catalog import load_embedder, load_generator, load_index
 
-    if not config.models and not config.embeddings and not config.indexes:
-        raise ValueError("nothing to serve: give at least one model folder (or --embeddings DIR)")
+    if not config.models and not config.embeddings and not config.indexes and not upstreams:
+        raise ValueError("nothing to serve: give at least one model folder (or --embeddings DIR, or --upstream)")
     catalog = ModelCatalog()
     for spec in config.models:
         catalog.add(load_generator(spec, config.max_batch_size, config.max_queue))
@@ -138,10 +156,11 @@ def build_server(config: ServeConfig):
         catalog.add(load_index(spec))
     billing = Billing.open(config.database, hardware_micros_per_hour=to_micros(config.hardware_price_per_hour),
                            lease_s=config.lease_s)
-    return create_app(catalog, billing, config)
+    return create_app(catalog, billing, config, upstreams)
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          upstreams: Sequence = ()) -> None:
     """Run the server until interrupted.
 
     The engine thread gives up the GIL inside every torch op of a decoding step and must take it
@@ -158,5 +177,5 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
         sys.setswitchinterval(float(interval))
     except ValueError:
         raise ValueError(f"ZENLM_GIL_SWITCH_INTERVAL={interval!r} must be a positive number of seconds") from None
-    app = build_server(config)
+    app = build_server(config, upstreams)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

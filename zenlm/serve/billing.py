@@ -153,6 +153,9 @@ class Usage:
     queue_ms: int = 0
     compute_ms: int = 0
     status: str = "completed"
+    counted: Optional[str] = None  # None: the engine's (or the upstream's) count; else how zenlm counted it
+    upstream: Optional[str] = None  # "NAME URL": the upstream replica that served it (None: this process)
+    compute_cost_micros: Optional[int] = None  # the upstream's hardware cost; None: compute_ms at this machine's price
 
 
 class Billing:
@@ -457,7 +460,9 @@ class Billing:
                 model=res.model, route=route, status=usage.status, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, queue_ms=int(usage.queue_ms),
                 compute_ms=int(usage.compute_ms), revenue_micros=charge,
-                compute_cost_micros=self.compute_cost(usage.compute_ms), created_at=now, day=day_of(now),
+                compute_cost_micros=(self.compute_cost(usage.compute_ms) if usage.compute_cost_micros is None
+                                     else int(usage.compute_cost_micros)),
+                counted=usage.counted, upstream=usage.upstream, created_at=now, day=day_of(now),
                 month=res.month, response=None if response is None else json.dumps(response)))
             m = key_months.c
             here = and_(m.key_id == key.key_id, m.month == res.month)
@@ -530,7 +535,8 @@ class Billing:
     def report(self, month: str, by: str = "customer") -> dict:
         """Revenue, compute cost and gross margin for a month, grouped by customer, model or day."""
         check_month(month)
-        groups = {"customer": customers.c.name, "model": usage_ledger.c.model, "day": usage_ledger.c.day}
+        groups = {"customer": customers.c.name, "model": usage_ledger.c.model, "day": usage_ledger.c.day,
+                  "upstream": func.coalesce(usage_ledger.c.upstream, "local")}
         if by not in groups:
             raise ValueError(f"report by must be one of {', '.join(groups)}, got {by!r}")
         u = usage_ledger.c

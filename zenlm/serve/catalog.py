@@ -37,6 +37,7 @@ class ServedModel:
     engine: Optional[object] = None  # BatchEngine for "generate"
     embedder: Optional[object] = None  # retrieval.Embedder for "embed"
     index: Optional[object] = None  # retrieval.Index for "search"
+    upstream: Optional[object] = None  # upstream.Upstream: served by other servers (the gateway)
     lock: threading.Lock = field(default_factory=threading.Lock)  # serialises unbatched work (translation)
     _stop_ids: Optional[list[int]] = field(default=None, repr=False)
 
@@ -174,6 +175,12 @@ class ModelCatalog:
                       "embed": "/v1/embeddings", "search": "/v1/search"}
             raise InvalidRequest(f"the model {model_id!r} serves {routes[m.kind]}, not this route", param="model")
         return m
+
+    def add_upstream(self, up) -> None:
+        """A model served by other OpenAI-compatible servers (``upstream.Upstream``): listed in
+        /v1/models; its requests never reach the local routes (``upstream.UpstreamDispatch``)."""
+        self.add(ServedModel(up.name, "generate", None, up.tokenizer, ",".join(r.url for r in up.replicas),
+                             upstream=up))
 
     def start(self) -> None:
         for m in self.models.values():

@@ -78,7 +78,11 @@ usage_ledger = Table(
     Column("day", String(10), nullable=False),
     Column("month", String(7), nullable=False),
     Column("response", Text, nullable=True),  # the response body, returned again to a retry
+    # added for the gateway (upstream.py); open_database adds them to an older ledger
+    Column("counted", String(32), nullable=True),  # None: usage as reported; else how zenlm counted it
+    Column("upstream", String(300), nullable=True),  # "NAME URL" of the upstream replica; None: this process
 )
+ADDED_COLUMNS = {"usage_ledger": ("counted", "upstream")}
 Index("ix_usage_month", usage_ledger.c.month, usage_ledger.c.customer_id)
 
 # money and tokens a key has spent and holds reserved this month
@@ -164,6 +168,7 @@ def open_database(url: Optional[str] = None, create: bool = True) -> Engine:
     if create:
         try:
             metadata.create_all(engine)
+            _add_columns(engine)
         except Exception as e:  # a wrong host, password or database name: one line, not a traceback
             from sqlalchemy.exc import OperationalError
 
@@ -172,6 +177,27 @@ def open_database(url: Optional[str] = None, create: bool = True) -> Engine:
                                  f"{str(e.orig).strip().splitlines()[0]}") from None
             raise
     return engine
+
+
+def _add_columns(engine: Engine) -> None:
+    """Columns added since a table was first created (additive: ALTER TABLE ... ADD COLUMN, nullable)."""
+    from sqlalchemy import inspect
+
+    inspector = inspect(engine)
+    for table_name, names in ADDED_COLUMNS.items():
+        have = {c["name"] for c in inspector.get_columns(table_name)}
+        table = metadata.tables[table_name]
+        for name in names:
+            if name in have:
+                continue
+            col = table.c[name]
+            kind = col.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}")
+            except Exception:  # another process added it meanwhile
+                if name not in {c["name"] for c in inspect(engine).get_columns(table_name)}:
+                    raise
 
 
 def insert_ignore(conn: Connection, table: Table, **values) -> None:

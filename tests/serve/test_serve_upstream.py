@@ -1,0 +1,417 @@
+"""The gateway (zenlm/serve/upstream.py): zenlm serve with --upstream in front of small fake
+OpenAI-compatible servers on 127.0.0.1, driven by the official openai client. Replies pass through
+(whole and streamed), the ledger row holds the upstream's usage and the key pays the plan's price;
+an upstream without usage is counted here and marked; a replica refusing connections is skipped; a
+replica dying mid-stream ends the stream with an error and the customer pays for what it got; a
+bad key never reaches an upstream."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .conftest import free_port
+
+WORDS = ["alpha ", "beta ", "gamma ", "delta ", "epsilon ", "zeta "]
+PROMPT_TOKENS = 7
+
+
+class Fake:
+    """A tiny OpenAI-compatible server: replies with ``words`` words, one per stream chunk."""
+
+    def __init__(self, usage: bool = True, die_after: int | None = None, hold: bool = False, delay: float = 0.0):
+        self.usage, self.die_after, self.calls, self.hold, self.delay = usage, die_after, 0, hold, delay
+        self.holding = 0
+        self.bodies: list[dict] = []
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok"}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            self.calls += 1
+            self.bodies.append(body)
+            if body.get("max_tokens") == 999:
+                return JSONResponse({"error": {"message": "max_tokens 999 is not allowed here", "type":
+                                               "invalid_request_error", "param": "max_tokens", "code": None}},
+                                    status_code=400)
+            if self.hold:  # answer only once the test lets go (at most 3 s)
+                self.holding += 1
+                deadline = time.time() + 3
+                while self.hold and time.time() < deadline:
+                    await asyncio.sleep(0.01)
+                self.holding -= 1
+            n = min(len(WORDS), body.get("max_tokens") or len(WORDS))
+            usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}
+            base = {"id": "chatcmpl-fake", "created": 1764300000, "model": body["model"]}
+            if not body.get("stream"):
+                out = {**base, "object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "".join(WORDS[:n])},
+                     "finish_reason": "length", "logprobs": None}]}
+                if self.usage:
+                    out["usage"] = usage
+                return JSONResponse(out)
+
+            async def events():
+                chunk = {**base, "object": "chat.completion.chunk"}
+                yield "data: " + json.dumps({**chunk, "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}) + "\n\n"
+                for i in range(n):
+                    await asyncio.sleep(self.delay)
+                    if i == self.die_after:
+                        raise RuntimeError("replica died")  # uvicorn cuts the connection mid-body
+                    yield "data: " + json.dumps({**chunk, "choices": [
+                        {"index": 0, "delta": {"content": WORDS[i]}, "finish_reason": None}]}) + "\n\n"
+                yield "data: " + json.dumps({**chunk, "choices": [
+                    {"index": 0, "delta": {}, "finish_reason": "length"}]}) + "\n\n"
+                if self.usage and (body.get("stream_options") or {}).get("include_usage"):
+                    yield "data: " + json.dumps({**chunk, "choices": [], "usage": usage}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "fake upstream did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, model_dir):
+    import uvicorn
+
+    from zenlm.serve import ServeConfig, build_server
+    from zenlm.serve.upstream import parse_upstream
+
+    good, bare, dying, held = Fake(), Fake(usage=False), Fake(die_after=2), Fake(hold=True)
+    trickle = Fake(delay=0.2)
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    ups = [parse_upstream(f"up={good.url}"),
+           parse_upstream(f"pair={refused},{good.url}"),
+           parse_upstream(f"bare={bare.url};price=3.60", {"bare": str(model_dir)}),
+           parse_upstream(f"bytes={bare.url}"),
+           parse_upstream(f"dies={dying.url};timeout=5"),
+           parse_upstream(f"slow={held.url};timeout=0.5;eject=0"),
+           parse_upstream(f"capped={held.url};concurrency=1;timeout=10"),
+           parse_upstream(f"trickle={trickle.url}")]
+    tmp = tmp_path_factory.mktemp("gateway")
+    cfg = ServeConfig(database=str(tmp / "zenlm.sqlite3"), admin_token="admin")
+    app = build_server(cfg, ups)
+    billing = app.app.state.server.billing
+    billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 9,
+                        requests_per_minute=100_000, tokens_per_minute=10 ** 9, replace=True)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "gateway did not start"
+        time.sleep(0.02)
+    yield dict(url=f"http://127.0.0.1:{port}", billing=billing, good=good, bare=bare, dying=dying, held=held,
+               upstreams=app.app.state.upstreams, refused=refused)
+    server.should_exit = True
+    thread.join(timeout=10)
+    held.hold = False
+    for f in (good, bare, dying, held, trickle):
+        f.stop()
+
+
+def _client(gw, key):
+    import openai
+
+    return openai.OpenAI(base_url=gw["url"] + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+def _row(billing, request_id):
+    rows = [r for r in billing.ledger() if r["request_id"] == request_id]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def _spent(billing, key):
+    return billing.key_month(key[:11])["spent_micros"]
+
+
+def test_plain_and_streamed_pass_through_with_upstream_usage(gateway):
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    raw = client.chat.completions.with_raw_response.create(model="up", max_tokens=4,
+                                                          messages=[{"role": "user", "content": "hi"}])
+    reply = raw.parse()
+    assert reply.choices[0].message.content == "".join(WORDS[:4])
+    assert reply.usage.prompt_tokens == PROMPT_TOKENS and reply.usage.completion_tokens == 4
+    row = _row(billing, raw.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"], row["counted"]) == (PROMPT_TOKENS, 4, None)
+    assert row["model"] == "up" and row["upstream"] == "up " + gateway["good"].url
+    price = PROMPT_TOKENS * 1 + 4 * 2  # micros at 1 and 2 units per million
+    assert row["revenue_micros"] == price and _spent(billing, key) == price
+
+    stream = client.chat.completions.with_raw_response.create(
+        model="up", max_tokens=5, stream=True, messages=[{"role": "user", "content": "hi"}],
+        stream_options={"include_usage": True})
+    chunks = list(stream.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(WORDS[:5])
+    assert chunks[-1].usage.completion_tokens == 5
+    row = _row(billing, stream.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"], row["status"]) == (PROMPT_TOKENS, 5, "completed")
+    assert _spent(billing, key) == price + PROMPT_TOKENS + 10
+    # the upstream was asked for its usage
+    assert gateway["good"].bodies[-1]["stream_options"] == {"include_usage": True}
+
+    models = {m.id for m in client.models.list().data}
+    assert {"up", "pair", "bare", "dies"} <= models
+
+
+def test_no_usage_is_counted_locally_and_marked(gateway, model_dir):
+    from zenlm import load_tokenizer
+
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    raw = client.chat.completions.with_raw_response.create(model="bare", max_tokens=3,
+                                                          messages=[{"role": "user", "content": "hello world"}])
+    tok = load_tokenizer(model_dir)
+    row = _row(billing, raw.headers["x-request-id"])
+    assert row["counted"] == "local-tokenizer"
+    assert row["prompt_tokens"] == len(tok.encode("hello world"))
+    assert row["completion_tokens"] == len(tok.encode("".join(WORDS[:3])))
+    assert row["upstream"].startswith("bare ")
+    assert row["compute_cost_micros"] == row["compute_ms"]  # price=3.60 per hour = 1 micro per busy ms
+
+    stream = client.chat.completions.with_raw_response.create(model="bytes", max_tokens=3, stream=True,
+                                                             messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices) == "".join(WORDS[:3])
+    row = _row(billing, stream.headers["x-request-id"])
+    assert row["counted"] == "local-chunks" and row["completion_tokens"] == 3
+
+
+def test_refused_replica_is_skipped(gateway):
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    before = gateway["good"].calls
+    for stream in (False, True):
+        reply = client.chat.completions.create(model="pair", max_tokens=2, stream=stream,
+                                               messages=[{"role": "user", "content": "hi"}])
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in reply if c.choices) == "".join(WORDS[:2])
+        else:
+            assert reply.choices[0].message.content == "".join(WORDS[:2])
+    assert gateway["good"].calls == before + 2
+
+
+def test_replica_dying_mid_stream_charges_what_was_delivered(gateway):
+    import openai
+
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    raw = client.chat.completions.with_raw_response.create(model="dies", max_tokens=5, stream=True,
+                                                          messages=[{"role": "user", "content": "hi"}])
+    got = []
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        for c in raw.parse():
+            if c.choices:
+                got.append(c.choices[0].delta.content or "")
+    assert "".join(got) == "".join(WORDS[:2])
+    row = _row(billing, raw.headers["x-request-id"])
+    assert row["status"] == "upstream_error" and row["completion_tokens"] == 2
+    assert row["revenue_micros"] == row["prompt_tokens"] * 1 + 2 * 2
+
+
+def test_client_leaving_mid_stream_pays_for_what_it_got(gateway):
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    raw = _client(gateway, key).chat.completions.with_raw_response.create(
+        model="trickle", max_tokens=6, stream=True, messages=[{"role": "user", "content": "hi"}])
+    stream, got = raw.parse(), 0
+    for c in stream:
+        got += bool(c.choices and c.choices[0].delta.content)
+        if got == 2:
+            break
+    stream.close()
+    deadline = time.time() + 5
+    while not [r for r in billing.ledger() if r["request_id"] == raw.headers["x-request-id"]]:
+        assert time.time() < deadline, "no ledger row for the stream the client left"
+        time.sleep(0.05)
+    row = _row(billing, raw.headers["x-request-id"])
+    assert row["status"] == "disconnected" and row["counted"] == "local-chunks"
+    assert 2 <= row["completion_tokens"] <= 3  # what was written to the client's connection
+    assert row["revenue_micros"] == row["prompt_tokens"] + 2 * row["completion_tokens"]
+    assert billing.key_month(key[:11])["reserved_micros"] == 0
+
+
+def test_bad_key_never_reaches_the_upstream(gateway):
+    import openai
+
+    before = gateway["good"].calls
+    with pytest.raises(openai.AuthenticationError):
+        _client(gateway, "zk-wrong-key").chat.completions.create(
+            model="up", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert gateway["good"].calls == before
+
+
+def test_ledger_gains_columns_on_an_old_database(tmp_path):
+    import sqlite3
+
+    from zenlm.serve.store import open_database
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:  # the ledger as it was before the gateway's columns
+        conn.execute("CREATE TABLE usage_ledger (id VARCHAR(200) PRIMARY KEY, request_id VARCHAR(64))")
+    engine = open_database(str(path))
+    from sqlalchemy import inspect
+
+    assert {"counted", "upstream"} <= {c["name"] for c in inspect(engine).get_columns("usage_ledger")}
+    engine.dispose()
+
+
+def test_upstream_4xx_passes_on_and_timeouts_answer_504_uncharged(gateway):
+    import openai
+
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    rows = len(billing.ledger())
+    with pytest.raises(openai.BadRequestError, match="999 is not allowed"):
+        client.chat.completions.create(model="up", max_tokens=999, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="999 is not allowed"):
+        client.chat.completions.create(model="up", max_tokens=999, stream=True,
+                                       messages=[{"role": "user", "content": "hi"}])
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="slow", max_tokens=2, stream=stream,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 504
+    assert len(billing.ledger()) == rows
+    month = billing.key_month(key[:11])
+    assert month["spent_micros"] == 0 and month["reserved_micros"] == 0
+
+
+def test_concurrency_cap_refuses_beyond_it(gateway):
+    import openai
+
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    held = gateway["held"]
+    held.hold = True
+    first = {}
+    t = threading.Thread(target=lambda: first.setdefault("reply", client.chat.completions.create(
+        model="capped", max_tokens=2, messages=[{"role": "user", "content": "hi"}])))
+    t.start()
+    deadline = time.time() + 5
+    capped = gateway["upstreams"]["capped"]
+    while capped.in_flight == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="capped", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 503
+    finally:
+        held.hold = False
+        t.join(timeout=10)
+    assert first["reply"].choices[0].message.content == "".join(WORDS[:2])
+
+
+def test_stream_replay_and_report_by_upstream(gateway):
+    import openai
+
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    texts = []
+    for _ in range(2):
+        stream = client.chat.completions.create(model="up", max_tokens=3, stream=True,
+                                                messages=[{"role": "user", "content": "hi"}],
+                                                extra_headers={"Idempotency-Key": "once"})
+        texts.append("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    assert texts == ["".join(WORDS[:3])] * 2
+    assert _spent(billing, key) == PROMPT_TOKENS + 6  # charged once
+    from zenlm.serve.billing import month_of
+
+    report = billing.report(month_of(time.time()), "upstream")
+    groups = {r["group"] for r in report["rows"]}
+    assert "up " + gateway["good"].url in groups
+    import urllib.request
+
+    req = urllib.request.Request(gateway["url"] + "/admin/upstreams", headers={"Authorization": "Bearer admin"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        names = {u["name"] for u in json.loads(r.read())["data"]}
+    assert {"up", "pair"} <= names
+    assert openai  # the client above is the official one
+
+
+def test_health_check_ejects_and_readmits(gateway):
+    from zenlm.serve.upstream import check_health, parse_upstream
+
+    pair = parse_upstream(f"pair={gateway['refused']},{gateway['good'].url}")
+    refused, good = pair.replicas
+    good.down_until = time.monotonic() + 60  # set aside by hand
+    refused.down_until = 0.0
+    import asyncio as aio
+
+    async def once():
+        try:
+            await check_health({"pair": pair})
+        finally:
+            await pair.close()
+
+    aio.run(once())
+    assert good.down_until <= time.monotonic() < refused.down_until
+    assert pair.order()[0] is good
+
+
+def test_cli_serves_an_upstream(gateway, tmp_path):
+    import subprocess
+    import sys
+    import os
+
+    from zenlm.serve.billing import Billing
+
+    from .conftest import wait_healthy
+
+    db = str(tmp_path / "cli.sqlite3")
+    billing = Billing.open(db)
+    billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 9, replace=True)
+    key = billing.create_key("acme", "basic")[0]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "zenlm.cli", "serve", "--port", str(port), "--database", db,
+                             "--upstream", f"remote={gateway['good'].url};timeout=5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_healthy(proc, port)
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=20)
+        reply = client.chat.completions.create(model="remote", max_tokens=2,
+                                               messages=[{"role": "user", "content": "x"}])
+        assert reply.choices[0].message.content == "".join(WORDS[:2])
+        assert [m.id for m in client.models.list().data] == ["remote"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert billing.key_month(key[:11])["spent_micros"] == PROMPT_TOKENS + 4

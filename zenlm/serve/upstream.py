@@ -1,0 +1,714 @@
+"""The gateway: models served by other OpenAI-compatible servers (vLLM, TGI, llama.cpp, another
+zenlm), sold through zenlm's keys, plans, budgets and ledger.
+
+``zenlm serve --upstream NAME=URL[,URL...][;option=value...]`` registers NAME. A request for it
+takes the same metered path as a local model (``metering``: authenticate -> reserve -> run ->
+settle), only the run is a call to one of the upstream's replicas:
+
+- the request is authenticated (401 before any upstream is contacted), rate-limited and its worst
+  case reserved: the prompt counted as its UTF-8 bytes plus a few tokens per message (no tokenizer
+  makes more tokens than bytes) and ``max_tokens`` (``max_tokens`` option when the client gives
+  none, and then sent upstream, so the reservation bounds what the upstream may generate);
+- the body goes upstream as sent (``stream_options.include_usage`` added to streams); a JSON answer
+  comes back whole, a stream is relayed event by event as it arrives;
+- it is settled from the upstream's ``usage``; an upstream that reports none is counted here, with
+  the tokenizer given (``tokenizer=FOLDER`` / ``--upstream-tokenizer``, marked ``local-tokenizer``)
+  or else, for a stream, one token per content chunk and for a JSON answer the UTF-8 bytes (an
+  upper bound, marked ``local-bytes``); the ledger row's ``counted`` column says which;
+- replicas: least outstanding requests first (ties in the order given); a replica that refuses the
+  connection, times out or answers 5xx before anything reached the client is set aside for
+  ``eject_s`` seconds and the next one is tried; a 4xx is passed on (no charge); when every replica
+  failed: 502 (504 for a timeout), no charge. A replica that dies mid-stream ends the stream with an
+  ``error`` event and the customer pays for the tokens delivered;
+- per upstream: ``timeout`` (seconds for connect and between bytes), ``concurrency`` (requests in
+  flight at once, 503 beyond), ``price`` (the upstream hardware's cost per hour and replica, split
+  across the requests in flight by their share of its busy time, as the compute cost of the row).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .billing import Usage, to_micros
+from .errors import APIError, InvalidRequest
+
+try:  # the openai client brings one of the two (openai 3 depends on httpx2, older ones on httpx)
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    try:
+        import httpx
+    except ImportError:
+        httpx = None
+
+log = logging.getLogger("zenlm.serve.upstream")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+INTERNAL = "/v1/_upstream"  # where the dispatch sends an upstream model's requests
+SCOPE_KEY = "zenlm.upstream"
+PER_MESSAGE_TOKENS = 8  # a chat template's role and separator tokens, per message, in the reservation
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass
+class Replica:
+    url: str
+    outstanding: int = 0
+    down_until: float = 0.0
+    failures: int = 0
+    # processor-sharing clock: seconds of busy time per request in flight, summed (see Upstream.busy_share)
+    share_s: float = 0.0
+    changed: float = field(default_factory=time.monotonic)
+
+    def advance(self) -> None:
+        now = time.monotonic()
+        if self.outstanding:
+            self.share_s += (now - self.changed) / self.outstanding
+        self.changed = now
+
+
+@dataclass
+class Upstream:
+    name: str
+    replicas: list[Replica]
+    remote_model: Optional[str] = None  # the model name the upstream knows (default: NAME)
+    timeout_s: float = 60.0
+    concurrency: int = 64
+    price_micros_per_hour: int = 0
+    max_tokens: int = 4096  # the completion cap sent upstream when the client gives none
+    eject_s: float = 5.0
+    tokenizer: Optional[object] = None
+    tokenizer_path: Optional[str] = None
+    in_flight: int = 0
+    client: Optional[object] = None
+
+    def http(self):
+        if self.client is None:
+            t = self.timeout_s
+            self.client = httpx.AsyncClient(timeout=httpx.Timeout(t, connect=min(t, 5.0)),
+                                            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        return self.client
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    def order(self) -> list[Replica]:
+        """Replicas to try, in order: the admitted ones by fewest requests in flight (ties as
+        given), then the ejected ones (better than refusing when they may be back)."""
+        now = time.monotonic()
+        up = sorted((r for r in self.replicas if r.down_until <= now), key=lambda r: r.outstanding)
+        return up + sorted((r for r in self.replicas if r.down_until > now), key=lambda r: r.down_until)
+
+    def begin(self, replica: Replica) -> float:
+        replica.advance()
+        replica.outstanding += 1
+        return replica.share_s
+
+    def end(self, replica: Replica, start_share: float) -> int:
+        """The request's share of the replica's busy time, in ms."""
+        replica.advance()
+        replica.outstanding -= 1
+        return int(round((replica.share_s - start_share) * 1000))
+
+    def cost(self, busy_ms: int) -> int:
+        return -(-int(busy_ms) * self.price_micros_per_hour // 3_600_000)
+
+    def ok(self, replica: Replica) -> None:
+        replica.failures, replica.down_until = 0, 0.0
+
+    def eject(self, replica: Replica, why: str) -> None:
+        replica.failures += 1
+        replica.down_until = time.monotonic() + self.eject_s
+        log.warning("upstream %s replica %s set aside for %.0fs: %s", self.name, replica.url, self.eject_s, why)
+
+    def count(self, text: str) -> Optional[int]:
+        if self.tokenizer is None:
+            return None
+        return len(self.tokenizer.encode(text))
+
+
+def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
+    """``NAME=URL[,URL...][;timeout=S][;concurrency=N][;price=PER_HOUR][;model=REMOTE][;max_tokens=N]
+    [;tokenizer=FOLDER]``: URLs are the servers' roots (``http://host:port``; a trailing ``/v1`` is
+    dropped)."""
+    if httpx is None:  # pragma: no cover
+        raise ValueError("--upstream needs an async HTTP client: pip install httpx (or the openai client)")
+    head, *options = [p.strip() for p in spec.split(";")]
+    name, sep, urls = head.partition("=")
+    if not sep or not name or not urls:
+        raise ValueError(f"--upstream must look like NAME=URL[,URL...], got {spec!r}")
+    replicas = []
+    for url in urls.split(","):
+        url = url.strip().rstrip("/")
+        if url.endswith("/v1"):
+            url = url[:-3]
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--upstream {name}: {url!r} is not an http(s):// URL")
+        replicas.append(Replica(url))
+    up = Upstream(name, replicas)
+    tokenizer = (tokenizers or {}).get(name)
+    for opt in options:
+        if not opt:
+            continue
+        k, sep, v = opt.partition("=")
+        try:
+            if k == "timeout":
+                up.timeout_s = float(v)
+                if not up.timeout_s > 0:
+                    raise ValueError
+            elif k == "concurrency":
+                up.concurrency = int(v)
+                if up.concurrency < 1:
+                    raise ValueError
+            elif k == "price":
+                up.price_micros_per_hour = to_micros(v)
+            elif k == "model":
+                up.remote_model = v or None
+            elif k == "max_tokens":
+                up.max_tokens = int(v)
+                if up.max_tokens < 1:
+                    raise ValueError
+            elif k == "eject":
+                up.eject_s = float(v)
+            elif k == "tokenizer":
+                tokenizer = v
+            else:
+                raise KeyError(k)
+        except KeyError:
+            raise ValueError(f"--upstream {name}: unknown option {k!r} (timeout, concurrency, price, model, "
+                             f"max_tokens, eject, tokenizer)") from None
+        except ValueError:
+            raise ValueError(f"--upstream {name}: bad value for {k}: {v!r}") from None
+    if tokenizer:
+        from .. import load_tokenizer
+
+        up.tokenizer, up.tokenizer_path = load_tokenizer(tokenizer), str(tokenizer)
+    return up
+
+
+# --------------------------------------------------------------------------- dispatch
+class UpstreamDispatch:
+    """ASGI middleware inside the app: a POST to a generation or embedding route whose ``model`` is
+    an upstream's goes to the gateway's route; everything else passes by untouched."""
+
+    def __init__(self, app, upstreams: dict):
+        self.app, self.upstreams = app, upstreams
+
+    async def __call__(self, scope, receive, send):
+        if (not self.upstreams or scope["type"] != "http" or scope.get("method") != "POST"
+                or scope.get("path") not in ROUTES):
+            return await self.app(scope, receive, send)
+        parts = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        model = None
+        try:
+            parsed = json.loads(body)
+            model = parsed.get("model") if isinstance(parsed, dict) else None
+        except ValueError:
+            pass
+        if isinstance(model, str) and model in self.upstreams:
+            scope = dict(scope)
+            scope[SCOPE_KEY] = (model, scope["path"], parsed)
+            scope["path"] = INTERNAL + scope["path"]
+            scope["raw_path"] = scope["path"].encode()
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+router = APIRouter(include_in_schema=False)
+
+
+def _bad_gateway(name: str, why: str, timeout: bool = False) -> APIError:
+    return APIError(f"the upstream {name!r} did not answer: {why}; nothing was charged",
+                    status=504 if timeout else 502, type="server_error")
+
+
+def _overloaded(name: str) -> APIError:
+    return APIError(f"the upstream {name!r} has as many requests in flight as it takes; retry shortly",
+                    status=503, type="server_error", headers={"retry-after": "1"})
+
+
+def _text_of(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return json.dumps(content)
+
+
+@dataclass
+class Plan:
+    """What a request asks of the upstream, and its worst case for the reservation."""
+
+    route: str
+    body: dict
+    prompt_text: str
+    prompt_bound: int
+    max_completion: int
+    stream: bool
+    include_usage: bool
+
+
+def _plan(up: Upstream, route: str, body: dict) -> Plan:
+    body = dict(body)
+    if up.remote_model:
+        body["model"] = up.remote_model
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+        raise InvalidRequest(f"n must be an integer in [1, 128], got {n!r}", param="n")
+    if route == "/v1/embeddings":
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        text = "".join(x if isinstance(x, str) else json.dumps(x) for x in inputs)
+        bound = len(text.encode()) + 2 * len(inputs)
+        return Plan(route, body, text, bound, 0, False, False)
+    if route == "/v1/chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list", param="messages")
+        text = "".join(_text_of(m.get("content")) if isinstance(m, dict) else "" for m in messages)
+        extra = json.dumps([{k: v for k, v in m.items() if k != "content"} for m in messages if isinstance(m, dict)])
+        for k in ("tools", "response_format"):
+            if body.get(k) is not None:
+                extra += json.dumps(body[k])
+        bound = len(text.encode()) + len(extra.encode()) + PER_MESSAGE_TOKENS * len(messages)
+        prompts = 1
+    else:
+        prompt = body.get("prompt")
+        prompts_list = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt) \
+            else [prompt]
+        text = "".join(p if isinstance(p, str) else json.dumps(p) for p in prompts_list)
+        bound = len(text.encode()) + 2 * len(prompts_list)
+        prompts = len(prompts_list)
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    if asked is None:
+        asked = up.max_tokens
+        body["max_tokens"] = asked
+        if route == "/v1/chat/completions":
+            body.pop("max_completion_tokens", None)
+    if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {asked!r}", param="max_tokens")
+    stream = bool(body.get("stream"))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+    if stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return Plan(route, body, text, bound, asked * n * prompts, stream, include_usage)
+
+
+@router.post(INTERNAL + "/{path:path}")
+async def upstream_route(request: Request, path: str):
+    found = request.scope.get(SCOPE_KEY)
+    if found is None:
+        raise APIError(f"no route POST {request.url.path}", status=404, type="invalid_request_error")
+    name, route, body = found
+    server = request.app.state.server
+    upstreams = request.app.state.upstreams
+    key = await server.meter.authenticate(request)  # 401 before anything is sent anywhere
+    up: Upstream = upstreams[name]
+    plan = _plan(up, route, body)
+    if up.in_flight >= up.concurrency:
+        raise _overloaded(name)
+    up.in_flight += 1
+    handed_over = False
+    try:
+        ticket = await server.meter.reserve(request, key, route, name, plan.prompt_bound, plan.max_completion)
+        if ticket.replay is not None:  # a stored answer for a retried Idempotency-Key, charged nothing
+            return _replay(ticket.replay, plan) if plan.stream else JSONResponse(ticket.replay)
+        if not plan.stream:
+            return await server.meter.answer(ticket, lambda: _answer(up, plan))
+        try:
+            opened = await _open_stream(up, plan)
+        except BaseException:
+            await ticket.release()
+            raise
+        handed_over = True
+        return StreamingResponse(_relay(up, plan, ticket, opened), media_type="text/event-stream",
+                                 headers={**ticket.headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+    finally:
+        if not handed_over:
+            up.in_flight -= 1
+
+
+def _replay(stored: dict, plan: Plan) -> StreamingResponse:
+    """A stored answer streamed again: each choice's text in one chunk, then its finish."""
+    chat = plan.route == "/v1/chat/completions"
+    base = {"id": stored.get("id"), "created": stored.get("created"), "model": stored.get("model"),
+            "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunks():
+        for c in stored.get("choices") or []:
+            if chat:
+                delta = {"role": "assistant", "content": (c.get("message") or {}).get("content")}
+                piece = {"index": c.get("index", 0), "delta": delta, "finish_reason": None}
+            else:
+                piece = {"index": c.get("index", 0), "text": c.get("text", ""), "finish_reason": None}
+            yield f"data: {json.dumps({**base, 'choices': [piece]}, ensure_ascii=False)}\n\n"
+        for c in stored.get("choices") or []:
+            piece = {"index": c.get("index", 0), "finish_reason": c.get("finish_reason")}
+            piece.update({"delta": {}} if chat else {"text": ""})
+            yield f"data: {json.dumps({**base, 'choices': [piece]})}\n\n"
+        if plan.include_usage:
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': stored.get('usage')})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+def _passed_on(resp, name: str) -> APIError:
+    """A 4xx from the upstream, passed on as it said it (no charge)."""
+    try:
+        err = resp.json().get("error") or {}
+        if not isinstance(err, dict):
+            err = {"message": str(err)}
+    except Exception:
+        err = {}
+    message = err.get("message") or f"the upstream {name!r} refused the request ({resp.status_code})"
+    return APIError(str(message), status=resp.status_code, type=err.get("type") or "invalid_request_error",
+                    param=err.get("param"), code=err.get("code"))
+
+
+async def _answer(up: Upstream, plan: Plan):
+    from .metering import Outcome
+
+    last, timed_out = "no replica", False
+    for replica in up.order():
+        share = up.begin(replica)
+        try:
+            resp = await up.http().post(replica.url + plan.route, json=plan.body)
+        except httpx.TimeoutException as e:
+            up.end(replica, share)
+            up.eject(replica, f"timeout ({type(e).__name__})")
+            last, timed_out = f"{replica.url} timed out", True
+            continue
+        except httpx.HTTPError as e:
+            up.end(replica, share)
+            up.eject(replica, repr(e))
+            last, timed_out = f"{replica.url}: {type(e).__name__}", False
+            continue
+        busy_ms = up.end(replica, share)
+        if resp.status_code >= 500:
+            up.eject(replica, f"status {resp.status_code}")
+            last, timed_out = f"{replica.url} answered {resp.status_code}", False
+            continue
+        up.ok(replica)
+        if resp.status_code >= 400:
+            raise _passed_on(resp, up.name)
+        try:
+            data = resp.json()
+        except ValueError:
+            raise _bad_gateway(up.name, "its answer is not JSON") from None
+        usage, counted = _usage_of(data.get("usage"), plan.route)
+        if usage is None:
+            usage, counted = _count_answer(up, plan, data)
+            data["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                             "total_tokens": usage[0] + usage[1]}
+        if plan.route != "/v1/embeddings" and up.remote_model and isinstance(data, dict):
+            data["model"] = up.name
+        return Outcome(Usage(usage[0], usage[1], 0, busy_ms, counted=counted, upstream=f"{up.name} {replica.url}",
+                             compute_cost_micros=up.cost(busy_ms)), data)
+    raise _bad_gateway(up.name, last, timed_out)
+
+
+def _usage_of(usage, route: str):
+    """(prompt, completion) from an upstream's usage object, or None; counted=None (the upstream's)."""
+    if not isinstance(usage, dict):
+        return None, None
+    p = usage.get("prompt_tokens")
+    c = usage.get("completion_tokens", 0 if route == "/v1/embeddings" else None)
+    if isinstance(p, int) and isinstance(c, int) and p >= 0 and c >= 0:
+        return (p, c), None
+    return None, None
+
+
+def _count_answer(up: Upstream, plan: Plan, data: dict):
+    texts = []
+    for ch in data.get("choices") or []:
+        if isinstance(ch, dict):
+            texts.append(_text_of((ch.get("message") or {}).get("content")) if "message" in ch else
+                         str(ch.get("text") or ""))
+    completion_text = "".join(texts)
+    if up.tokenizer is not None:
+        return (up.count(plan.prompt_text), up.count(completion_text)), "local-tokenizer"
+    return (plan.prompt_bound, len(completion_text.encode())), "local-bytes"
+
+
+@dataclass
+class Opened:
+    replica: Replica
+    share: float
+    response: object
+    events: object  # the async iterator of SSE data payloads
+    first: Optional[str]  # the first event, read before the client got anything
+
+
+async def _events(resp):
+    """The ``data:`` payloads of an SSE response, one per event."""
+    data = []
+    async for line in resp.aiter_lines():
+        if line == "":
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip(" "))
+    if data:
+        yield "\n".join(data)
+
+
+async def _open_stream(up: Upstream, plan: Plan) -> Opened:
+    """A replica's stream, open with its first event read: everything that fails before then (the
+    connection, a 5xx, a timeout, a stream that ends at once) moves on to the next replica."""
+    last, timed_out = "no replica", False
+    for replica in up.order():
+        share = up.begin(replica)
+        resp = None
+        try:
+            req = up.http().build_request("POST", replica.url + plan.route, json=plan.body)
+            resp = await up.http().send(req, stream=True)
+            if resp.status_code >= 500:
+                raise _Status(resp.status_code)
+            if resp.status_code >= 400:
+                await resp.aread()
+                up.end(replica, share)
+                up.ok(replica)
+                await resp.aclose()
+                raise _passed_on(resp, up.name)
+            events = _events(resp).__aiter__()
+            first = await events.__anext__()
+            up.ok(replica)
+            return Opened(replica, share, resp, events, first)
+        except APIError:
+            raise
+        except (httpx.HTTPError, _Status, StopAsyncIteration) as e:
+            up.end(replica, share)
+            if resp is not None:
+                await resp.aclose()
+            timed_out = isinstance(e, httpx.TimeoutException)
+            why = (f"answered {e.code}" if isinstance(e, _Status) else "ended its stream at once"
+                   if isinstance(e, StopAsyncIteration) else type(e).__name__)
+            up.eject(replica, why)
+            last = f"{replica.url} {why}"
+        except BaseException:
+            up.end(replica, share)
+            if resp is not None:
+                await resp.aclose()
+            raise
+    raise _bad_gateway(up.name, last, timed_out)
+
+
+class _Status(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _content_of(chunk: dict, choices: dict) -> tuple[str, int]:
+    """The text a stream chunk delivers and how many of its choices carried some; ``choices``
+    (index -> {"text", "finish_reason"}) gathers each choice's text and finish."""
+    text, carried = [], 0
+    for ch in chunk.get("choices") or []:
+        if not isinstance(ch, dict):
+            continue
+        mine = choices.setdefault(ch.get("index", 0), {"text": [], "finish_reason": None})
+        if ch.get("finish_reason"):
+            mine["finish_reason"] = ch["finish_reason"]
+        piece = (ch.get("delta") or {}).get("content") if "delta" in ch else ch.get("text")
+        if piece:
+            piece = piece if isinstance(piece, str) else json.dumps(piece)
+        elif "delta" in ch and (ch.get("delta") or {}).get("tool_calls"):
+            piece = json.dumps(ch["delta"]["tool_calls"])
+        if piece:
+            text.append(piece)
+            mine["text"].append(piece)
+            carried += 1
+    return "".join(text), carried
+
+
+async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
+    """Relay the upstream's events as they come; settle from its usage before the last bytes."""
+    state = {"chunks": 0, "text": [], "busy_ms": None}
+    choices: dict = {}
+    replica = opened.replica
+    where = f"{up.name} {replica.url}"
+
+    def finish() -> int:
+        if state["busy_ms"] is None:
+            state["busy_ms"] = up.end(replica, opened.share)
+            up.in_flight -= 1
+        return state["busy_ms"]
+
+    def counted_usage(status: str) -> Usage:
+        text = "".join(state["text"])
+        if up.tokenizer is not None:
+            p, c, how = up.count(plan.prompt_text), up.count(text), "local-tokenizer"
+        else:
+            p, c, how = plan.prompt_bound, state["chunks"], "local-chunks"
+        busy = finish()
+        return Usage(p, c, 0, busy, status, counted=how, upstream=where, compute_cost_micros=up.cost(busy))
+
+    def sent() -> Usage:
+        return counted_usage("disconnected")
+
+    def stop() -> None:
+        finish()
+
+    try:
+        with ticket.streaming(sent, stop):
+            usage_chunk, last_chunk = None, None
+            pending = [opened.first]
+            events = opened.events
+            error = None
+            while True:
+                if pending:
+                    data = pending.pop()
+                else:
+                    try:
+                        data = await events.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except httpx.HTTPError as e:
+                        error = f"{type(e).__name__}"
+                        break
+                if data.strip() == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    continue
+                if not isinstance(chunk, dict):
+                    continue
+                if "error" in chunk:
+                    error = str((chunk.get("error") or {}).get("message", "error")) \
+                        if isinstance(chunk.get("error"), dict) else str(chunk["error"])
+                    break
+                if chunk.get("usage") and not chunk.get("choices"):
+                    usage_chunk = chunk
+                    continue
+                last_chunk = chunk
+                text, carried = _content_of(chunk, choices)
+                if up.remote_model:
+                    chunk["model"] = up.name
+                    data = json.dumps(chunk, ensure_ascii=False)
+                if chunk.get("usage"):  # usage riding on a content chunk: keep it, send the chunk without
+                    usage_chunk = {**chunk, "choices": []}
+                    chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                    data = json.dumps(chunk, ensure_ascii=False)
+                yield f"data: {data}\n\n"
+                state["chunks"] += carried
+                state["text"].append(text)
+            if error is not None:
+                up.eject(replica, f"died mid-stream: {error}")
+                usage = counted_usage("upstream_error")
+                await ticket.settle(usage, None, billable=usage.completion_tokens > 0)
+                err = {"error": {"message": f"the upstream {up.name!r} failed mid-stream ({error}); you are charged "
+                                            f"for the {usage.completion_tokens} tokens delivered",
+                                 "type": "server_error", "param": None, "code": "upstream_error"}}
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+            got, _ = _usage_of((usage_chunk or {}).get("usage"), plan.route)
+            if got is None:
+                usage = counted_usage("completed")
+            else:
+                busy = finish()
+                usage = Usage(got[0], got[1], 0, busy, counted=None, upstream=where,
+                              compute_cost_micros=up.cost(busy))
+            chat = plan.route == "/v1/chat/completions"
+            full = {"id": (last_chunk or {}).get("id"), "created": (last_chunk or {}).get("created"),
+                    "model": up.name, "object": "chat.completion" if chat else "text_completion",
+                    "choices": [{"index": i, "finish_reason": c["finish_reason"],
+                                 **({"message": {"role": "assistant", "content": "".join(c["text"])}} if chat
+                                    else {"text": "".join(c["text"])})} for i, c in sorted(choices.items())],
+                    "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                              "total_tokens": usage.prompt_tokens + usage.completion_tokens}}
+            cost = await ticket.settle(usage, full)
+            if plan.include_usage:
+                out = usage_chunk or {"id": (last_chunk or {}).get("id"), "object": (last_chunk or {}).get("object"),
+                                      "created": (last_chunk or {}).get("created"), "model": up.name,
+                                      "choices": []}
+                out = {**out, "usage": {**full["usage"], "cost_micros": cost}}
+                if up.remote_model:
+                    out["model"] = up.name
+                yield f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+    finally:
+        finish()
+        try:
+            await opened.response.aclose()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------- health
+async def health_loop(upstreams: dict, every_s: float = 5.0) -> None:
+    """``check_health`` every few seconds, for the app's lifetime."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await check_health(upstreams)
+        except Exception:
+            log.exception("upstream health check failed")
+
+
+async def check_health(upstreams: dict) -> None:
+    """Re-admit set-aside replicas that answer ``/health`` (or ``/v1/models``) again, and set aside
+    those that stop answering."""
+    for up in upstreams.values():
+        for r in up.replicas:
+            alive = False
+            for path in ("/health", "/v1/models"):
+                try:
+                    resp = await up.http().get(r.url + path, timeout=min(up.timeout_s, 2.0))
+                    if resp.status_code < 500 and resp.status_code != 404:
+                        alive = True
+                        break
+                except Exception:
+                    break
+            if alive and r.down_until > time.monotonic():
+                up.ok(r)
+                log.info("upstream %s replica %s is back", up.name, r.url)
+            elif not alive and r.down_until <= time.monotonic():
+                up.eject(r, "health check failed")
+
+
+@router.get("/admin/upstreams")
+async def admin_upstreams(request: Request):
+    """Each upstream's replicas: admitted or set aside, requests in flight, failures in a row."""
+    request.app.state.server.check_admin(request)
+    return {"object": "list", "data": describe(request.app.state.upstreams)}
+
+
+def describe(upstreams: dict) -> list[dict]:
+    now = time.monotonic()
+    return [{"name": up.name, "in_flight": up.in_flight, "concurrency": up.concurrency,
+             "replicas": [{"url": r.url, "outstanding": r.outstanding, "healthy": r.down_until <= now,
+                           "failures": r.failures} for r in up.replicas]} for up in upstreams.values()]
+
+
+__all__ = ["Upstream", "Replica", "parse_upstream", "UpstreamDispatch", "router", "health_loop", "check_health",
+           "describe"]
