@@ -53,6 +53,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    # a compiled grammar (zenlm.constraints.ConstraintSpec, from response_format): each sequence takes its
+    # own state of it, which masks the row's logits at every step and ends the row when complete
+    constraint: Optional[object] = None
 
     def rules(self) -> GenerationConfig:
         """The same settings as ``zenlm.generation``'s config, whose rules pick the tokens (validated there)."""
@@ -107,6 +110,7 @@ class EngineRequest:
         self._decoder = None
         self._safe = ""
         self.generator: Optional[random.Random] = None  # this request's own sampling RNG (its seed)
+        self.constraint = params.constraint.new() if params.constraint is not None else None
 
     def cancel(self) -> None:
         """The client went away: stop decoding at the next step and free the slot."""
@@ -394,6 +398,10 @@ class BatchEngine:
         rules per distinct (temperature, top_p), then draw by inverse CDF with their own seeded RNG,
         so a row's tokens never depend on who else is in the batch."""
         scores = logits
+        if any(req.constraint is not None for req in reqs):  # each constrained row: its grammar's tokens only
+            from ..constraints import apply_mask
+            scores = apply_mask(scores, [None if req.constraint is None else
+                                         req.constraint.mask(req.params.stop_token_ids) for req in reqs])
         for i, req in enumerate(reqs):
             p = req.params
             if p.presence_penalty or p.frequency_penalty:
@@ -446,6 +454,8 @@ class BatchEngine:
             finish = "stop"
         elif stop_strings and _first_stop(req._safe, stop_strings) is not None:
             finish = "stop"
+        elif req.constraint is not None and self._constrain(req, tok):
+            finish = "stop"  # the grammar is complete: nothing more may follow
         elif len(req.token_ids) >= req.params.max_tokens or self._used(req) >= self.window:
             finish = "length"
         if finish is not None:  # flush bytes held back for a character that will never complete
@@ -455,6 +465,12 @@ class BatchEngine:
         req.text = visible
         req.finish_reason = finish
         self._emit(req, TokenEvent(delta, tok, lp, top, finish_reason=finish))
+
+    @staticmethod
+    def _constrain(req: EngineRequest, tok: int) -> bool:
+        """Move the row's grammar past its new token; whether the grammar is now complete."""
+        req.constraint.advance(tok)
+        return req.constraint.done
 
     def _used(self, req: EngineRequest) -> int:
         """Decoder positions the row has taken."""

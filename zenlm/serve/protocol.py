@@ -121,6 +121,7 @@ class SamplingRequest(Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None
+    response_format: Optional["ResponseFormat"] = None
 
     @field_validator("stop")
     @classmethod
@@ -143,6 +144,33 @@ class SamplingRequest(Request):
 
 class StreamOptions(Request):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(Request):
+    """OpenAI's ``response_format.json_schema``: the schema under ``schema`` (a Python attribute
+    ``schema_``, as pydantic's own ``schema`` method owns the name)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None  # the schema is enforced by constrained decoding either way
+
+
+class ResponseFormat(Request):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON object) or ``{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}``: the output is constrained to match (zenlm.constraints)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object "
+                             "({'name': ..., 'schema': {...}})")
+        return self
 
 
 # --------------------------------------------------------------------------- chat

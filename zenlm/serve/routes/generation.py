@@ -67,6 +67,7 @@ async def serve_generation(server: Server, request: Request, key: KeyContext, se
     worst case (refused whole when the engine has no room for every sequence), submit all the
     sequences at once, then answer as one JSON body or as an event stream."""
     route = CHAT_ROUTE if chat else COMPLETIONS_ROUTE
+    constraint = response_constraint(served, body)  # a schema that cannot compile is a 400 before any reservation
     max_tokens = [served.fit(len(p), body.max_tokens, param) for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)
     max_completion = sum(m * body.n for m in max_tokens)
@@ -76,7 +77,8 @@ async def serve_generation(server: Server, request: Request, key: KeyContext, se
     if ticket.replay is not None:
         return _replay(ticket.replay, body, chat)
     try:
-        choices, events = _submit(server, request, served, body, chat, prompts, max_tokens, key.key_id)
+        choices, events = _submit(server, request, served, body, chat, prompts, max_tokens, key.key_id,
+                                  constraint=constraint)
     except BaseException:
         await ticket.release()
         raise
@@ -89,7 +91,7 @@ async def serve_generation(server: Server, request: Request, key: KeyContext, se
 
 
 def _submit(server: Server, request: Request, served: ServedModel, body, chat: bool, prompts: list[list[int]],
-            max_tokens: list[int], owner: int) -> tuple[list[Choice], asyncio.Queue]:
+            max_tokens: list[int], owner: int, constraint=None) -> tuple[list[Choice], asyncio.Queue]:
     """Every sequence of the request into the engine, all or none (on failure none keeps running);
     the choices and the queue their token events will arrive on."""
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -109,7 +111,7 @@ def _submit(server: Server, request: Request, served: ServedModel, body, chat: b
                     seed=None if body.seed is None else (body.seed + index) % (2 ** 63),
                     stop=body.stop_strings, stop_token_ids=served.stop_token_ids,
                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                    logprobs=want_logprobs, top_logprobs=top_logprobs)
+                    logprobs=want_logprobs, top_logprobs=top_logprobs, constraint=constraint)
                 try:
                     params.rules()
                 except ValueError as e:
@@ -125,6 +127,29 @@ def _submit(server: Server, request: Request, served: ServedModel, body, chat: b
                 choice.request.cancel()
         raise
     return choices, events
+
+
+def response_constraint(served: ServedModel, body):
+    """The compiled grammar of ``body.response_format`` (zenlm.constraints), None for text; a 400 naming the
+    schema when it cannot be compiled."""
+    fmt = getattr(body, "response_format", None)
+    if fmt is None or fmt.type == "text":
+        return None
+    from ...constraints import ConstraintError, compile_constraint
+    model = getattr(served, "model", None)
+    vocab = model.config.vocab_size if model is not None else served.tokenizer.vocab_size
+    spec = fmt.json_schema
+    try:
+        if fmt.type == "json_object":
+            return compile_constraint(served.tokenizer, vocab, json_object=True)
+        schema = spec.schema_ if spec.schema_ is not None else {}  # OpenAI: no schema = any JSON
+        return compile_constraint(served.tokenizer, vocab, json_schema=schema)
+    except ConstraintError as e:
+        raise InvalidRequest(f"response_format {spec.name if spec else fmt.type!r}: the schema cannot be used: {e}",
+                             param="response_format") from None
+    except ImportError as e:
+        raise InvalidRequest(f"response_format needs constrained decoding, which this server lacks: {e}",
+                             param="response_format") from None
 
 
 async def _wait(d: Decoding) -> Outcome:
