@@ -126,6 +126,19 @@ def test_bad_inputs_raise_naming_the_problem(lm):
         compile_constraint(tok, model.config.vocab_size, regex="([a-z")
     with pytest.raises(ValueError, match="one constraint"):
         GenerationConfig(regex="a", json_object=True)
-    with pytest.raises(ValueError, match="beam search"):
-        Generator(model, tok).generate("x", json_object=True, num_beams=2)
     assert compile_constraint(tok, model.config.vocab_size) is None
+
+
+def test_beam_search_each_beam_follows_the_grammar(lm):
+    model, tok = lm
+    schema = SCHEMAS["enum"]
+    out = Generator(model, tok).generate(["a", "the longer one"], max_new_tokens=20, json_schema=schema,
+                                         num_beams=3, num_return_sequences=3)
+    assert len(out) == 6
+    for g in out:
+        assert g.finish_reason == "stop", g.text
+        jsonschema.validate(json.loads(g.text), schema)
+    pattern = r"[ab]{2,4}"
+    for g in Generator(model, tok).generate("q", max_new_tokens=8, regex=pattern, num_beams=2,
+                                            num_return_sequences=2):
+        assert re.fullmatch(pattern, g.text) and g.finish_reason == "stop"

@@ -570,7 +570,7 @@ class Generator:
         try:
             with torch.inference_mode(), _fast_cpu(config.fast_cpu and self._on_cpu()):
                 if config.num_beams > 1:
-                    gens = self._beam_search(rows, config, stop_ids)
+                    gens = self._beam_search(rows, config, stop_ids, spec=spec)
                 else:
                     gens = [None] * (len(rows) * config.num_return_sequences)
                     for events in self._sample(rows, config, stop_ids, spec=spec):
@@ -623,9 +623,6 @@ class Generator:
         """The compiled grammar of ``config`` (zenlm.constraints), or None when it asks for none."""
         if not config.constrained:
             return None
-        if config.num_beams > 1:
-            raise ValueError("constrained decoding (json_schema, regex, grammar, json_object) runs with greedy "
-                             "decoding or sampling; beam search (num_beams > 1) is not supported with it yet")
         if self.tokenizer is None:
             raise ValueError("constrained decoding needs a tokenizer to know each token's bytes; pass tokenizer=...")
         from .constraints import compile_constraint
@@ -730,7 +727,8 @@ class Generator:
             logits = state.step(tokens)
 
     # ------------------------------------------------------------------ beam search
-    def _beam_search(self, rows: list[list[int]], config: GenerationConfig, stop_ids: list[int]) -> list[Generation]:
+    def _beam_search(self, rows: list[list[int]], config: GenerationConfig, stop_ids: list[int],
+                     spec=None) -> list[Generation]:
         """Beam search scored as ``transformers`` does: the best ``num_beams`` finished hypotheses per
         prompt, each scored sum(log p) / length**length_penalty, with the same stopping heuristic.
         A prompt whose result can no longer change leaves the batch."""
@@ -749,14 +747,20 @@ class Generator:
         finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in rows]
         unsatisfied = [True] * len(rows)
         results: list[Optional[list[Generation]]] = [None] * len(rows)
+        # constrained decoding: each beam its own grammar state, copied when a beam forks; a beam whose grammar
+        # is complete may take only a stop token next, so it finishes as a hypothesis the usual way
+        constraints = [spec.new() for _ in range(len(rows) * nb)] if spec is not None else None
         logits = state.prefill()
         for step in range(max_new):
             groups = len(items)
             raw = logits.float().log_softmax(dim=-1)
             scores = raw
+            if constraints is not None:
+                from .constraints import apply_mask
+                scores = apply_mask(raw, [c.mask(stop_ids) for c in constraints])
             if (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
                     or config.min_new_tokens or _forcing(config)):
-                scores = process_scores(raw, history, step, config, stop_ids)
+                scores = process_scores(scores, history, step, config, stop_ids)
                 if config.renormalize_logits:
                     scores = scores.log_softmax(dim=-1)
             scores = (scores.view(groups, nb, vocab) + running[:, :, None]).view(groups, nb * vocab)
@@ -809,6 +813,13 @@ class Generator:
             tok_flat = next_tokens.tolist()
             new_generated = [generated[r] + [t] for r, t in zip(src_rows, tok_flat)]
             new_history = [history[r] + [t] for r, t in zip(src_rows, tok_flat)]
+            new_constraints = None
+            if constraints is not None:
+                stop_set = set(stop_ids)
+                new_constraints = [constraints[r].copy() for r in src_rows]
+                for c, t in zip(new_constraints, tok_flat):
+                    if t not in stop_set:
+                        c.advance(t)
             if config.logprobs:
                 vals = raw[torch.tensor(src_rows, device=device), next_tokens].tolist()
                 logps = [logps[r] + [v] for r, v in zip(src_rows, vals)]
@@ -825,12 +836,14 @@ class Generator:
                 next_tokens = next_tokens[torch.tensor(keep_rows, device=device)]
                 new_generated = [new_generated[r] for r in keep_rows]
                 new_history = [new_history[r] for r in keep_rows]
+                if new_constraints is not None:
+                    new_constraints = [new_constraints[r] for r in keep_rows]
                 if config.logprobs:
                     logps = [logps[r] for r in keep_rows]
                 items = [items[g] for g in keep_groups]
             else:
                 state.select(torch.tensor(src_rows, device=device), same_source=True)
-            generated, history = new_generated, new_history
+            generated, history, constraints = new_generated, new_history, new_constraints
             logits = state.step(next_tokens)
         return [gen for group in results for gen in group]
 
