@@ -112,7 +112,8 @@ def gateway(tmp_path_factory, model_dir):
            parse_upstream(f"dies={dying.url};timeout=5"),
            parse_upstream(f"slow={held.url};timeout=0.5;eject=0"),
            parse_upstream(f"capped={held.url};concurrency=1;timeout=10"),
-           parse_upstream(f"trickle={trickle.url}")]
+           parse_upstream(f"trickle={trickle.url}"),
+           parse_upstream(f"waits={held.url};timeout=10")]
     tmp = tmp_path_factory.mktemp("gateway")
     cfg = ServeConfig(database=str(tmp / "zenlm.sqlite3"), admin_token="admin")
     app = build_server(cfg, ups)
@@ -336,6 +337,29 @@ def test_concurrency_cap_refuses_beyond_it(gateway):
     assert first["reply"].choices[0].message.content == "".join(WORDS[:2])
 
 
+def test_client_leaving_before_a_json_answer_pays_nothing(gateway):
+    import openai
+
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    held = gateway["held"]
+    held.hold = True
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            _client(gateway, key).with_options(timeout=0.5).chat.completions.create(
+                model="waits", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        deadline = time.time() + 5
+        while not [r for r in billing.ledger() if r["model"] == "waits"]:
+            assert time.time() < deadline, "no ledger row for the request the client left"
+            time.sleep(0.05)
+    finally:
+        held.hold = False
+    row = [r for r in billing.ledger() if r["model"] == "waits"][0]
+    assert row["status"] == "disconnected" and row["revenue_micros"] == 0
+    month = billing.key_month(key[:11])
+    assert month["spent_micros"] == 0 and month["reserved_micros"] == 0
+
+
 def test_stream_replay_and_report_by_upstream(gateway):
     import openai
 
@@ -415,3 +439,66 @@ def test_cli_serves_an_upstream(gateway, tmp_path):
         proc.terminate()
         proc.wait(timeout=20)
     assert billing.key_month(key[:11])["spent_micros"] == PROMPT_TOKENS + 4
+
+
+def test_a_zenlm_server_as_upstream(tmp_path, model_dir, monkeypatch):
+    """A real upstream: a second zenlm server with a tiny model, behind the gateway with a key of its own."""
+    import uvicorn
+
+    from zenlm.serve import ServeConfig, build_server
+    from zenlm.serve.upstream import parse_upstream
+
+    from .conftest import start_server
+
+    backend = start_server(tmp_path / "backend", [model_dir])
+    gw_server = thread = None
+    try:
+        monkeypatch.setenv("ZEN_UPSTREAM_KEY", backend.key())
+        up = parse_upstream(f"zen={backend.url};model={model_dir.name};api_key_env=ZEN_UPSTREAM_KEY;timeout=20")
+        app = build_server(ServeConfig(database=str(tmp_path / "gw.sqlite3")), [up])
+        billing = app.app.state.server.billing
+        billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 9, replace=True)
+        port = free_port()
+        gw_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=gw_server.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 20
+        while not gw_server.started:
+            assert time.time() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        import openai
+
+        key = billing.create_key("acme", "basic")[0]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=30)
+        raw = client.chat.completions.with_raw_response.create(
+            model="zen", max_tokens=5, temperature=0, messages=[{"role": "user", "content": "hello world"}])
+        reply = raw.parse()
+        assert reply.model == "zen"
+        row = _row(billing, raw.headers["x-request-id"])
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (reply.usage.prompt_tokens,
+                                                                  reply.usage.completion_tokens)
+        assert row["counted"] is None and reply.usage.completion_tokens >= 1
+        behind = backend.billing.ledger()[-1]  # the upstream's own ledger saw the same tokens
+        assert (behind["prompt_tokens"], behind["completion_tokens"]) == (row["prompt_tokens"],
+                                                                        row["completion_tokens"])
+
+        raw = client.chat.completions.with_raw_response.create(
+            model="zen", max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "hello world"}])
+        chunks = list(raw.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == reply.choices[0].message.content  # greedy: the same reply, streamed
+        row = _row(billing, raw.headers["x-request-id"])
+        assert chunks[-1].usage.completion_tokens == row["completion_tokens"] == reply.usage.completion_tokens
+        assert row["revenue_micros"] == row["prompt_tokens"] + 2 * row["completion_tokens"]
+
+        done = client.completions.create(model="zen", prompt="the quick", max_tokens=3, temperature=0)
+        assert done.usage.completion_tokens >= 1 and done.model == "zen"
+        emb = client.embeddings.create(model="zen", input=["hello", "world"])
+        assert len(emb.data) == 2 and emb.usage.prompt_tokens >= 2
+        assert {m.id for m in client.models.list().data} == {"zen"}
+    finally:
+        if gw_server is not None:
+            gw_server.should_exit = True
+            thread.join(timeout=10)
+        backend.stop()

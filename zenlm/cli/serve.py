@@ -100,7 +100,8 @@ def add_serve(sub) -> None:
                    help="a model served by OpenAI-compatible servers (vLLM, TGI, llama.cpp, zenlm), sold through "
                         "this server's keys and ledger; replicas balanced by fewest requests in flight. Options "
                         "after ';': timeout=S, concurrency=N, price=PER_HOUR (its hardware, per replica), "
-                        "model=REMOTE_NAME, max_tokens=N (when the client gives none), tokenizer=FOLDER")
+                        "model=REMOTE_NAME, max_tokens=N (when the client gives none), tokenizer=FOLDER, eject=S, "
+                        "api_key_env=VAR (the upstream's key, read from $VAR)")
     p.add_argument("--upstream-tokenizer", action="append", default=[], metavar="NAME=FOLDER",
                    help="the tokenizer that counts an upstream's tokens when it reports no usage")
     p.add_argument("--max-batch-size", type=int, default=32)

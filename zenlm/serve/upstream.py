@@ -85,13 +85,15 @@ class Upstream:
     eject_s: float = 5.0
     tokenizer: Optional[object] = None
     tokenizer_path: Optional[str] = None
+    api_key: Optional[str] = None  # sent upstream as "Authorization: Bearer ..." (api_key_env=VAR)
     in_flight: int = 0
     client: Optional[object] = None
 
     def http(self):
         if self.client is None:
             t = self.timeout_s
-            self.client = httpx.AsyncClient(timeout=httpx.Timeout(t, connect=min(t, 5.0)),
+            headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            self.client = httpx.AsyncClient(timeout=httpx.Timeout(t, connect=min(t, 5.0)), headers=headers,
                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         return self.client
 
@@ -137,8 +139,9 @@ class Upstream:
 
 def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
     """``NAME=URL[,URL...][;timeout=S][;concurrency=N][;price=PER_HOUR][;model=REMOTE][;max_tokens=N]
-    [;tokenizer=FOLDER]``: URLs are the servers' roots (``http://host:port``; a trailing ``/v1`` is
-    dropped)."""
+    [;tokenizer=FOLDER][;eject=S][;api_key_env=VAR]``: URLs are the servers' roots
+    (``http://host:port``; a trailing ``/v1`` is dropped); the upstream's key is read from the
+    environment variable VAR, never from the command line."""
     if httpx is None:  # pragma: no cover
         raise ValueError("--upstream needs an async HTTP client: pip install httpx (or the openai client)")
     head, *options = [p.strip() for p in spec.split(";")]
@@ -180,12 +183,20 @@ def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
                 up.eject_s = float(v)
             elif k == "tokenizer":
                 tokenizer = v
+            elif k == "api_key_env":
+                import os
+
+                up.api_key = os.environ.get(v)
+                if not up.api_key:
+                    raise ValueError(f"--upstream {name}: api_key_env={v} but ${v} is not set")
             else:
                 raise KeyError(k)
         except KeyError:
             raise ValueError(f"--upstream {name}: unknown option {k!r} (timeout, concurrency, price, model, "
-                             f"max_tokens, eject, tokenizer)") from None
-        except ValueError:
+                             f"max_tokens, eject, tokenizer, api_key_env)") from None
+        except ValueError as e:
+            if str(e).startswith("--upstream"):
+                raise
             raise ValueError(f"--upstream {name}: bad value for {k}: {v!r}") from None
     if tokenizer:
         from .. import load_tokenizer
@@ -342,7 +353,7 @@ async def upstream_route(request: Request, path: str):
         if ticket.replay is not None:  # a stored answer for a retried Idempotency-Key, charged nothing
             return _replay(ticket.replay, plan) if plan.stream else JSONResponse(ticket.replay)
         if not plan.stream:
-            return await server.meter.answer(ticket, lambda: _answer(up, plan))
+            return await server.meter.answer(ticket, lambda: _answer(up, plan, request))
         try:
             opened = await _open_stream(up, plan)
         except BaseException:
@@ -394,14 +405,43 @@ def _passed_on(resp, name: str) -> APIError:
                     param=err.get("param"), code=err.get("code"))
 
 
-async def _answer(up: Upstream, plan: Plan):
+class _ClientLeft(Exception):
+    pass
+
+
+async def _unless_left(request: Request, coro):
+    """``coro``'s result, unless the client hangs up first (checked every 0.25 s): then it is
+    cancelled and _ClientLeft raised."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientLeft()
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+
+
+async def _answer(up: Upstream, plan: Plan, request: Request):
+    """The JSON answer of the first replica that gives one; a client that leaves first pays nothing."""
     from .metering import Outcome
 
     last, timed_out = "no replica", False
     for replica in up.order():
         share = up.begin(replica)
         try:
-            resp = await up.http().post(replica.url + plan.route, json=plan.body)
+            resp = await _unless_left(request, up.http().post(replica.url + plan.route, json=plan.body))
+        except _ClientLeft:
+            busy_ms = up.end(replica, share)
+            return Outcome(Usage(0, 0, 0, busy_ms, "disconnected", upstream=f"{up.name} {replica.url}",
+                                 compute_cost_micros=up.cost(busy_ms)))
         except httpx.TimeoutException as e:
             up.end(replica, share)
             up.eject(replica, f"timeout ({type(e).__name__})")
@@ -429,7 +469,7 @@ async def _answer(up: Upstream, plan: Plan):
             usage, counted = _count_answer(up, plan, data)
             data["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
                              "total_tokens": usage[0] + usage[1]}
-        if plan.route != "/v1/embeddings" and up.remote_model and isinstance(data, dict):
+        if up.remote_model and isinstance(data, dict):
             data["model"] = up.name
         return Outcome(Usage(usage[0], usage[1], 0, busy_ms, counted=counted, upstream=f"{up.name} {replica.url}",
                              compute_cost_micros=up.cost(busy_ms)), data)
