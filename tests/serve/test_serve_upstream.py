@@ -103,7 +103,7 @@ def gateway(tmp_path_factory, model_dir):
     from zenlm.serve.upstream import parse_upstream
 
     good, bare, dying, held = Fake(), Fake(usage=False), Fake(die_after=2), Fake(hold=True)
-    trickle = Fake(delay=0.2)
+    trickle, held2 = Fake(delay=0.2), Fake(hold=True)
     refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     ups = [parse_upstream(f"up={good.url}"),
            parse_upstream(f"pair={refused},{good.url}"),
@@ -113,7 +113,8 @@ def gateway(tmp_path_factory, model_dir):
            parse_upstream(f"slow={held.url};timeout=0.5;eject=0"),
            parse_upstream(f"capped={held.url};concurrency=1;timeout=10"),
            parse_upstream(f"trickle={trickle.url}"),
-           parse_upstream(f"waits={held.url};timeout=10")]
+           parse_upstream(f"waits={held.url};timeout=10"),
+           parse_upstream(f"lb={held.url},{held2.url};timeout=10")]
     tmp = tmp_path_factory.mktemp("gateway")
     cfg = ServeConfig(database=str(tmp / "zenlm.sqlite3"), admin_token="admin")
     app = build_server(cfg, ups)
@@ -129,11 +130,12 @@ def gateway(tmp_path_factory, model_dir):
         assert time.time() < deadline and thread.is_alive(), "gateway did not start"
         time.sleep(0.02)
     yield dict(url=f"http://127.0.0.1:{port}", billing=billing, good=good, bare=bare, dying=dying, held=held,
-               upstreams=app.app.state.upstreams, refused=refused)
+               upstreams=app.app.state.upstreams, refused=refused, held2=held2)
     server.should_exit = True
     thread.join(timeout=10)
     held.hold = False
-    for f in (good, bare, dying, held, trickle):
+    held2.hold = False
+    for f in (good, bare, dying, held, trickle, held2):
         f.stop()
 
 
@@ -337,6 +339,33 @@ def test_concurrency_cap_refuses_beyond_it(gateway):
     assert first["reply"].choices[0].message.content == "".join(WORDS[:2])
 
 
+def test_least_outstanding_spreads_requests_across_replicas(gateway):
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    held, held2, lb = gateway["held"], gateway["held2"], gateway["upstreams"]["lb"]
+    held.hold = held2.hold = True
+    replies = []
+
+    def ask():
+        replies.append(client.chat.completions.create(model="lb", max_tokens=2,
+                                                      messages=[{"role": "user", "content": "hi"}]))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 5
+        while sum(r.outstanding for r in lb.replicas) < 4 and time.time() < deadline:
+            time.sleep(0.01)
+        assert [r.outstanding for r in lb.replicas] == [2, 2]
+    finally:
+        held.hold = held2.hold = False
+        for t in threads:
+            t.join(timeout=10)
+    assert len(replies) == 4 and all(r.outstanding == 0 for r in lb.replicas)
+
+
 def test_client_leaving_before_a_json_answer_pays_nothing(gateway):
     import openai
 
@@ -502,3 +531,33 @@ def test_a_zenlm_server_as_upstream(tmp_path, model_dir, monkeypatch):
             gw_server.should_exit = True
             thread.join(timeout=10)
         backend.stop()
+
+
+def test_busy_time_is_split_across_requests_in_flight(monkeypatch):
+    """Cost per upstream: a replica's hour price split by each request's share of its busy time."""
+    from zenlm.serve import upstream as U
+
+    clock = [100.0]
+    monkeypatch.setattr(U.time, "monotonic", lambda: clock[0])
+    up = U.parse_upstream("m=http://127.0.0.1:1;price=3.60")  # 1 micro per busy millisecond
+    r = up.replicas[0]
+    a = up.begin(r)            # t=0: a alone
+    clock[0] += 1.0
+    b = up.begin(r)            # t=1: a and b share
+    clock[0] += 2.0
+    a_ms = up.end(r, a)        # t=3: a had 1 s alone + 2 s shared = 2 s
+    clock[0] += 1.0
+    b_ms = up.end(r, b)        # t=4: b had 2 s shared + 1 s alone = 2 s
+    assert (a_ms, b_ms) == (2000, 2000) and up.cost(a_ms) + up.cost(b_ms) == 4000  # 4 busy seconds in all
+
+
+def test_upstream_specs():
+    from zenlm.serve.upstream import parse_upstream
+
+    up = parse_upstream("m=http://127.0.0.1:9/v1/, http://127.0.0.1:10;timeout=3;concurrency=2;model=x;max_tokens=7")
+    assert [r.url for r in up.replicas] == ["http://127.0.0.1:9", "http://127.0.0.1:10"]
+    assert (up.timeout_s, up.concurrency, up.remote_model, up.max_tokens) == (3.0, 2, "x", 7)
+    for bad, why in (("m", "NAME=URL"), ("m=ftp://x", "not an http"), ("m=http://a;colour=red", "unknown option"),
+                     ("m=http://a;timeout=-1", "bad value"), ("m=http://a;api_key_env=ZENLM_NO_SUCH_VAR", "not set")):
+        with pytest.raises(ValueError, match=why):
+            parse_upstream(bad)
