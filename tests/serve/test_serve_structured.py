@@ -109,3 +109,125 @@ def test_length_cut_and_bad_schema(running):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        response_format={"type": "json_schema"})
+
+
+# --------------------------------------------------------------------------- tools
+from zenlm.serve.routes.tools import forced_grammar, parse_tool_calls, template_format  # noqa: E402
+
+from .conftest import save_tiny, start_server  # noqa: E402
+
+ADD = {"type": "function", "function": {"name": "add", "description": "Add two small numbers.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+CITY = {"type": "function", "function": {"name": "city", "parameters": {
+    "type": "object", "properties": {"name": {"enum": ["paris", "rome"]}}, "required": ["name"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("fmt,text,calls,content", [
+    ("hermes", 'ok <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', [("add", {"a": 1, "b": 2})],
+     "ok"),
+    ("hermes", '<tool_call>{"name":"add","arguments":{"a":1,"b":2}}</tool_call>\n<tool_call>{"name":"city",'
+               '"arguments":{"name":"rome"}}</tool_call>', [("add", {"a": 1, "b": 2}), ("city", {"name": "rome"})],
+     None),
+    ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1,</tool_call>', [], None),
+    ("zenlm", "just words", [], None),
+    ("llama3", '{"name": "add", "parameters": {"a": 3, "b": 4}}', [("add", {"a": 3, "b": 4})], None),
+    ("llama3", '<|python_tag|>{"name": "city", "parameters": {"name": "paris"}}', [("city", {"name": "paris"})], None),
+    ("llama3", '{"name": "add", "parameters": {"a": 3', [], None),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 1}}, {"name": "city", "arguments": '
+                '{"name": "rome"}}]', [("add", {"a": 1, "b": 1}), ("city", {"name": "rome"})], None),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": ', [], None),
+])
+def test_parsers_on_fixed_strings(fmt, text, calls, content):
+    got_content, got = parse_tool_calls(fmt, text)
+    assert [(c.name, json.loads(c.arguments)) for c in got] == calls
+    if calls:
+        assert got_content == content and all(c.id.startswith("call_") for c in got)
+    else:  # malformed or no call: the whole reply is content
+        assert got_content == text
+
+
+def test_template_formats_and_forced_grammars_compile():
+    assert template_format(None) == "zenlm"
+    assert template_format("{{ messages }}") is None
+    assert template_format("{% if tools %}<tool_call>{% endif %}") == "hermes"
+    assert template_format("{% if tools %}[TOOL_CALLS]{% endif %}") == "mistral"
+    assert template_format("{% if tools %}{{ tools | tojson }}{% endif %}") == "llama3"
+    from zenlm import Tokenizer
+    from zenlm.constraints import compile_constraint
+    tok = Tokenizer.train(["<tool_call> [TOOL_CALLS] {\"name\": 1}"] * 5, vocab_size=300)
+    tools = [P.ToolDef(**ADD), P.ToolDef(**CITY)]
+    for fmt in ("hermes", "zenlm", "llama3", "mistral"):
+        for parallel in (True, False):
+            assert compile_constraint(tok, 300, grammar=forced_grammar(fmt, tools, parallel, tok)) is not None
+
+
+from zenlm.serve import protocol as P  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """zenlm's tiny model with room for the tools in its prompt (zenlm's <|role|> template)."""
+    folder = save_tiny(tmp_path_factory.mktemp("models") / "tiny-wide", window=1024)
+    r = start_server(tmp_path_factory.mktemp("server"), [folder])
+    yield r
+    r.stop()
+
+
+def _validate_call(call, tool):
+    assert call.type == "function" and call.id and call.function.name == tool["function"]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_required_and_named_tool_choice_return_valid_calls(wide):
+    client = wide.client(wide.key())
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    r = client.chat.completions.create(model="tiny-wide", messages=messages, tools=[ADD, CITY], tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=60, seed=1)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    _validate_call(call, ADD if call.function.name == "add" else CITY)
+    r = client.chat.completions.create(model="tiny-wide", messages=messages, tools=[ADD, CITY], max_tokens=60,
+                                       tool_choice={"type": "function", "function": {"name": "city"}}, seed=2)
+    assert r.choices[0].finish_reason == "tool_calls"
+    _validate_call(r.choices[0].message.tool_calls[0], CITY)
+
+
+def test_the_full_loop_call_result_answer_and_the_stream_helpers(wide):
+    client = wide.client(wide.key())
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    first = client.chat.completions.create(model="tiny-wide", messages=messages, tools=[ADD],
+                                           tool_choice={"type": "function", "function": {"name": "add"}},
+                                           max_tokens=60, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": str(args["a"] + args["b"])}]
+    final = client.chat.completions.create(model="tiny-wide", messages=messages, tools=[ADD], tool_choice="none",
+                                           max_tokens=8, temperature=0)
+    assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.tool_calls is None
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens
+    # streamed: the client's helpers assemble the tool-call deltas into the same call
+    with client.chat.completions.stream(model="tiny-wide", messages=messages[:1], tools=[ADD], max_tokens=60,
+                                        tool_choice={"type": "function", "function": {"name": "add"}},
+                                        temperature=0) as stream:
+        for _ in stream:
+            pass
+        done = stream.get_final_completion()
+    streamed = done.choices[0].message.tool_calls[0]
+    assert done.choices[0].finish_reason == "tool_calls"
+    assert (streamed.function.name, streamed.function.arguments) == ("add", call.function.arguments)
+
+
+def test_tools_bad_input(wide, running):
+    client = wide.client(wide.key())
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-wide", messages=[{"role": "user", "content": "x"}], tools=[ADD],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}}, max_tokens=4)
+    assert "nope" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:  # window 128: the tools do not fit; a 400, never a 500
+        running.client(running.key()).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "x"}], tools=[ADD, CITY], max_tokens=4)

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 BIG = 2 ** 53  # limits stored numbers: far beyond any real price or count, inside a 64-bit column
@@ -244,11 +244,48 @@ class ChatMessage(Request):
         return self.model_dump(exclude_none=True)
 
 
+class FunctionDef(Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[bool] = None
+
+
+class ToolDef(Request):
+    """One tool the model may call: ``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[ToolDef]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> "ChatCompletionRequest":
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not among "
+                                 f"the tools given ({', '.join(names) or 'none'})")
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return self
 
     @model_validator(mode="after")
     def _completion_tokens(self) -> "ChatCompletionRequest":
@@ -276,15 +313,44 @@ class ChoiceLogprobs(Response):
     content: Optional[list[TokenLogprob]] = None
 
 
+class ToolCallFunction(Response):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallOut(Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ToolCallDelta(Response):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[ToolCallFunction] = None
+
+
+def _without_absent_tool_calls(data: dict) -> dict:
+    if data.get("tool_calls") is None:
+        data.pop("tool_calls", None)
+    return data
+
+
 class AssistantMessage(Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[ToolCallOut]] = None  # left out of the JSON when there are none
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        return _without_absent_tool_calls(handler(self))
 
 
 class ChatCompletionChoice(Response):
     index: int
     message: AssistantMessage
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
     logprobs: Optional[ChoiceLogprobs] = None
 
 
@@ -300,12 +366,17 @@ class ChatCompletionResponse(Response):
 class DeltaMessage(Response):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None  # left out of the JSON when there are none
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        return _without_absent_tool_calls(handler(self))
 
 
 class ChatCompletionStreamChoice(Response):
     index: int
     delta: DeltaMessage
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
     logprobs: Optional[ChoiceLogprobs] = None
 
 

@@ -22,6 +22,7 @@ from ..engine import EngineRequest, SamplingParams, TokenEvent
 from ..errors import APIError, InvalidRequest
 from ..metering import Outcome, Ticket
 from ..server import Server
+from .tools import tool_calls_of
 
 CHAT_ROUTE, COMPLETIONS_ROUTE = "/v1/chat/completions", "/v1/completions"
 
@@ -59,15 +60,17 @@ class Decoding:
     prompt_tokens: int
     rid: str  # the response's id: cmpl-... or chatcmpl-...
     created: int
+    tools: object = None  # chat with tools: tools.ToolContext (the reply is parsed for tool calls)
 
 
 async def serve_generation(server: Server, request: Request, key: KeyContext, served: ServedModel, body,
-                   prompts: list[list[int]], param: str, chat: bool):
+                   prompts: list[list[int]], param: str, chat: bool, tools=None):
     """Decode ``prompts`` (each ``body.n`` times) for an authenticated key, metered: reserve the
     worst case (refused whole when the engine has no room for every sequence), submit all the
     sequences at once, then answer as one JSON body or as an event stream."""
     route = CHAT_ROUTE if chat else COMPLETIONS_ROUTE
-    constraint = response_constraint(served, body)  # a schema that cannot compile is a 400 before any reservation
+    # a schema that cannot compile is a 400 before any reservation; a forced tool call is its own grammar
+    constraint = response_constraint(served, body, tools)
     max_tokens = [served.fit(len(p), body.max_tokens, param) for p in prompts]
     prompt_tokens = sum(len(p) for p in prompts)
     max_completion = sum(m * body.n for m in max_tokens)
@@ -83,7 +86,7 @@ async def serve_generation(server: Server, request: Request, key: KeyContext, se
         await ticket.release()
         raise
     d = Decoding(server, request, served, body, chat, choices, events, prompt_tokens,
-                 rid=("chatcmpl-" if chat else "cmpl-") + request.state.request_id[4:], created=P.now())
+                 rid=("chatcmpl-" if chat else "cmpl-") + request.state.request_id[4:], created=P.now(), tools=tools)
     if body.stream:
         return StreamingResponse(_stream(d, ticket), media_type="text/event-stream",
                                  headers={**ticket.headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -129,15 +132,23 @@ def _submit(server: Server, request: Request, served: ServedModel, body, chat: b
     return choices, events
 
 
-def response_constraint(served: ServedModel, body):
-    """The compiled grammar of ``body.response_format`` (zenlm.constraints), None for text; a 400 naming the
-    schema when it cannot be compiled."""
+def response_constraint(served: ServedModel, body, tools=None):
+    """The compiled grammar of ``body.response_format`` (zenlm.constraints), or of a forced tool call
+    (``tool_choice`` "required" or a named function); None for free text. A 400 naming the schema when it
+    cannot be compiled."""
     fmt = getattr(body, "response_format", None)
-    if fmt is None or fmt.type == "text":
+    grammar = getattr(tools, "grammar", None)
+    if grammar is None and (fmt is None or fmt.type == "text"):
         return None
     from ...constraints import ConstraintError, compile_constraint
     model = getattr(served, "model", None)
     vocab = model.config.vocab_size if model is not None else served.tokenizer.vocab_size
+    if grammar is not None:
+        try:
+            return compile_constraint(served.tokenizer, vocab, grammar=grammar)
+        except (ConstraintError, ImportError) as e:
+            raise InvalidRequest(f"the tools' parameter schemas cannot be used to force a call: {e}",
+                                 param="tools") from None
     spec = fmt.json_schema
     try:
         if fmt.type == "json_object":
@@ -168,7 +179,7 @@ async def _wait(d: Decoding) -> Outcome:
         return Outcome(Usage(d.prompt_tokens, 0, queue_ms(choices), compute_ms(choices), "disconnected"), None, error)
     usage = _usage(choices, d.prompt_tokens)
     _observe_ttft(d.server, d.served, choices)
-    response = _build_response(d.served, d.body, d.chat, choices, usage, d.rid, d.created).model_dump()
+    response = _build_response(d.served, d.body, d.chat, choices, usage, d.rid, d.created, d.tools).model_dump()
     return Outcome(Usage(usage.prompt_tokens, usage.completion_tokens, queue_ms(choices), compute_ms(choices)),
                    response)
 
@@ -245,14 +256,25 @@ def _finish(reason: Optional[str]) -> Optional[str]:
     return reason if reason in ("stop", "length") else None
 
 
+def _message(c: Choice, tools) -> tuple[P.AssistantMessage, Optional[str]]:
+    """A chat choice's message and finish reason: tool calls parsed out of the text when tools were given."""
+    content, calls = tool_calls_of(tools, c.text)
+    if not calls:
+        return P.AssistantMessage(content=c.text), _finish(c.finish_reason)
+    return P.AssistantMessage(content=content, tool_calls=[
+        P.ToolCallOut(id=t.id, function=P.ToolCallFunction(name=t.name, arguments=t.arguments)) for t in calls]), (
+        "tool_calls" if c.finish_reason == "stop" else _finish(c.finish_reason))
+
+
 def _build_response(served: ServedModel, body, chat: bool, choices: list[Choice], usage: P.UsageInfo, rid: str,
-                    created: int):
+                    created: int, tools=None):
     if chat:
-        return P.ChatCompletionResponse(id=rid, created=created, model=served.id, usage=usage, choices=[
-            P.ChatCompletionChoice(index=c.index, message=P.AssistantMessage(content=c.text),
-                                   finish_reason=_finish(c.finish_reason),
-                                   logprobs=_chat_logprobs(served, c.tokens) if body.logprobs else None)
-            for c in choices])
+        out = []
+        for c in choices:
+            message, finish = _message(c, tools)
+            out.append(P.ChatCompletionChoice(index=c.index, message=message, finish_reason=finish,
+                                              logprobs=_chat_logprobs(served, c.tokens) if body.logprobs else None))
+        return P.ChatCompletionResponse(id=rid, created=created, model=served.id, usage=usage, choices=out)
     out = []
     for c in choices:
         prefix = served.tokenizer.decode(c.prompt_ids) if body.echo else ""
@@ -270,6 +292,15 @@ def _chunk(chat: bool, rid: str, created: int, model: str, index: int, text: Opt
             P.ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])
     return P.CompletionResponse(id=rid, created=created, model=model, choices=[
         P.CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)])
+
+
+def _tool_chunk(rid: str, created: int, model: str, index: int, message: dict):
+    """The held reply of a chat with tools, in one delta: its content and its tool calls (each complete)."""
+    calls = [P.ToolCallDelta(index=i, id=t["id"], type="function", function=P.ToolCallFunction(**t["function"]))
+             for i, t in enumerate(message.get("tool_calls") or [])]
+    delta = P.DeltaMessage(content=message.get("content"), tool_calls=calls or None)
+    return P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
+        P.ChatCompletionStreamChoice(index=index, delta=delta)])
 
 
 def _usage_chunk(chat: bool, rid: str, created: int, model: str, usage: P.UsageInfo):
@@ -321,6 +352,8 @@ async def _stream(d: Decoding, ticket: Ticket) -> AsyncIterator[str]:
             for c in choices:
                 yield _sse(_chunk(chat, rid, created, served.id, c.index, served.tokenizer.decode(c.prompt_ids)))
         token_chunk = _TokenChunks(chat, rid, created, served.id)
+        # a reply that may hold tool calls is sent whole at its end (as content or as tool-call deltas)
+        hold = chat and d.tools is not None and d.tools.format != "none"
         while any(c.finish_reason is None for c in choices):
             arrived = [await events.get()]
             while not events.empty():  # everything that came meanwhile goes out in one write
@@ -329,7 +362,7 @@ async def _stream(d: Decoding, ticket: Ticket) -> AsyncIterator[str]:
             for k, ev in arrived:
                 c = choices[k]
                 absorb(c, ev)
-                if ev.token_id is None:
+                if ev.token_id is None or hold:
                     continue
                 if ev.logprob is not None:
                     lp = (_chat_logprobs(served, [c.tokens[-1]]) if chat
@@ -345,13 +378,18 @@ async def _stream(d: Decoding, ticket: Ticket) -> AsyncIterator[str]:
             raise RuntimeError("the engine failed while decoding")
         usage = _usage(choices, d.prompt_tokens)
         _observe_ttft(d.server, served, choices)
-        full = _build_response(served, body, chat, choices, usage, rid, created).model_dump()
+        full = _build_response(served, body, chat, choices, usage, rid, created, d.tools).model_dump()
         # the row is written before the response completes: a delivered response always has its row
         usage.cost_micros = await ticket.settle(
             Usage(usage.prompt_tokens, usage.completion_tokens, queue_ms(choices), compute_ms(choices)), full)
+        finishes = {c.index: _finish(c.finish_reason) for c in choices}
+        if hold:
+            for c, f in zip(choices, full["choices"]):
+                finishes[c.index] = f["finish_reason"]
+                yield _sse(_tool_chunk(rid, created, served.id, c.index, f["message"]))
         for c in choices:
             yield _sse(_chunk(chat, rid, created, served.id, c.index, None if chat else "",
-                              finish=_finish(c.finish_reason)))
+                              finish=finishes[c.index]))
         if body.include_usage:
             yield _sse(_usage_chunk(chat, rid, created, served.id, usage))
         yield "data: [DONE]\n\n"
