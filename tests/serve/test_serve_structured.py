@@ -34,11 +34,15 @@ def _fmt(schema=SCHEMA, name="answer"):
 def test_chat_json_schema_each_choice_validates(running):
     client = running.client(running.key())
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], n=4,
-                                       max_tokens=60, temperature=1.0, seed=5, response_format=_fmt())
+                                       max_tokens=60, temperature=1.0, seed=5, response_format=_fmt(),
+                                       logprobs=True, top_logprobs=2)
     assert len(r.choices) == 4
     for c in r.choices:
         assert c.finish_reason == "stop", c.message.content
         jsonschema.validate(json.loads(c.message.content), SCHEMA)
+        # log-probabilities (of the model's own distribution) keep working under the constraint
+        assert "".join(t.token for t in c.logprobs.content) == c.message.content
+        assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
     assert r.usage.completion_tokens > 0
 
 

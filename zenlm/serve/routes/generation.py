@@ -406,7 +406,10 @@ def _replay(stored: dict, body, chat: bool):
         for c in stored["choices"]:
             if chat:
                 yield _sse(_chunk(True, rid, created, model, c["index"], "", role=True))
-                yield _sse(_chunk(True, rid, created, model, c["index"], c["message"]["content"]))
+                if c["message"].get("tool_calls"):
+                    yield _sse(_tool_chunk(rid, created, model, c["index"], c["message"]))
+                else:
+                    yield _sse(_chunk(True, rid, created, model, c["index"], c["message"]["content"]))
             else:
                 yield _sse(_chunk(False, rid, created, model, c["index"], c["text"]))
         for c in stored["choices"]:
