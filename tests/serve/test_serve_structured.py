@@ -124,7 +124,7 @@ ADD = {"type": "function", "function": {"name": "add", "description": "Add two s
     "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
                                      "b": {"type": "integer", "minimum": 0, "maximum": 9}},
     "required": ["a", "b"], "additionalProperties": False}}}
-CITY = {"type": "function", "function": {"name": "city", "parameters": {
+CITY = {"type": "function", "function": {"name": "city", "description": "A city.", "parameters": {
     "type": "object", "properties": {"name": {"enum": ["paris", "rome"]}}, "required": ["name"],
     "additionalProperties": False}}}
 
@@ -235,3 +235,45 @@ def test_tools_bad_input(wide, running):
     with pytest.raises(openai.BadRequestError) as err:  # window 128: the tools do not fit; a 400, never a 500
         running.client(running.key()).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "x"}], tools=[ADD, CITY], max_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def templated(tmp_path_factory):
+    """Tiny random Llama folders with tool-using chat templates (Llama 3.1 JSON, Hermes, Mistral) and one without
+    tools (Llama 3 instruct), their window widened for the tool listings."""
+    pytest.importorskip("transformers")
+    from .test_serve_templates import TEMPLATES, write_instruct_folder
+
+    root = tmp_path_factory.mktemp("tool-templates")
+    folders = []
+    for name, template in (("llama31-json", "vllm-tool-llama3.1-json.jinja"), ("hermes", "vllm-tool-hermes.jinja"),
+                           ("mistral", "vllm-tool-mistral.jinja"), ("llama3-plain", "llama-3-instruct.jinja")):
+        folder = write_instruct_folder(root / name, (TEMPLATES / template).read_text())
+        config = json.loads((folder / "config.json").read_text())
+        config["max_position_embeddings"] = 4096
+        (folder / "config.json").write_text(json.dumps(config))
+        folders.append(folder)
+    r = start_server(tmp_path_factory.mktemp("server"), folders)
+    yield r
+    r.stop()
+
+
+@pytest.mark.parametrize("model", ["llama31-json", "hermes", "mistral"])
+def test_forced_calls_through_real_tool_templates(templated, model):
+    client = templated.client(templated.key())
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "add 2 and 3"}],
+                                       tools=[ADD, CITY], max_tokens=80, temperature=0,
+                                       tool_choice={"type": "function", "function": {"name": "add"}})
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
+    _validate_call(r.choices[0].message.tool_calls[0], ADD)
+    # "auto": the random model writes whatever it likes; what does not parse is content, never an error
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], tools=[ADD],
+                                       max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content is not None
+
+
+def test_tools_for_a_template_without_them_is_a_400_naming_why(templated):
+    with pytest.raises(openai.BadRequestError) as err:
+        templated.client(templated.key()).chat.completions.create(
+            model="llama3-plain", messages=[{"role": "user", "content": "x"}], tools=[ADD], max_tokens=4)
+    assert "does not render tools" in err.value.message and err.value.body["param"] == "tools"
