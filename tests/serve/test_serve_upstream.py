@@ -412,8 +412,15 @@ def test_stream_replay_and_report_by_upstream(gateway):
 
     req = urllib.request.Request(gateway["url"] + "/admin/upstreams", headers={"Authorization": "Bearer admin"})
     with urllib.request.urlopen(req, timeout=5) as r:
-        names = {u["name"] for u in json.loads(r.read())["data"]}
-    assert {"up", "pair"} <= names
+        ups = {u["name"]: u for u in json.loads(r.read())["data"]}
+    assert {"up", "pair"} <= set(ups)
+    replica = ups["up"]["replicas"][0]
+    assert replica["healthy"] and replica["requests"] >= 1 and replica["p50_s"] is not None
+    assert replica["tokens_per_s"] > 0
+    with urllib.request.urlopen(gateway["url"] + "/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert f'zenlm_upstream_requests_total{{replica="{gateway["good"].url}",upstream="up"}}' in metrics
+    assert "zenlm_upstream_in_flight" in metrics
     assert openai  # the client above is the official one
 
 

@@ -53,6 +53,8 @@ def create_app(catalog: ModelCatalog, billing: Billing, config: Optional[ServeCo
         catalog.add_upstream(up)
         by_name[up.name] = up
     server = Server(catalog, billing, config)
+    if by_name:
+        U.instrument(by_name, server.metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app):

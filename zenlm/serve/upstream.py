@@ -27,6 +27,7 @@ settle), only the run is a call to one of the upstream's replicas:
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -65,12 +66,28 @@ class Replica:
     # processor-sharing clock: seconds of busy time per request in flight, summed (see Upstream.busy_share)
     share_s: float = 0.0
     changed: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0  # wall time with at least one request in flight
+    requests: int = 0  # answered (whole or streamed to the end)
+    completion_tokens: int = 0
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1024))
 
     def advance(self) -> None:
         now = time.monotonic()
         if self.outstanding:
             self.share_s += (now - self.changed) / self.outstanding
+            self.busy_s += now - self.changed
         self.changed = now
+
+    def stats(self) -> dict:
+        """p50/p99 latency (s) of the last 1,024 answers and completion tokens per busy second."""
+        lat = sorted(self.latencies)
+
+        def pick(q: float) -> Optional[float]:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 4) if lat else None
+
+        return {"requests": self.requests, "completion_tokens": self.completion_tokens,
+                "p50_s": pick(0.5), "p99_s": pick(0.99),
+                "tokens_per_s": round(self.completion_tokens / self.busy_s, 2) if self.busy_s > 0 else None}
 
 
 @dataclass
@@ -88,6 +105,7 @@ class Upstream:
     api_key: Optional[str] = None  # sent upstream as "Authorization: Bearer ..." (api_key_env=VAR)
     in_flight: int = 0
     client: Optional[object] = None
+    metrics: Optional[tuple] = None  # (requests, tokens, latency) series, from instrument()
 
     def http(self):
         if self.client is None:
@@ -119,6 +137,17 @@ class Upstream:
         replica.advance()
         replica.outstanding -= 1
         return int(round((replica.share_s - start_share) * 1000))
+
+    def record(self, replica: Replica, seconds: float, completion_tokens: int) -> None:
+        """An answered request: its latency and tokens, for /admin/upstreams and /metrics."""
+        replica.requests += 1
+        replica.completion_tokens += completion_tokens
+        replica.latencies.append(seconds)
+        if self.metrics is not None:
+            requests, tokens, latency = self.metrics
+            requests.labels(self.name, replica.url).inc()
+            tokens.labels(self.name, replica.url).inc(completion_tokens)
+            latency.labels(self.name, replica.url).observe(seconds)
 
     def cost(self, busy_ms: int) -> int:
         return -(-int(busy_ms) * self.price_micros_per_hour // 3_600_000)
@@ -435,7 +464,7 @@ async def _answer(up: Upstream, plan: Plan, request: Request):
 
     last, timed_out = "no replica", False
     for replica in up.order():
-        share = up.begin(replica)
+        share, started = up.begin(replica), time.monotonic()
         try:
             resp = await _unless_left(request, up.http().post(replica.url + plan.route, json=plan.body))
         except _ClientLeft:
@@ -471,6 +500,7 @@ async def _answer(up: Upstream, plan: Plan, request: Request):
                              "total_tokens": usage[0] + usage[1]}
         if up.remote_model and isinstance(data, dict):
             data["model"] = up.name
+        up.record(replica, time.monotonic() - started, usage[1])
         return Outcome(Usage(usage[0], usage[1], 0, busy_ms, counted=counted, upstream=f"{up.name} {replica.url}",
                              compute_cost_micros=up.cost(busy_ms)), data)
     raise _bad_gateway(up.name, last, timed_out)
@@ -503,6 +533,7 @@ def _count_answer(up: Upstream, plan: Plan, data: dict):
 class Opened:
     replica: Replica
     share: float
+    started: float
     response: object
     events: object  # the async iterator of SSE data payloads
     first: Optional[str]  # the first event, read before the client got anything
@@ -527,7 +558,7 @@ async def _open_stream(up: Upstream, plan: Plan) -> Opened:
     connection, a 5xx, a timeout, a stream that ends at once) moves on to the next replica."""
     last, timed_out = "no replica", False
     for replica in up.order():
-        share = up.begin(replica)
+        share, started = up.begin(replica), time.monotonic()
         resp = None
         try:
             req = up.http().build_request("POST", replica.url + plan.route, json=plan.body)
@@ -543,7 +574,7 @@ async def _open_stream(up: Upstream, plan: Plan) -> Opened:
             events = _events(resp).__aiter__()
             first = await events.__anext__()
             up.ok(replica)
-            return Opened(replica, share, resp, events, first)
+            return Opened(replica, share, started, resp, events, first)
         except APIError:
             raise
         except (httpx.HTTPError, _Status, StopAsyncIteration) as e:
@@ -687,6 +718,7 @@ async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
                     "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                               "total_tokens": usage.prompt_tokens + usage.completion_tokens}}
             cost = await ticket.settle(usage, full)
+            up.record(replica, time.monotonic() - opened.started, usage.completion_tokens)
             if plan.include_usage:
                 out = usage_chunk or {"id": (last_chunk or {}).get("id"), "object": (last_chunk or {}).get("object"),
                                       "created": (last_chunk or {}).get("created"), "model": up.name,
@@ -747,8 +779,31 @@ def describe(upstreams: dict) -> list[dict]:
     now = time.monotonic()
     return [{"name": up.name, "in_flight": up.in_flight, "concurrency": up.concurrency,
              "replicas": [{"url": r.url, "outstanding": r.outstanding, "healthy": r.down_until <= now,
-                           "failures": r.failures} for r in up.replicas]} for up in upstreams.values()]
+                           "failures": r.failures, **r.stats()} for r in up.replicas]}
+            for up in upstreams.values()]
+
+
+def instrument(upstreams: dict, registry) -> None:
+    """Prometheus series per upstream replica in the app's registry: requests answered, completion
+    tokens, latency, requests in flight and whether it is admitted."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    labels = ["upstream", "replica"]
+    requests = Counter("zenlm_upstream_requests", "requests an upstream replica answered", labels, registry=registry)
+    tokens = Counter("zenlm_upstream_completion_tokens", "completion tokens an upstream replica delivered", labels,
+                     registry=registry)
+    latency = Histogram("zenlm_upstream_latency_seconds", "time to an upstream replica's last byte", labels,
+                        registry=registry, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+    in_flight = Gauge("zenlm_upstream_in_flight", "requests in flight at an upstream replica", labels,
+                      registry=registry)
+    admitted = Gauge("zenlm_upstream_admitted", "1 while an upstream replica is admitted, 0 while set aside", labels,
+                     registry=registry)
+    for up in upstreams.values():
+        up.metrics = (requests, tokens, latency)
+        for r in up.replicas:
+            in_flight.labels(up.name, r.url).set_function(lambda r=r: r.outstanding)
+            admitted.labels(up.name, r.url).set_function(lambda r=r: float(r.down_until <= time.monotonic()))
 
 
 __all__ = ["Upstream", "Replica", "parse_upstream", "UpstreamDispatch", "router", "health_loop", "check_health",
-           "describe"]
+           "describe", "instrument"]
