@@ -11,6 +11,9 @@ encoder-decoder models, whose encoder runs once and whose cross-attention keys
 and values are cached after the first step). Rows that finish leave the batch
 and the cache, so they stop costing compute. ``Generator.stream`` yields text
 deltas that never split a multi-byte character and never show a stop string.
+
+This module is long (~900 lines) because the engine is one piece: the batch, its cache, the logits
+rules, constraints and the three strategies share the same rows and slots.
 """
 from __future__ import annotations
 
@@ -657,7 +660,8 @@ class Generator:
     def _sample(self, rows: list[list[int]], config: GenerationConfig, stop_ids: list[int], streaming: bool = False,
                 spec=None):
         """Greedy or sampled decoding. Yields, per step, (slot, Generation) for rows that took a token;
-        a finished row is yielded with its final Generation and then leaves the batch."""
+        a finished row is yielded with its final Generation and then leaves the batch. One loop on
+        purpose: the step's rules, constraint masks, stop checks and row removal share its state."""
         expand = config.num_return_sequences
         state = self._state(rows, config, expand)
         history = self._history(rows, expand)
@@ -731,7 +735,9 @@ class Generator:
                      spec=None) -> list[Generation]:
         """Beam search scored as ``transformers`` does: the best ``num_beams`` finished hypotheses per
         prompt, each scored sum(log p) / length**length_penalty, with the same stopping heuristic.
-        A prompt whose result can no longer change leaves the batch."""
+        A prompt whose result can no longer change leaves the batch. Long because it is transformers'
+        algorithm step by step (select, finish, keep, stop) over a batch of prompts, kept in one place so
+        that it can be read against theirs; the parity tests (tests/hf/test_generate_parity.py) hold it there."""
         nb, max_new, lp_pow = config.num_beams, config.max_new_tokens, config.length_penalty
         state = self._state(rows, config, nb)
         history = self._history(rows, nb)

@@ -1,5 +1,8 @@
 """Keys, plans, limits, budgets, the usage ledger and the money report.
 
+(Over 600 lines because every money rule lives here, in one transaction per call, so that the
+ledger's invariants can be read and tested in one file.)
+
 Every request goes through three calls, each one database transaction:
 
 * ``authenticate`` – the key's hash is looked up by its visible prefix and compared in
