@@ -568,3 +568,51 @@ def test_upstream_specs():
                      ("m=http://a;timeout=-1", "bad value"), ("m=http://a;api_key_env=ZENLM_NO_SUCH_VAR", "not set")):
         with pytest.raises(ValueError, match=why):
             parse_upstream(bad)
+
+
+def test_client_gone_before_the_first_byte_gives_everything_back(gateway, tmp_path):
+    """A stream whose client is gone before its first byte (the server's send fails at once, as
+    with ASGI 2.4) never starts relaying: its reservation and its replica's slot are given back."""
+    import asyncio as aio
+
+    from zenlm.serve import ServeConfig, build_server
+    from zenlm.serve.upstream import parse_upstream
+
+    up = parse_upstream(f"gone={gateway['good'].url}")
+    app = build_server(ServeConfig(database=str(tmp_path / "gone.sqlite3")), [up])
+    billing = app.app.state.server.billing
+    billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 9, replace=True)
+    key = billing.create_key("acme", "basic")[0]
+    body = json.dumps({"model": "gone", "max_tokens": 3, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2),
+             "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append("body")
+            return {"type": "http.request", "body": body, "more_body": False}
+        await aio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    async def run():
+        try:
+            await app(scope, receive, send)
+        except Exception:
+            pass
+        finally:
+            await up.close()
+
+    before = gateway["good"].calls
+    aio.run(run())
+    assert gateway["good"].calls == before + 1  # the upstream was asked (its first event read) ...
+    month = billing.key_month(key[:11])  # ... and nothing is held or charged
+    assert month["reserved_micros"] == 0 and month["spent_micros"] == 0
+    assert up.in_flight == 0 and up.replicas[0].outstanding == 0

@@ -389,11 +389,36 @@ async def upstream_route(request: Request, path: str):
             await ticket.release()
             raise
         handed_over = True
-        return StreamingResponse(_relay(up, plan, ticket, opened), media_type="text/event-stream",
-                                 headers={**ticket.headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+        return _Relay(up, ticket, opened, _relay(up, plan, ticket, opened), media_type="text/event-stream",
+                      headers={**ticket.headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
     finally:
         if not handed_over:
             up.in_flight -= 1
+
+
+class _Relay(StreamingResponse):
+    """The relayed stream's response; once it is over, whatever its generator did not clean up is:
+    a client gone before the first byte never starts the generator (its reservation is given back,
+    the replica's slot freed), and one gone mid-stream leaves it suspended (closed here, so it
+    bills what was sent at once rather than when it is collected)."""
+
+    def __init__(self, up: Upstream, ticket, opened: "Opened", content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.up, self.ticket, self.opened, self.generator = up, ticket, opened, content
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.opened.relayed:  # the client left before the relay began
+                self.opened.relayed = True
+                self.up.end(self.opened.replica, self.opened.share)
+                self.up.in_flight -= 1
+                try:
+                    await self.opened.response.aclose()
+                finally:
+                    await self.ticket.release()
+            await self.generator.aclose()
 
 
 def _replay(stored: dict, plan: Plan) -> StreamingResponse:
@@ -537,6 +562,7 @@ class Opened:
     response: object
     events: object  # the async iterator of SSE data payloads
     first: Optional[str]  # the first event, read before the client got anything
+    relayed: bool = False  # the relay began (it cleans up after itself from then on)
 
 
 async def _events(resp):
@@ -623,6 +649,7 @@ def _content_of(chunk: dict, choices: dict) -> tuple[str, int]:
 
 async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
     """Relay the upstream's events as they come; settle from its usage before the last bytes."""
+    opened.relayed = True
     state = {"chunks": 0, "text": [], "busy_ms": None}
     choices: dict = {}
     replica = opened.replica
