@@ -24,8 +24,10 @@ PROMPT_TOKENS = 7
 class Fake:
     """A tiny OpenAI-compatible server: replies with ``words`` words, one per stream chunk."""
 
-    def __init__(self, usage: bool = True, die_after: int | None = None, hold: bool = False, delay: float = 0.0):
+    def __init__(self, usage: bool = True, die_after: int | None = None, hold: bool = False, delay: float = 0.0,
+                 status: int = 200):
         self.usage, self.die_after, self.calls, self.hold, self.delay = usage, die_after, 0, hold, delay
+        self.status = status
         self.holding = 0
         self.bodies: list[dict] = []
         app = FastAPI()
@@ -39,6 +41,9 @@ class Fake:
             body = await request.json()
             self.calls += 1
             self.bodies.append(body)
+            if self.status != 200:
+                return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}},
+                                    status_code=self.status)
             if body.get("max_tokens") == 999:
                 return JSONResponse({"error": {"message": "max_tokens 999 is not allowed here", "type":
                                                "invalid_request_error", "param": "max_tokens", "code": None}},
@@ -103,7 +108,7 @@ def gateway(tmp_path_factory, model_dir):
     from zenlm.serve.upstream import parse_upstream
 
     good, bare, dying, held = Fake(), Fake(usage=False), Fake(die_after=2), Fake(hold=True)
-    trickle, held2 = Fake(delay=0.2), Fake(hold=True)
+    trickle, held2, broken = Fake(delay=0.2), Fake(hold=True), Fake(status=503)
     refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     ups = [parse_upstream(f"up={good.url}"),
            parse_upstream(f"pair={refused},{good.url}"),
@@ -114,7 +119,8 @@ def gateway(tmp_path_factory, model_dir):
            parse_upstream(f"capped={held.url};concurrency=1;timeout=10"),
            parse_upstream(f"trickle={trickle.url}"),
            parse_upstream(f"waits={held.url};timeout=10"),
-           parse_upstream(f"lb={held.url},{held2.url};timeout=10")]
+           parse_upstream(f"lb={held.url},{held2.url};timeout=10"),
+           parse_upstream(f"flaky={broken.url},{good.url}")]
     tmp = tmp_path_factory.mktemp("gateway")
     cfg = ServeConfig(database=str(tmp / "zenlm.sqlite3"), admin_token="admin")
     app = build_server(cfg, ups)
@@ -130,12 +136,13 @@ def gateway(tmp_path_factory, model_dir):
         assert time.time() < deadline and thread.is_alive(), "gateway did not start"
         time.sleep(0.02)
     yield dict(url=f"http://127.0.0.1:{port}", billing=billing, good=good, bare=bare, dying=dying, held=held,
-               upstreams=app.app.state.upstreams, refused=refused, held2=held2)
+               upstreams=app.app.state.upstreams, refused=refused, held2=held2,
+               broken=broken)
     server.should_exit = True
     thread.join(timeout=10)
     held.hold = False
     held2.hold = False
-    for f in (good, bare, dying, held, trickle, held2):
+    for f in (good, bare, dying, held, trickle, held2, broken):
         f.stop()
 
 
@@ -223,6 +230,23 @@ def test_refused_replica_is_skipped(gateway):
         else:
             assert reply.choices[0].message.content == "".join(WORDS[:2])
     assert gateway["good"].calls == before + 2
+
+
+def test_5xx_before_the_first_byte_moves_on_and_charges_once(gateway):
+    billing = gateway["billing"]
+    key = billing.create_key("acme", "basic")[0]
+    client = _client(gateway, key)
+    broken, flaky = gateway["broken"], gateway["upstreams"]["flaky"]
+    for stream in (False, True):
+        flaky.replicas[0].down_until = 0.0  # admitted again, so it is tried first (fewest in flight, first given)
+        calls = broken.calls
+        reply = client.chat.completions.create(model="flaky", max_tokens=2, stream=stream,
+                                               messages=[{"role": "user", "content": "hi"}])
+        text = ("".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream
+                else reply.choices[0].message.content)
+        assert text == "".join(WORDS[:2]) and broken.calls == calls + 1
+    assert _spent(billing, key) == 2 * (PROMPT_TOKENS + 4)
+    assert flaky.replicas[0].failures >= 1  # set aside (the health check may have let it back since)
 
 
 def test_replica_dying_mid_stream_charges_what_was_delivered(gateway):
