@@ -66,7 +66,9 @@ def test_make_demo_installs_only_its_own_extras_and_passes_args():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     root = Path(__file__).resolve().parents[2]
-    run = lambda *a: subprocess.run(["make", "-n", "-B", *a], cwd=root, capture_output=True, text=True, check=True).stdout
+    # --no-print-directory: under `make test` (CI) this make is nested and would add "make[1]: ..." lines
+    run = lambda *a: subprocess.run(["make", "-n", "-B", "--no-print-directory", *a], cwd=root, capture_output=True,
+                                    text=True, check=True).stdout
     demo = run("demo", "ARGS=--port 8001")
     installs = [line for line in demo.splitlines() if "pip install -e" in line]
     assert installs == [".venv/bin/pip install -e '.[demo]'"], demo
