@@ -76,19 +76,40 @@ def zenlm_greedy(model: TransformerLM, ids: list[int], n: int) -> tuple[list[int
     return out, gap, prompt_logits
 
 
-def llamacpp_greedy(path: Path, ids: list[int], n: int):
-    from llama_cpp import Llama
+# llama.cpp runs in its own process: loaded beside torch in one process, its OpenMP/ggml runtime
+# crashed (segmentation fault on the first eval, llama-cpp-python 0.3.36, torch 2.13)
+_WORKER = """
+import json, sys
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+path, ids, n, prompt = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = Llama(model_path=path, n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False, seed=0)
+llm.reset()
+llm.eval(ids)
+prompt_logits = np.array(llm.scores[:len(ids)], dtype=np.float32).tolist()
+out = []
+for _ in range(n):
+    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    out.append(nxt)
+    llm.eval([nxt])
+tokenized = list(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+print(json.dumps({"version": llama_cpp.__version__, "greedy": out, "prompt_logits": prompt_logits,
+                  "tokenized": tokenized}))
+"""
 
-    llm = Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False, seed=0)
-    llm.reset()
-    llm.eval(ids)
-    prompt_logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return llm, out, prompt_logits
+
+def llamacpp_greedy(path: Path, ids: list[int], n: int, prompt: str = PROMPT) -> dict:
+    """llama.cpp's tokenization of ``prompt``, its prompt logits and ``n`` greedy tokens, from a worker process."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _WORKER, str(path), json.dumps(ids), str(n), prompt],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"llama.cpp could not run {path.name} (exit {proc.returncode}): {proc.stderr[-800:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["prompt_logits"] = np.array(result["prompt_logits"], dtype=np.float32)
+    return result
 
 
 def check(out_dir: Path, tokens: int = 32, types=("f32",), variants=tuple(VARIANTS)) -> dict:
@@ -102,15 +123,20 @@ def check(out_dir: Path, tokens: int = 32, types=("f32",), variants=tuple(VARIAN
         for kind in types:
             path = out_dir / f"{name}-{kind}.gguf"
             report = export_gguf(model, tok, path, type=kind)
-            llm, got, got_logits = llamacpp_greedy(path, ids, tokens)
-            llama_ids = llm.tokenize(PROMPT.encode("utf-8"), add_bos=False, special=True)
+            try:
+                ran = llamacpp_greedy(path, ids, tokens)
+            except RuntimeError as e:  # a file llama.cpp refuses is a row of the report, not a crash
+                rows.append(dict(variant=name, type=kind, architecture=report["architecture"], tokenizer_equal=False,
+                                 prompt_logits_max_diff=float("nan"), greedy_equal=False, agreeing_prefix=0,
+                                 min_top2_gap=gap, zenlm=want, llama_cpp=None, error=str(e).splitlines()[0]))
+                continue
+            got, got_logits, llama_ids = ran["greedy"], ran["prompt_logits"], ran["tokenized"]
             agree = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
             rows.append(dict(variant=name, type=kind, architecture=report["architecture"],
                              tokenizer_equal=list(llama_ids) == ids,
                              prompt_logits_max_diff=float(np.abs(want_logits - got_logits).max()),
                              greedy_equal=want == got, agreeing_prefix=agree, min_top2_gap=gap,
                              zenlm=want, llama_cpp=got))
-            del llm
     f32 = [r for r in rows if r["type"] == "f32"]
     return {"tokenizer_equal": all(r["tokenizer_equal"] for r in rows),
             "greedy_equal": all(r["greedy_equal"] for r in f32), "rows": rows}
@@ -123,20 +149,24 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=None, help="folder for the .gguf files (default: a temporary one)")
     args = parser.parse_args(argv)
-    try:
-        import llama_cpp
-    except ImportError:
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
         print("llama_cpp is not importable: pip install llama-cpp-python (builds llama.cpp, ~20 min on 2 cores)")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         result = check(Path(args.out or tmp), args.tokens, tuple(args.types.split(",")), tuple(args.variants.split(",")))
-    print(f"llama-cpp-python {llama_cpp.__version__}, {args.tokens} greedy tokens")
+    from zenlm.cpu import cpu_info
+
+    print(cpu_info().describe())
+    print(f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {args.tokens} greedy tokens")
     print(f"{'variant':<13} {'type':<5} {'arch':<6} {'tok ids':<7} {'greedy':<6} {'agree':>5} "
           f"{'max|dlogit|':>11} {'min gap':>8}")
     for r in result["rows"]:
         print(f"{r['variant']:<13} {r['type']:<5} {r['architecture']:<6} {str(r['tokenizer_equal']):<7} "
               f"{str(r['greedy_equal']):<6} {r['agreeing_prefix']:>5} {r['prompt_logits_max_diff']:>11.2e} "
-              f"{r['min_top2_gap']:>8.3f}")
+              f"{r['min_top2_gap']:>8.3f}" + (f"  {r['error']}" if r.get("error") else ""))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     return 0 if result["tokenizer_equal"] and result["greedy_equal"] else 1
 
