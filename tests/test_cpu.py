@@ -98,7 +98,8 @@ def test_int8_and_precision_tests_hold_with_avx2_kernels_forced():
     tests = ["tests/test_quantize.py", "tests/test_cpu.py", "tests/test_fast_cpu.py",
              "tests/train/test_loop.py::test_bf16_autocast_trains",
              "tests/train/test_loop.py::test_precision_on_the_cpu_it_has",
-             "tests/retrieval/test_embed.py::test_embedder_precisions_and_truncation"]
+             "tests/retrieval/test_embed.py::test_embedder_precisions_and_truncation",
+             "tests/retrieval/test_index.py::test_queries_are_encoded_at_full_precision"]
     me = "tests/test_cpu.py::test_int8_and_precision_tests_hold_with_avx2_kernels_forced"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--deselect", me, *tests],
                           cwd=root,

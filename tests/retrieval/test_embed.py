@@ -39,12 +39,9 @@ def test_embedder_decoder_only_last_token(tokenizer):
     np.testing.assert_allclose(out[2], model.embed(ids, pooling="last")[0].numpy(), atol=1e-5)
 
 
-def test_embedder_precisions_and_truncation(tokenizer, caplog, monkeypatch):
-    from zenlm import cpu
-
+def test_embedder_precisions_and_truncation(tokenizer, caplog, cpu_with):
     # the bf16 path itself on every host (emulated where the CPU has none; the model is tiny) ...
-    monkeypatch.setattr(cpu, "cpu_info", lambda: cpu.detect(env={}, arch="x86_64", model="Zen 4", flags=frozenset(
-        {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"})))
+    cpu_with(bf16=True)
     model = tiny_encoder(tokenizer.vocab_size, hidden=64)
     ref = Embedder(model, tokenizer).encode(TEXTS)
     for precision, floor in (("bf16", 0.999), ("int8", 0.95)):
@@ -65,8 +62,7 @@ def test_embedder_precisions_and_truncation(tokenizer, caplog, monkeypatch):
     assert set(linears) <= quantized  # every Linear, zenlm's subclass included
     assert all(isinstance(m.weight, torch.nn.Parameter) for n, m in model.named_modules() if n in linears)
     # ... and on a CPU without native bf16, asking for it gives fp32 and one line saying why
-    monkeypatch.setattr(cpu, "cpu_info", lambda: cpu.detect(env={}, arch="x86_64", model="Zen 3",
-                                                            flags=frozenset({"avx2", "fma"})))
+    cpu_with(bf16=False)
     with caplog.at_level("WARNING", logger="zenlm.cpu"):
         assert Embedder(model, tokenizer, precision="bf16").precision == "fp32"
     assert "bf16 -> fp32 for embeddings" in caplog.text

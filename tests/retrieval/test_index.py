@@ -15,9 +15,10 @@ from .conftest import TEXTS, docs, tiny_encoder
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_queries_are_encoded_at_full_precision(tmp_path, tokenizer):
+def test_queries_are_encoded_at_full_precision(tmp_path, tokenizer, cpu_with):
     """A bf16 or int8 embedder speeds up documents; queries keep the fp32 model, so near-tied documents
     are ranked as at fp32 (and the index's dense scores use those query vectors)."""
+    cpu_with(bf16=True)  # the bf16 path on every host (emulated where the CPU has none)
     model = tiny_encoder(tokenizer.vocab_size, hidden=64)
     fp32 = Embedder(model, tokenizer).encode(TEXTS[:4])
     for precision in ("bf16", "int8"):

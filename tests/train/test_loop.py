@@ -177,18 +177,9 @@ def test_attention_backend_math_follows_the_default_kernel(tmp_path, corpus):
         Trainer(TrainConfig.from_dict(cfg)).train()
 
 
-def _cpu_with(monkeypatch, bf16: bool):
-    """Make zenlm see a CPU with (Zen 4) or without (Zen 3) native bf16, whatever this host is."""
-    from zenlm import cpu
-
-    flags = {"avx2", "fma"} | ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"} if bf16 else set())
-    fake = cpu.detect(env={}, flags=frozenset(flags), model="Zen 4" if bf16 else "Zen 3", arch="x86_64")
-    monkeypatch.setattr(cpu, "cpu_info", lambda: fake)
-
-
-def test_bf16_autocast_trains(tmp_path, corpus, monkeypatch):
+def test_bf16_autocast_trains(tmp_path, corpus, cpu_with):
     # the bf16 path itself, on every host (emulated where the CPU has no bf16: tiny, so still quick)
-    _cpu_with(monkeypatch, bf16=True)
+    cpu_with(bf16=True)
     cfg = run_config(tmp_path, corpus, precision="bf16", max_steps=4)
     trainer = Trainer(TrainConfig.from_dict(cfg))
     assert trainer.amp_dtype == torch.bfloat16
@@ -197,9 +188,9 @@ def test_bf16_autocast_trains(tmp_path, corpus, monkeypatch):
     assert load_weights(Path(cfg["out_dir"]) / "best" / "model.safetensors")["embed_tokens.weight"].dtype == torch.float32
 
 
-def test_precision_on_the_cpu_it_has(tmp_path, corpus, monkeypatch, caplog):
+def test_precision_on_the_cpu_it_has(tmp_path, corpus, cpu_with, caplog):
     """A recipe's bf16 on a CPU without native bf16 trains in fp32 and says so; strict fails fast."""
-    _cpu_with(monkeypatch, bf16=False)
+    cpu_with(bf16=False)
     for asked in ("bf16", "auto"):
         with caplog.at_level("WARNING", logger="zenlm.cpu"):
             trainer = Trainer(TrainConfig.from_dict(run_config(tmp_path, corpus, precision=asked, max_steps=1,
@@ -209,7 +200,7 @@ def test_precision_on_the_cpu_it_has(tmp_path, corpus, monkeypatch, caplog):
     cfg = run_config(tmp_path, corpus, precision="bf16", strict_precision=True, out_dir=str(tmp_path / "strict"))
     with pytest.raises(ValueError, match="no native bf16"):
         Trainer(TrainConfig.from_dict(cfg))
-    _cpu_with(monkeypatch, bf16=True)
+    cpu_with(bf16=True)
     trainer = Trainer(TrainConfig.from_dict(run_config(tmp_path, corpus, precision="auto", out_dir=str(tmp_path / "a"))))
     assert trainer.amp_dtype == torch.bfloat16
 
