@@ -23,7 +23,7 @@ behind A's whole backlog.
     python benchmarks/bench_serve.py --flood-only [--flood-clients 8] [--flood-prompts 32] [--flood-probes 30]
 
 Before/after a change: the tokenizer is trained on the tree's own zenlm/*.py, so run both trees
-with one --corpus (e.g. --corpus /tmp/before/zenlm); otherwise the random model says other things
+with one --corpus (e.g. --corpus ../zenlm-before/zenlm, a worktree of the old commit); otherwise the random model says other things
 and time to first visible token differs for that reason alone.
 """
 from __future__ import annotations

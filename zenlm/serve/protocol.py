@@ -29,8 +29,9 @@ def now() -> int:
 
 
 def _lone_surrogate(value) -> Optional[str]:
-    """The first lone UTF-16 surrogate in a (nested) value, as ``\\udXXX``; JSON allows ``"\\ud800"``
-    escapes that decode to no character at all, which no tokenizer (and no UTF-8 encoder) takes."""
+    """The first lone UTF-16 surrogate in a (nested) value, written as its escape (e.g. ``\\ud800``).
+    JSON allows such escapes, which decode to no character at all; no tokenizer (and no UTF-8 encoder)
+    takes them."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
