@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -43,6 +44,24 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def replace_dir(ready: PathLike, final: PathLike) -> None:
+    """Swap the finished folder ``ready`` into place as ``final``: the old one is renamed aside first and
+    removed after, so a reader sees the old folder or the new one, never a mix; then fsync the parent."""
+    ready, final = Path(ready), Path(final)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(ready, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(ready, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, replace_dir
 from .corpora import Document
 from .embed import Embedder
 
@@ -202,13 +202,7 @@ class Index:
             shutil.rmtree(building, ignore_errors=True)
             raise
         index.close()
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-            os.replace(building, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(building, directory)
+        replace_dir(building, directory)
         return cls.open(directory, embedder)
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, save_weights
+from ..checkpoint import atomic_write, replace_dir, save_weights
 from ..config import TransformerConfig
 from ..tokenizer import Tokenizer
 
@@ -39,18 +39,7 @@ def write_dir_atomically(final: os.PathLike, fill: Callable[[Path], None]) -> No
     tmp.mkdir(parents=True)
     fill(tmp)
     atomic_write(tmp / COMPLETE_NAME, lambda p: Path(p).write_text("ok\n"))
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_dir(tmp, final)
 
 
 def write_model_folder(final: os.PathLike, model_config: TransformerConfig, tensors: dict, tokenizer: Tokenizer,
