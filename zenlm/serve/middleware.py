@@ -10,6 +10,20 @@ from .errors import PayloadTooLarge
 from .metrics import Metrics
 
 
+
+def replaying(body: bytes, receive):
+    """An ASGI ``receive`` that hands over ``body`` (already read whole) once, then the real one's
+    messages (a disconnect): for the app behind a middleware that had to read the body first."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay
+
 class Gate:
     """Outermost ASGI layer: a request id on every response, a 413 for bodies over the limit
     (by Content-Length, or counted as a chunked body arrives), and request metrics. An error raised
@@ -52,16 +66,7 @@ class Gate:
             elif body is _TOO_LARGE:
                 await too_large()(scope, receive, send_with_id)
             else:
-                replayed = False
-
-                async def replay():
-                    nonlocal replayed
-                    if replayed:
-                        return await receive()
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-
-                await self._run(scope, replay, send_with_id, status)
+                await self._run(scope, replaying(body, receive), send_with_id, status)
         if route.startswith(("/v1/", "/admin/")):
             label = _route_label(route)
             self.metrics.requests.labels(label, str(status["code"])).inc()

@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .billing import Usage, to_micros
 from .errors import APIError, InvalidRequest
+from .middleware import replaying
 
 try:  # the openai client brings one of the two (openai 3 depends on httpx2, older ones on httpx)
     import httpx2 as httpx
@@ -266,16 +267,7 @@ class UpstreamDispatch:
             scope[SCOPE_KEY] = (model, scope["path"], parsed)
             scope["path"] = INTERNAL + scope["path"]
             scope["raw_path"] = scope["path"].encode()
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 router = APIRouter(include_in_schema=False)
