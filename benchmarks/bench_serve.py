@@ -63,6 +63,19 @@ def build_model(folder: Path, preset: str, corpus: Path = ROOT / "zenlm") -> Pat
     return folder
 
 
+def bench_keys_and_port(database: str, customers: tuple = ("bench",)) -> tuple[list[str], int]:
+    """A generous plan "bench" in ``database``, one key per customer, and a free loopback port."""
+    import socket
+
+    billing = Billing.open(database)
+    billing.create_plan("bench", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12,
+                        requests_per_minute=10 ** 7, tokens_per_minute=10 ** 12)
+    keys = [billing.create_key(customer, "bench")[0] for customer in customers]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return keys, s.getsockname()[1]
+
+
 def start(folder: Path, database: str, port: int, batch: int) -> subprocess.Popen:
     import urllib.request
 
@@ -79,7 +92,23 @@ def start(folder: Path, database: str, port: int, batch: int) -> subprocess.Pope
     raise RuntimeError("server did not start")
 
 
-class SSEClient:
+class _Connection:
+    """One keep-alive HTTP/1.1 connection (opened by the subclass); ``close`` ends it."""
+
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+
+class SSEClient(_Connection):
     """A minimal HTTP/1.1 client for one keep-alive connection that streams server-sent events.
 
     The load generator shares the 2 cores with the server, so it must cost far less per token than
@@ -134,15 +163,6 @@ class SSEClient:
             raise RuntimeError(f"the stream ended without {'a usage chunk' if usage is None else 'data: [DONE]'}")
         return (first if first is not None else time.perf_counter() - start), usage["completion_tokens"]
 
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except OSError:
-                pass
-        self.reader = self.writer = None
-
 
 async def run_level(port: int, key: str, clients: int, requests: int, max_tokens: int) -> dict:
     ttft, tokens = [], 0
@@ -169,7 +189,7 @@ async def run_level(port: int, key: str, clients: int, requests: int, max_tokens
             "p50": statistics.median(ttft), "p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
 
 
-class JSONClient:
+class JSONClient(_Connection):
     """One keep-alive HTTP/1.1 connection for small JSON requests: (status, seconds, body)."""
 
     def __init__(self, host: str, port: int):
@@ -195,15 +215,6 @@ class JSONClient:
         if headers.get("connection") == "close":
             await self.close()
         return status, time.perf_counter() - start, data
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except OSError:
-                pass
-        self.reader = self.writer = None
 
 
 async def flood_latency(port: int, key_a: str, key_b: str, clients: int, prompts: int, max_tokens: int,
@@ -351,15 +362,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model(Path(tmp) / "m", args.preset, args.corpus)
         db = str(Path(tmp) / "bench.sqlite3")
-        billing = Billing.open(db)
-        billing.create_plan("bench", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12,
-                            requests_per_minute=10 ** 7, tokens_per_minute=10 ** 12)
-        key = billing.create_key("bench", "bench")[0]
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        (key,), port = bench_keys_and_port(db)
         proc = start(folder, db, port, max(args.levels))
         try:
             # warm-up at every level's shape, so no level pays first-call costs (allocations, caches) alone
@@ -375,7 +378,7 @@ def main() -> None:
             proc.terminate()
             proc.wait()
         # the clients' token count (from the usage chunks) must be exactly what the ledger metered
-        rows = billing.ledger()
+        rows = Billing.open(db).ledger()
         sent = sum(r["tokens"] for r in warm + results)
         metered = sum(r["completion_tokens"] for r in rows)
         expected = sum(c * (1 + args.requests) for c in args.levels)
@@ -403,18 +406,10 @@ def main() -> None:
 
 def flood_main(args) -> None:
     """Key B's small-request latency while key A floods, on a default `zenlm serve` (batch 32, queue 256)."""
-    import socket
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model(Path(tmp) / "m", args.preset, args.corpus)
         db = str(Path(tmp) / "bench.sqlite3")
-        billing = Billing.open(db)
-        billing.create_plan("bench", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12,
-                            requests_per_minute=10 ** 7, tokens_per_minute=10 ** 12)
-        key_a, key_b = billing.create_key("a", "bench")[0], billing.create_key("b", "bench")[0]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        (key_a, key_b), port = bench_keys_and_port(db, ("a", "b"))
         proc = start(folder, db, port, 32)
         try:
             r = asyncio.run(flood_latency(port, key_a, key_b, args.flood_clients, args.flood_prompts,

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_serve  # noqa: E402
-from bench_serve import SSEClient, build_model, engine_steps, start  # noqa: E402
+from bench_serve import SSEClient, bench_keys_and_port, build_model, engine_steps, start  # noqa: E402
 
 from zenlm import Tokenizer, TransformerConfig, TransformerLM  # noqa: E402
 from zenlm.generation import Generator  # noqa: E402
@@ -130,19 +129,11 @@ def serve_level(port: int, key: str, clients: int, requests: int, max_tokens: in
 
 
 def serving(args) -> None:
-    from zenlm.serve.billing import Billing
-
     fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": LONG_SCHEMA}}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model(Path(tmp) / "m", args.serve_preset)
         db = str(Path(tmp) / "bench.sqlite3")
-        billing = Billing.open(db)
-        billing.create_plan("bench", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 12,
-                            requests_per_minute=10 ** 7, tokens_per_minute=10 ** 12)
-        key = billing.create_key("bench", "bench")[0]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        (key,), port = bench_keys_and_port(db)
         proc = start(folder, db, port, args.clients)
         try:
             for extra in ({}, fmt):  # warm-up at the full shape, both ways
