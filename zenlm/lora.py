@@ -257,15 +257,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
     return directory
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def read_adapter_info(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA adapter at {directory} (missing {ADAPTER_CONFIG})")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    info = _read_json(path)
     if not isinstance(info, dict) or not {"lora", "modules", "base"} <= set(info):
         raise ValueError(f"{path} is not a zenlm adapter description (needs lora, modules, base)")
     return info
@@ -483,10 +487,7 @@ def read_peft_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / PEFT_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no PEFT adapter at {directory} (missing {PEFT_CONFIG})")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    cfg = _read_json(path)
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a PEFT adapter config (a JSON object)")
     if cfg.get("peft_type") != "LORA":

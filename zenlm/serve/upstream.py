@@ -167,6 +167,11 @@ class Upstream:
         return len(self.tokenizer.encode(text))
 
 
+# numeric ``;key=value`` options: (Upstream attribute, type, must be > 0)
+_NUMBERS = {"timeout": ("timeout_s", float, True), "concurrency": ("concurrency", int, True),
+            "max_tokens": ("max_tokens", int, True), "eject": ("eject_s", float, False)}
+
+
 def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
     """``NAME=URL[,URL...][;timeout=S][;concurrency=N][;price=PER_HOUR][;model=REMOTE][;max_tokens=N]
     [;tokenizer=FOLDER][;eject=S][;api_key_env=VAR]``: URLs are the servers' roots
@@ -193,24 +198,16 @@ def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
             continue
         k, sep, v = opt.partition("=")
         try:
-            if k == "timeout":
-                up.timeout_s = float(v)
-                if not up.timeout_s > 0:
+            if k in _NUMBERS:
+                attribute, kind, positive = _NUMBERS[k]
+                value = kind(v)
+                if positive and not value > 0:
                     raise ValueError
-            elif k == "concurrency":
-                up.concurrency = int(v)
-                if up.concurrency < 1:
-                    raise ValueError
+                setattr(up, attribute, value)
             elif k == "price":
                 up.price_micros_per_hour = to_micros(v)
             elif k == "model":
                 up.remote_model = v or None
-            elif k == "max_tokens":
-                up.max_tokens = int(v)
-                if up.max_tokens < 1:
-                    raise ValueError
-            elif k == "eject":
-                up.eject_s = float(v)
             elif k == "tokenizer":
                 tokenizer = v
             elif k == "api_key_env":
@@ -229,7 +226,7 @@ def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
                 raise
             raise ValueError(f"--upstream {name}: bad value for {k}: {v!r}") from None
     if tokenizer:
-        from .. import load_tokenizer
+        from ..folders import load_tokenizer
 
         up.tokenizer, up.tokenizer_path = load_tokenizer(tokenizer), str(tokenizer)
     return up
