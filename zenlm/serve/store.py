@@ -7,6 +7,7 @@ in micro-units; times are Unix seconds.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,7 @@ from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, Index, I
                         Text, create_engine, event)
 from sqlalchemy.engine import Connection, Engine
 
+log = logging.getLogger("zenlm.serve.store")
 DEFAULT_DATABASE = "zenlm.sqlite3"
 DATABASE_ENV = "ZENLM_DATABASE_URL"
 
@@ -180,24 +182,29 @@ def open_database(url: Optional[str] = None, create: bool = True) -> Engine:
 
 
 def _add_columns(engine: Engine) -> None:
-    """Columns added since a table was first created (additive: ALTER TABLE ... ADD COLUMN, nullable)."""
+    """Columns added since a table was first created, added to a database an older zenlm made
+    (additive and nullable: ``ALTER TABLE ... ADD COLUMN``; old rows read them as NULL). Servers
+    starting together may race: PostgreSQL says ``IF NOT EXISTS``; on SQLite, whose ALTER has no
+    such clause, a failure is one only if the column is still missing afterwards."""
     from sqlalchemy import inspect
 
     inspector = inspect(engine)
+    postgres = engine.dialect.name == "postgresql"
     for table_name, names in ADDED_COLUMNS.items():
         have = {c["name"] for c in inspector.get_columns(table_name)}
         table = metadata.tables[table_name]
         for name in names:
             if name in have:
                 continue
-            col = table.c[name]
-            kind = col.type.compile(dialect=engine.dialect)
+            kind = table.c[name].type.compile(dialect=engine.dialect)
+            clause = "IF NOT EXISTS " if postgres else ""
             try:
                 with engine.begin() as conn:
-                    conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}")
+                    conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {clause}{name} {kind}")
             except Exception:  # another process added it meanwhile
                 if name not in {c["name"] for c in inspect(engine).get_columns(table_name)}:
                     raise
+            log.info("database: added column %s.%s (%s) to a ledger an older zenlm made", table_name, name, kind)
 
 
 def insert_ignore(conn: Connection, table: Table, **values) -> None:
