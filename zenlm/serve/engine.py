@@ -316,7 +316,7 @@ class BatchEngine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[i, width - len(r.prompt_ids):] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = KVCache(width + 1)
+        cache = KVCache(width + 1, trim_windows=True)  # sliding-window layers keep ~2 windows of keys
         if bool(mask.all()):
             hidden = self.model.decode(ids, cache=cache, name="input_ids")[0]
         else:
@@ -514,22 +514,33 @@ class BatchEngine:
                                           torch.nn.functional.pad(memory_mask, (0, s - s_new))])
         old, n = self.cache.length, cache.length
         width = max(old, n)
-        room = width + 64  # columns for the next steps before the cache must grow
-        keys, values = [], []
-        for k_old, v_old, k_new, v_new in zip(self.cache.keys, self.cache.values, cache.keys, cache.values):
+        keys, values, starts, config = [], [], [], self.model.config
+        for layer, (k_old, v_old, k_new, v_new) in enumerate(zip(self.cache.keys, self.cache.values,
+                                                                  cache.keys, cache.values)):
+            # a sliding-window layer may hold only its columns from ``start`` on (KVCache.update trimmed the
+            # rest, which no later query can see); merged, it keeps the columns both caches still hold
+            held = [0 if c.start(layer) == 0 else width - c.length + c.start(layer) for c in (self.cache, cache)]
+            start = max(held)
             b, h, _, d = k_old.shape
+            room = width - start + 64  # columns for the next steps before the buffer must grow (or trim)
+            if config.is_sliding(layer):  # KVCache's own bound for a window: about two of them
+                room = max(width - start + 1, min(room, 2 * config.sliding_window))
             k = k_old.new_zeros((b + len(reqs), h, room, d))
-            v = v_old.new_zeros((b + len(reqs), h, room, d))
-            k[:b, :, width - old:width] = k_old[:, :, :old]
-            v[:b, :, width - old:width] = v_old[:, :, :old]
-            k[b:, :, width - n:width] = k_new[:, :, :n]
-            v[b:, :, width - n:width] = v_new[:, :, :n]
+            v = v_old.new_zeros(k.shape)
+            for rows, c, (k_src, v_src) in ((slice(0, b), self.cache, (k_old, v_old)),
+                                            (slice(b, None), cache, (k_new, v_new))):
+                first = width - c.length + c.start(layer)  # merged column of the buffer's first key
+                skip = max(0, start - first)
+                at = max(first, start) - start
+                k[rows, :, at:width - start] = k_src[:, :, skip:c.length - c.start(layer)]
+                v[rows, :, at:width - start] = v_src[:, :, skip:c.length - c.start(layer)]
             keys.append(k)
             values.append(v)
+            starts.append(start)
         merged = torch.zeros((len(self.running) + len(reqs), width), dtype=torch.bool, device=self.device)
         merged[:len(self.running), width - old:] = self.mask
         merged[len(self.running):, width - n:] = mask
-        self.cache.keys, self.cache.values, self.cache.length = keys, values, width
+        self.cache.keys, self.cache.values, self.cache.starts, self.cache.length = keys, values, starts, width
         self.mask = merged
         self.positions = torch.cat([self.positions, positions])
         self.pending = torch.cat([self.pending, placeholder])
@@ -549,8 +560,10 @@ class BatchEngine:
             self.memory_mask = self.memory_mask[index]
         used = int(self.mask.sum(dim=1).max())
         cut = self.mask.size(1) - used
-        if cut > 0:
-            self.cache.keys = [k[:, :, cut:] for k in self.cache.keys]
-            self.cache.values = [v[:, :, cut:] for v in self.cache.values]
+        if cut > 0:  # a layer whose keys start at column s (a trimmed window) loses only the cut columns it holds
+            drop = [max(0, cut - self.cache.start(layer)) for layer in range(len(self.cache.keys))]
+            self.cache.keys = [k[:, :, n:] for k, n in zip(self.cache.keys, drop)]
+            self.cache.values = [v[:, :, n:] for v, n in zip(self.cache.values, drop)]
+            self.cache.starts = [max(0, self.cache.start(layer) - cut) for layer in range(len(self.cache.keys))]
             self.cache.length -= cut
             self.mask = self.mask[:, cut:]
