@@ -103,7 +103,11 @@ def add_serve(sub) -> None:
                         "model=REMOTE_NAME, max_tokens=N (when the client gives none), tokenizer=FOLDER, eject=S, "
                         "api_key_env=VAR (the upstream's key, read from $VAR)")
     p.add_argument("--upstream-tokenizer", action="append", default=[], metavar="NAME=FOLDER",
-                   help="the tokenizer that counts an upstream's tokens when it reports no usage")
+                   help="the tokenizer (a model folder or .gguf) that counts an upstream's tokens when it reports "
+                        "no usage")
+    p.add_argument("--catalog", default=None, metavar="FILE.yaml",
+                   help="upstreams from a YAML file: 'upstreams:' a list of {name, urls, timeout, concurrency, "
+                        "price, tokenizer, model, max_tokens, eject, health, api_key_env}")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--lease", type=float, default=60.0, help="seconds before a dead server's reservations are freed")
@@ -133,6 +137,14 @@ def run_serve(args) -> None:
     unknown = set(tokenizers) - {u.name for u in upstreams}
     if unknown:
         raise ValueError(f"--upstream-tokenizer names no --upstream: {', '.join(sorted(unknown))}")
+    if args.catalog:
+        from ..serve.upstream import load_catalog
+
+        given = {u.name for u in upstreams}
+        for up in load_catalog(args.catalog):
+            if up.name in given:
+                raise ValueError(f"catalog {args.catalog}: {up.name!r} is also given by --upstream")
+            upstreams.append(up)
     serve(config, host=args.host, port=args.port, upstreams=upstreams)
 
 

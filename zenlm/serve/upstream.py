@@ -30,6 +30,7 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -101,6 +102,7 @@ class Upstream:
     price_micros_per_hour: int = 0
     max_tokens: int = 4096  # the completion cap sent upstream when the client gives none
     eject_s: float = 5.0
+    health_s: float = 5.0  # seconds between health checks of its replicas
     tokenizer: Optional[object] = None
     tokenizer_path: Optional[str] = None
     api_key: Optional[str] = None  # sent upstream as "Authorization: Bearer ..." (api_key_env=VAR)
@@ -162,74 +164,180 @@ class Upstream:
         log.warning("upstream %s replica %s set aside for %.0fs: %s", self.name, replica.url, self.eject_s, why)
 
     def count(self, text: str) -> Optional[int]:
+        """Tokens in ``text`` as the model's tokenizer makes them (no special tokens added): for a
+        reply, exactly what was delivered."""
         if self.tokenizer is None:
             return None
         return len(self.tokenizer.encode(text))
 
+    def count_prompt(self, plan: "Plan") -> Optional[int]:
+        """Prompt tokens: a chat rendered through the tokenizer's chat template when it has one (as
+        the upstream renders it), else the text of the messages or prompts."""
+        if self.tokenizer is None:
+            return None
+        if plan.messages is not None and getattr(self.tokenizer, "has_chat_template", False):
+            try:
+                return len(self.tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True,
+                                                              tokenize=True, return_dict=False))
+            except Exception:  # a template that refuses these messages: the upstream said yes, so count the text
+                log.debug("upstream %s: chat template refused the messages; counting their text", self.name)
+        return self.count(plan.prompt_text)
 
-# numeric ``;key=value`` options: (Upstream attribute, type, must be > 0)
+
+# the options of an upstream, on the command line (``;key=value``) and in a catalog (``key: value``)
+OPTIONS = ("timeout", "concurrency", "price", "model", "max_tokens", "tokenizer", "eject", "health", "api_key_env")
+# the numeric ones: (Upstream attribute, type, must be > 0)
 _NUMBERS = {"timeout": ("timeout_s", float, True), "concurrency": ("concurrency", int, True),
-            "max_tokens": ("max_tokens", int, True), "eject": ("eject_s", float, False)}
+            "max_tokens": ("max_tokens", int, True), "eject": ("eject_s", float, False),
+            "health": ("health_s", float, True)}
 
 
-def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
-    """``NAME=URL[,URL...][;timeout=S][;concurrency=N][;price=PER_HOUR][;model=REMOTE][;max_tokens=N]
-    [;tokenizer=FOLDER][;eject=S][;api_key_env=VAR]``: URLs are the servers' roots
-    (``http://host:port``; a trailing ``/v1`` is dropped); the upstream's key is read from the
-    environment variable VAR, never from the command line."""
+def make_upstream(name: str, urls: list, options: dict, where: Optional[str] = None) -> Upstream:
+    """An Upstream from its name, replica URLs and options (``OPTIONS``; values as text or as YAML
+    gives them), validated: a bad one is a ValueError that starts with ``where`` (the flag or the
+    catalog entry) and names the key and the value. URLs are the servers' roots (``http://host:port``;
+    a trailing ``/v1`` is dropped); the upstream's key comes from the environment variable that
+    ``api_key_env`` names, never from the command line or the file."""
     if httpx is None:  # pragma: no cover
-        raise ValueError("--upstream needs an async HTTP client: pip install httpx (or the openai client)")
-    head, *options = [p.strip() for p in spec.split(";")]
-    name, sep, urls = head.partition("=")
-    if not sep or not name or not urls:
-        raise ValueError(f"--upstream must look like NAME=URL[,URL...], got {spec!r}")
+        raise ValueError("the gateway needs an async HTTP client: pip install httpx2 (or the openai client)")
+    where = where or f"upstream {name!r}"
+    if not isinstance(name, str) or not name.strip() or len(name) > 128:
+        raise ValueError(f"{where}: the name must be 1-128 characters, got {name!r}")
+    if not urls:
+        raise ValueError(f"{where}: give at least one URL")
     replicas = []
-    for url in urls.split(","):
+    for url in urls:
+        if not isinstance(url, str):
+            raise ValueError(f"{where}: URL {url!r} is not text")
         url = url.strip().rstrip("/")
         if url.endswith("/v1"):
             url = url[:-3]
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--upstream {name}: {url!r} is not an http(s):// URL")
+            raise ValueError(f"{where}: {url!r} is not an http(s):// URL")
         replicas.append(Replica(url))
     up = Upstream(name, replicas)
-    tokenizer = (tokenizers or {}).get(name)
-    for opt in options:
-        if not opt:
-            continue
-        k, sep, v = opt.partition("=")
-        try:
-            if k in _NUMBERS:
-                attribute, kind, positive = _NUMBERS[k]
+    tokenizer = None
+    for k, v in options.items():
+        if k not in OPTIONS:
+            raise ValueError(f"{where}: unknown option {k!r} ({', '.join(OPTIONS)})")
+        bad = ValueError(f"{where}: bad value for {k}: {v!r}")
+        if isinstance(v, bool) or v is None:
+            raise bad
+        if k in _NUMBERS:
+            attribute, kind, positive = _NUMBERS[k]
+            try:
                 value = kind(v)
-                if positive and not value > 0:
-                    raise ValueError
-                setattr(up, attribute, value)
-            elif k == "price":
-                up.price_micros_per_hour = to_micros(v)
-            elif k == "model":
-                up.remote_model = v or None
-            elif k == "tokenizer":
-                tokenizer = v
-            elif k == "api_key_env":
-                import os
-
-                up.api_key = os.environ.get(v)
-                if not up.api_key:
-                    raise ValueError(f"--upstream {name}: api_key_env={v} but ${v} is not set")
-            else:
-                raise KeyError(k)
-        except KeyError:
-            raise ValueError(f"--upstream {name}: unknown option {k!r} (timeout, concurrency, price, model, "
-                             f"max_tokens, eject, tokenizer, api_key_env)") from None
-        except ValueError as e:
-            if str(e).startswith("--upstream"):
-                raise
-            raise ValueError(f"--upstream {name}: bad value for {k}: {v!r}") from None
+            except (TypeError, ValueError):
+                raise bad from None
+            # 2.5 (or "2.5") is no concurrency: an int option must read back as what was given
+            if (kind is int and str(v).strip() != str(value)) or value < 0 or (positive and value == 0):
+                raise bad
+            setattr(up, attribute, value)
+        elif k == "price":  # YAML reads 0.90 as a float: its shortest text is the decimal written
+            try:
+                up.price_micros_per_hour = to_micros(str(v))
+            except ValueError as e:
+                raise ValueError(f"{where}: bad value for price (per hour and replica): {e}") from None
+        elif k == "model":
+            up.remote_model = str(v) or None
+        elif k == "tokenizer":
+            tokenizer = str(v)
+        elif k == "api_key_env":
+            up.api_key = os.environ.get(str(v))
+            if not up.api_key:
+                raise ValueError(f"{where}: api_key_env={v} but ${v} is not set")
     if tokenizer:
-        from ..folders import load_tokenizer
-
-        up.tokenizer, up.tokenizer_path = load_tokenizer(tokenizer), str(tokenizer)
+        try:
+            up.tokenizer, up.tokenizer_path = counting_tokenizer(tokenizer), tokenizer
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: tokenizer {tokenizer!r}: {e}") from None
     return up
+
+
+def parse_upstream(spec: str, tokenizers: Optional[dict] = None) -> Upstream:
+    """``NAME=URL[,URL...][;timeout=S][;concurrency=N][;price=PER_HOUR][;model=REMOTE][;max_tokens=N]
+    [;tokenizer=FOLDER|FILE.gguf][;eject=S][;health=S][;api_key_env=VAR]`` (``zenlm serve --upstream``);
+    ``tokenizers``: NAME -> tokenizer path (``--upstream-tokenizer``), overridden by the spec's own."""
+    head, *parts = [p.strip() for p in spec.split(";")]
+    name, sep, urls = head.partition("=")
+    if not sep or not name or not urls:
+        raise ValueError(f"--upstream must look like NAME=URL[,URL...], got {spec!r}")
+    options = {}
+    if (tokenizers or {}).get(name):
+        options["tokenizer"] = tokenizers[name]
+    for part in parts:
+        if part:
+            k, _, v = part.partition("=")
+            options[k] = v
+    return make_upstream(name, urls.split(","), options, f"--upstream {name}")
+
+
+def load_catalog(path) -> list[Upstream]:
+    """The upstreams of a YAML catalog (``zenlm serve --catalog FILE``)::
+
+        upstreams:
+          - name: llama-8b                 # the model name clients ask for
+            urls: [http://10.0.0.5:8080, http://10.0.0.6:8080]   # or url: one
+            timeout: 30                    # seconds, connect and between bytes
+            concurrency: 16                # requests in flight at once in this gateway process (503 beyond)
+            price: 0.90                    # the hardware's cost per hour and replica
+            tokenizer: models/llama-8b     # a folder or .gguf that counts tokens when the upstream reports none
+            model: meta-llama/Llama-3.1-8B # the name the upstream knows (default: name)
+
+    and ``max_tokens``, ``eject``, ``health``, ``api_key_env`` as for ``--upstream``. Every problem
+    is a ValueError naming the file, the entry, the key and the value."""
+    import yaml
+
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no catalog file at {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"catalog {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict) or set(data) != {"upstreams"} or not isinstance(data["upstreams"], list):
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"catalog {path} must be a mapping with one key, 'upstreams', holding a list; got {keys}")
+    ups, seen = [], set()
+    for i, entry in enumerate(data["upstreams"]):
+        where = f"catalog {path}: upstreams[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping (name:, urls:, ...), got {entry!r}")
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where} has no name (name: the model name clients ask for)")
+        where += f" ({name})"
+        if name in seen:
+            raise ValueError(f"{where}: the name {name!r} is given twice")
+        seen.add(name)
+        if ("url" in entry) == ("urls" in entry):
+            raise ValueError(f"{where}: give either url: or urls:, got {sorted(k for k in entry if 'url' in k) or 'neither'}")
+        urls = entry.pop("url", None) or entry.pop("urls", None)
+        urls = [urls] if isinstance(urls, str) else urls
+        if not isinstance(urls, list) or not urls:
+            raise ValueError(f"{where}: urls must be a URL or a non-empty list of URLs, got {urls!r}")
+        ups.append(make_upstream(name, urls, entry, where))
+    if not ups:
+        raise ValueError(f"catalog {path} lists no upstreams")
+    return ups
+
+
+def counting_tokenizer(path: str):
+    """The tokenizer that counts an upstream's tokens: a model folder's tokenizer.json, or the one
+    inside a GGUF file (read from its metadata alone, without the weights)."""
+    if str(path).lower().endswith(".gguf"):
+        import gguf
+
+        from ..gguf import _tokenizer_from_gguf, read_metadata  # the file's vocabulary, not its tensors
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return _tokenizer_from_gguf(read_metadata(gguf.GGUFReader(str(path))))
+    from ..folders import load_tokenizer
+
+    return load_tokenizer(path)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -301,6 +409,7 @@ class Plan:
     max_completion: int
     stream: bool
     include_usage: bool
+    messages: Optional[list] = None  # a chat's messages, for counting its prompt through the chat template
 
 
 def _plan(up: Upstream, route: str, body: dict) -> Plan:
@@ -348,7 +457,8 @@ def _plan(up: Upstream, route: str, body: dict) -> Plan:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
     if stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    return Plan(route, body, text, bound, asked * n * prompts, stream, include_usage)
+    messages = body.get("messages") if route == "/v1/chat/completions" else None
+    return Plan(route, body, text, bound, asked * n * prompts, stream, include_usage, messages)
 
 
 @router.post(INTERNAL + "/{path:path}")
@@ -539,7 +649,7 @@ def _count_answer(up: Upstream, plan: Plan, data: dict):
                          str(ch.get("text") or ""))
     completion_text = "".join(texts)
     if up.tokenizer is not None:
-        return (up.count(plan.prompt_text), up.count(completion_text)), "local-tokenizer"
+        return (up.count_prompt(plan), up.count(completion_text)), "local-tokenizer"
     return (plan.prompt_bound, len(completion_text.encode())), "local-bytes"
 
 
@@ -653,7 +763,7 @@ async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
     def counted_usage(status: str) -> Usage:
         text = "".join(state["text"])
         if up.tokenizer is not None:
-            p, c, how = up.count(plan.prompt_text), up.count(text), "local-tokenizer"
+            p, c, how = up.count_prompt(plan), up.count(text), "local-tokenizer"
         else:
             p, c, how = plan.prompt_bound, state["chunks"], "local-chunks"
         busy = finish()
@@ -753,35 +863,55 @@ async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
 
 
 # --------------------------------------------------------------------------- health
-async def health_loop(upstreams: dict, every_s: float = 5.0) -> None:
-    """``check_health`` every few seconds, for the app's lifetime."""
+async def health_loop(upstreams: dict) -> None:
+    """Check every replica at start, reporting each that does not answer (set aside, not fatal:
+    the gateway serves the rest and keeps checking), then ``check_health`` every ``health_s``
+    seconds (the shortest of the upstreams'), for the app's lifetime."""
+    if not upstreams:
+        return
+    every = min(up.health_s for up in upstreams.values())
+    first = True
     while True:
-        await asyncio.sleep(every_s)
         try:
-            await check_health(upstreams)
+            for up, replica, why in await check_health(upstreams):
+                if first:
+                    log.warning("upstream %s: replica %s does not answer (%s); set aside and checked again every "
+                                "%gs", up.name, replica.url, why, up.health_s)
         except Exception:
             log.exception("upstream health check failed")
+        first = False
+        await asyncio.sleep(every)
 
 
-async def check_health(upstreams: dict) -> None:
+async def check_health(upstreams: dict) -> list[tuple]:
     """Re-admit set-aside replicas that answer ``/health`` (or ``/v1/models``) again, and set aside
-    those that stop answering."""
-    for up in upstreams.values():
-        for r in up.replicas:
-            alive = False
-            for path in ("/health", "/v1/models"):
-                try:
-                    resp = await up.http().get(r.url + path, timeout=min(up.timeout_s, 2.0))
-                    if resp.status_code < 500 and resp.status_code != 404:
-                        alive = True
-                        break
-                except Exception:
-                    break
-            if alive and r.down_until > time.monotonic():
-                up.ok(r)
-                log.info("upstream %s replica %s is back", up.name, r.url)
-            elif not alive and r.down_until <= time.monotonic():
-                up.eject(r, "health check failed")
+    those that stop answering; all replicas at once. Returns (upstream, replica, why) for each that
+    did not answer."""
+    async def probe(up: Upstream, r: Replica) -> Optional[str]:
+        why = "no /health or /v1/models"
+        for path in ("/health", "/v1/models"):
+            try:
+                resp = await up.http().get(r.url + path, timeout=min(up.timeout_s, 2.0))
+            except Exception as e:
+                return f"{type(e).__name__}"
+            if resp.status_code < 500 and resp.status_code != 404:
+                return None
+            why = f"{path} answered {resp.status_code}"
+        return why
+
+    pairs = [(up, r) for up in upstreams.values() for r in up.replicas]
+    results = await asyncio.gather(*(probe(up, r) for up, r in pairs))
+    down = []
+    now = time.monotonic()
+    for (up, r), why in zip(pairs, results):
+        if why is None and r.down_until > now:
+            up.ok(r)
+            log.info("upstream %s replica %s is back", up.name, r.url)
+        elif why is not None:
+            down.append((up, r, why))
+            if r.down_until <= now:
+                up.eject(r, f"health check: {why}")
+    return down
 
 
 @router.get("/admin/upstreams")
@@ -821,5 +951,5 @@ def instrument(upstreams: dict, registry) -> None:
             admitted.labels(up.name, r.url).set_function(lambda r=r: float(r.down_until <= time.monotonic()))
 
 
-__all__ = ["Upstream", "Replica", "parse_upstream", "UpstreamDispatch", "router", "health_loop", "check_health",
+__all__ = ["Upstream", "Replica", "make_upstream", "parse_upstream", "load_catalog", "counting_tokenizer", "UpstreamDispatch", "router", "health_loop", "check_health",
            "describe", "instrument"]
