@@ -27,6 +27,7 @@ keeps them the inverse of each other.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .config import TransformerConfig
 from .model import TransformerLM
 from .tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 TYPES = ("f32", "f16", "q8_0")  # what export_gguf writes (llama.cpp's converter: --outtype f32|f16|q8_0)
 
@@ -74,6 +76,10 @@ class Arch:
     accepts: Callable[[TransformerConfig], list[str]]
     config_from_gguf: Callable[[dict, set[str]], dict] = lambda kv, tensors: {}
     layer_tensors: dict[str, Any] = field(default_factory=dict)
+    # Gemma's RMSNorm scales by (1 + w): llama.cpp's converter stores w + 1 in every "*norm.weight"
+    norm_offset: float = 0.0
+    # the keys only this architecture has (softcaps, sliding window, ...), written after the common ones
+    write_hparams: Callable[[Any, TransformerConfig], None] = lambda w, c: None
 
 
 _COMMON_LAYER = {
@@ -182,6 +188,142 @@ _PHI3_LAYER = {"attn_norm.weight": "attn_norm.weight", "attn.qkv.weight": "attn_
                "mlp.fc_in.weight": "ffn_up.weight",  # gate|up fused, gate first, as HF's gate_up_proj
                "mlp.fc_out.weight": "ffn_down.weight"}
 
+# ---- Gemma, Gemma 2, Gemma 3: what llama.cpp's graphs (src/models/gemma*.cpp) compute and read
+_GEMMA_BLOCKS = {"gemma": 0, "gemma2": 2, "gemma3": 6}  # llama.cpp's default sliding pattern (0: no window)
+_GEMMA_BIG = {"gemma2": 46, "gemma3": 62}  # the 27B block counts: llama.cpp scales scores by 1/sqrt(hidden/heads)
+
+
+def gemma_query_scalar(arch: str, hidden: int, heads: int, head_dim: int, layers: int) -> float:
+    """The query_pre_attn_scalar llama.cpp's gemma graphs use: it is not a GGUF key, llama.cpp derives
+    it from the model size (hidden/heads for the 27B models, head_dim for every other)."""
+    return float(hidden // heads if layers == _GEMMA_BIG.get(arch) else head_dim)
+
+
+def swa_layers(pattern: Any, layers: int) -> list[bool]:
+    """Which layers attend within the window, from ``attention.sliding_window_pattern`` as llama.cpp
+    reads it: a per-layer bool array, or a period n (layer i slides unless i % n == n - 1; 0: all)."""
+    if isinstance(pattern, list):
+        return [bool(p) for p in pattern][:layers]
+    n = int(pattern)
+    return [n == 0 or i % n < n - 1 for i in range(layers)]
+
+
+def _gemma_accepts(version: str) -> Callable[[TransformerConfig], list[str]]:
+    """What keeps a config from being llama.cpp's ``version`` graph (Gemma: (1+w) RMSNorm, embeddings
+    times sqrt(hidden), tanh-GELU GeGLU, output tied to the embeddings; Gemma 2 adds norms after
+    attention and the MLP, both softcaps and alternating sliding layers; Gemma 3 drops the attention
+    softcap, adds q/k norms and a local rope base, and may untie the output)."""
+    def accepts(c: TransformerConfig) -> list[str]:
+        bad = []
+
+        def want(name: str, ok: bool, why: str = ""):
+            if not ok:
+                bad.append(f"{name}={getattr(c, name)!r}" + (f" ({why})" if why else ""))
+
+        want("num_encoder_layers", c.num_encoder_layers == 0)
+        want("num_decoder_layers", c.num_decoder_layers > 0)
+        want("norm", c.norm == "rmsnorm")
+        want("norm_unit_offset", c.norm_unit_offset)
+        want("pre_norm", c.pre_norm)
+        want("final_norm", c.final_norm)
+        want("sandwich_norm", c.sandwich_norm == (version != "gemma"))
+        want("scale_embedding", c.scale_embedding)
+        want("embedding_norm", not c.embedding_norm)
+        want("type_vocab_size", c.type_vocab_size == 0)
+        want("mlm_transform", not c.mlm_transform)
+        want("lm_head_bias", not c.lm_head_bias)
+        want("position", c.position == "rotary")
+        want("activation", c.activation == "geglu_tanh", "llama.cpp's gemma graphs compute the tanh GELU")
+        want("partial_rotary_factor", c.partial_rotary_factor == 1.0)
+        want("bias", not c.bias)
+        want("qkv_bias", not c.qkv_bias)
+        want("qk_norm", c.qk_norm == (version == "gemma3"))
+        want("tie_word_embeddings", c.tie_word_embeddings or version == "gemma3",
+             f"llama.cpp's {version} graph reads its output from the token embeddings")
+        scalar = gemma_query_scalar(version, c.hidden_size, c.num_attention_heads, c.head_dim, c.num_decoder_layers)
+        want("query_pre_attn_scalar", c.query_pre_attn_scalar in (None, scalar) if version != "gemma2" else
+             c.query_pre_attn_scalar == scalar, f"llama.cpp uses {scalar:g} at this size")
+        want("attn_logit_softcap", (c.attn_logit_softcap is not None) == (version == "gemma2"),
+             "llama.cpp soft-caps attention in gemma2 and only there")
+        want("final_logit_softcap", c.final_logit_softcap is not None or version != "gemma2",
+             "llama.cpp's gemma2 graph always soft-caps the logits")
+        want("final_logit_softcap", c.final_logit_softcap is None or version != "gemma")
+        if version == "gemma":
+            want("sliding_window", c.sliding_window is None or c.sliding_window >= c.max_position_embeddings,
+                 "llama.cpp's gemma graph attends to every position")
+            want("rope_local_theta", c.rope_local_theta is None)
+        kind = (c.rope_scaling or {}).get("rope_type")
+        if kind not in (None, "linear"):
+            bad.append(f"rope_scaling rope_type={kind!r} (zenlm writes gemma with linear scaling only)")
+        sliding = c.sliding_window is not None and any(c.is_sliding(i) for i in range(c.num_decoder_layers))
+        if kind and sliding and version == "gemma3" and c.rope_local_theta is None:
+            bad.append("rope_scaling on the sliding layers (llama.cpp's gemma3 scales the global layers' rope only; "
+                       "set rope_local_theta)")
+        if kind and sliding and version == "gemma2" and c.rope_local_theta is not None:
+            bad.append("rope_scaling with rope_local_theta (llama.cpp's gemma2 scales the sliding layers' rope too)")
+        return bad
+    return accepts
+
+
+def _gemma_hparams(w, c: TransformerConfig) -> None:
+    """Softcaps, the window and which layers slide, the local rope base (gemma2, gemma3)."""
+    if c.attn_logit_softcap is not None:
+        w.add_attn_logit_softcapping(float(c.attn_logit_softcap))
+    if c.final_logit_softcap is not None:
+        w.add_final_logit_softcapping(float(c.final_logit_softcap))
+    if w.arch == "gemma":
+        return
+    layers = c.num_decoder_layers
+    slides = [c.is_sliding(i) for i in range(layers)]
+    if not any(slides):
+        if w.arch == "gemma2":  # llama.cpp's gemma2 always has sliding layers unless the pattern says none
+            w.add_sliding_window_pattern([False] * layers)
+        return
+    w.add_sliding_window(int(c.sliding_window))
+    if slides != swa_layers(_GEMMA_BLOCKS[w.arch], layers):  # the converter writes no pattern for the default
+        w.add_sliding_window_pattern(slides)
+    if c.rope_local_theta is not None:
+        w.add_rope_freq_base_swa(float(c.rope_local_theta))
+    elif w.arch == "gemma3":  # llama.cpp's gemma3 default local base is 10000, ours is the global one
+        w.add_rope_freq_base_swa(float(c.rope_theta))
+
+
+def _gemma_from_gguf(version: str) -> Callable[[dict, set[str]], dict]:
+    """The zenlm flags of a gemma/gemma2/gemma3 file, with llama.cpp's defaults for absent keys."""
+    def convert(meta: dict, tensors: set[str]) -> dict:
+        def key(name, default=None):
+            return meta.get(f"{version}.{name}", default)
+
+        layers, heads = int(key("block_count")), int(key("attention.head_count"))
+        hidden = int(key("embedding_length"))
+        head_dim = int(key("attention.key_length", hidden // heads))
+        out: dict[str, Any] = dict(norm_unit_offset=True, scale_embedding=True, activation="geglu_tanh",
+                                   sandwich_norm=version != "gemma", qk_norm=version == "gemma3", bias=False,
+                                   qkv_bias=None)
+        if version != "gemma":
+            out["query_pre_attn_scalar"] = gemma_query_scalar(version, hidden, heads, head_dim, layers)
+        if version == "gemma2":
+            out["attn_logit_softcap"] = _f32(key("attn_logit_softcapping", 50.0))
+            out["final_logit_softcap"] = _f32(key("final_logit_softcapping", 30.0))
+        elif version == "gemma3" and key("final_logit_softcapping"):
+            out["final_logit_softcap"] = _f32(key("final_logit_softcapping"))
+        window = key("attention.sliding_window", 4096 if version == "gemma2" else None)
+        if version != "gemma" and window:
+            slides = swa_layers(key("attention.sliding_window_pattern", _GEMMA_BLOCKS[version]), layers)
+            if any(slides):
+                out["sliding_window"] = int(window)
+                out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in slides]
+                local = key("rope.freq_base_swa", 10_000.0 if version == "gemma3" else None)
+                if local is not None:
+                    out["rope_local_theta"] = _f32(local)
+        return out
+    return convert
+
+
+_GEMMA_LAYER = dict(_COMMON_LAYER, **{"attn_post_norm.weight": "post_attention_norm.weight",
+                                     "mlp_post_norm.weight": "post_ffw_norm.weight"})
+_GEMMA_LAYER = {k: v for k, v in _GEMMA_LAYER.items() if not k.endswith(".bias")}
+
 ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("llama", interleaved_rope=True, accepts=_llama_accepts, layer_tensors=dict(_COMMON_LAYER)),
     Arch("qwen2", interleaved_rope=False, accepts=_qwen2_accepts, layer_tensors=dict(_COMMON_LAYER),
@@ -189,9 +331,12 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("qwen3", interleaved_rope=False, accepts=_qwen3_accepts, layer_tensors={**_COMMON_LAYER, **_QK_NORM_LAYER},
          config_from_gguf=lambda kv, t: dict(qk_norm=True)),
     Arch("phi3", interleaved_rope=False, accepts=_phi3_accepts, layer_tensors=dict(_PHI3_LAYER)),
+    *(Arch(v, interleaved_rope=False, accepts=_gemma_accepts(v), config_from_gguf=_gemma_from_gguf(v),
+           layer_tensors={**_GEMMA_LAYER, **(_QK_NORM_LAYER if v == "gemma3" else {})}, norm_offset=1.0,
+           write_hparams=_gemma_hparams) for v in ("gemma", "gemma2", "gemma3")),
 )}
 # which architecture a config is written as: the first in this order that maps
-_EXPORT_ORDER = ("qwen3", "qwen2", "llama", "phi3")
+_EXPORT_ORDER = ("qwen3", "qwen2", "llama", "phi3", "gemma3", "gemma2", "gemma")
 
 
 def arch_for(config: TransformerConfig, arch: Optional[str] = None, ignore_sliding_window: bool = False) -> Arch:
@@ -350,10 +495,12 @@ def _tensor_plan(model: TransformerLM, arch: Arch) -> list[tuple[str, torch.Tens
             if arch.interleaved_rope and gguf_name.startswith(("attn_q.", "attn_k.")):
                 part = permute(part, c.num_attention_heads if gguf_name.startswith("attn_q.") else c.num_key_value_heads)
             out.append((f"blk.{layer}.{gguf_name}", part.contiguous()))
+    if arch.norm_offset:
+        out = [(n, t + arch.norm_offset if n.endswith("norm.weight") else t) for n, t in out]
     return out
 
 
-def _write_hparams(w, c, name: str, file_type) -> list:
+def _write_hparams(w, c, arch: Arch, name: str, file_type) -> list:
     """general.* and the hyper-parameters, in llama.cpp's converter's words; returns the extra tensors
     the rotary scaling needs (llama3's ``rope_freqs.weight``)."""
     import gguf
@@ -390,6 +537,7 @@ def _write_hparams(w, c, name: str, file_type) -> list:
     elif kind == "llama3":
         extra_tensors.append(("rope_freqs.weight", llama3_rope_factors(c, scaling)))
         w.add_string(_ZENLM_ROPE_KEY, json.dumps(scaling, sort_keys=True))
+    arch.write_hparams(w, c)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return extra_tensors
 
@@ -441,6 +589,27 @@ def _write_tensors(w, tensors: list, type: str) -> dict[str, int]:
     return counts
 
 
+# llama.cpp's vocabulary loader (src/llama-vocab.cpp) takes any file whose general.name contains "phi3" or
+# "phi-3" for Microsoft's Phi-3 and looks these tokens up by text: without one of them the load aborts
+# ("error loading model vocabulary: unordered_map::at"), whatever the architecture
+_PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def _llamacpp_safe_name(name: str, tokens: list, warnings: list) -> str:
+    """``name``, or, where llama.cpp would take it for Phi-3's and this vocabulary lacks Phi-3's tokens,
+    the name with "phi3"/"phi-3" written "phi_3" (and a warning saying why)."""
+    import re
+
+    missing = [t for t in _PHI3_NAME_TOKENS if t not in set(tokens)]
+    if not missing or not re.search(r"phi-?3", name, flags=re.I):
+        return name
+    safe = re.sub(r"(phi)-?(3)", r"\1_\2", name, flags=re.I)
+    warnings.append(f"general.name {name!r} written as {safe!r}: llama.cpp takes a name containing 'phi3' for "
+                    f"Phi-3's vocabulary and refuses the file when it lacks {', '.join(missing)}")
+    log.warning(warnings[-1])
+    return safe
+
+
 def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: PathLike, type: str = "f32",
                 name: Optional[str] = None, arch: Optional[str] = None, ignore_sliding_window: bool = False) -> dict:
     """Write ``model`` (and its tokenizer) as one GGUF file llama.cpp loads.
@@ -448,8 +617,11 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
     ``type``: "f32", "f16" (matrices in half precision, norms in f32) or "q8_0" (matrices in 8-bit
     blocks of 32 with one f16 scale; a matrix whose rows are not a multiple of 32 falls back to f16,
     as in llama.cpp's converter). ``tokenizer`` defaults to ``model.tokenizer``. ``arch`` picks the
-    llama.cpp architecture (default: the first of qwen3, qwen2, llama, phi3 that maps). A model whose
-    settings llama.cpp cannot compute is a ValueError naming them. Returns a small report."""
+    llama.cpp architecture (default: the first of qwen3, qwen2, llama, phi3, gemma3, gemma2, gemma that
+    maps). A model whose settings llama.cpp cannot compute is a ValueError naming them; a sliding window
+    that the architecture's llama.cpp graph ignores (Mistral as llama) is one too, unless
+    ``ignore_sliding_window`` (then a logged warning and the report's ``warnings`` say that llama.cpp
+    attends to every position). Returns a small report."""
     import gguf
 
     if type not in TYPES:
@@ -459,6 +631,13 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
         raise ValueError("a GGUF for llama.cpp carries the tokenizer: pass one (or load the model with its folder's)")
     c = model.config
     arch = arch_for(c, arch, ignore_sliding_window)
+    warnings = []
+    if (c.sliding_window is not None and c.sliding_window < c.max_position_embeddings
+            and arch.name not in ("gemma2", "gemma3")):  # the graphs that read attention.sliding_window
+        warnings.append(f"llama.cpp's {arch.name} graph attends to every position: this model's "
+                        f"sliding_window={c.sliding_window} is not in the file, so llama.cpp's outputs equal "
+                        f"zenlm's only while a sequence fits the window ({c.sliding_window} tokens)")
+        log.warning(warnings[-1])
     tok = _tokenizer_fields(tokenizer, c)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type]
@@ -468,7 +647,8 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), arch.name)
     try:
-        extra_tensors = _write_hparams(w, c, name or c.extra.get("name") or path.stem, file_type)
+        extra_tensors = _write_hparams(w, c, arch, _llamacpp_safe_name(name or c.extra.get("name") or path.stem,
+                                                                        tok["tokens"], warnings), file_type)
         _write_tokenizer(w, tok)
         counts = _write_tensors(w, _tensor_plan(model, arch) + extra_tensors, type)
         w.write_header_to_file()
@@ -478,7 +658,7 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
         w.close()
     os.replace(tmp, path)
     return {"path": str(path), "architecture": arch.name, "type": type, "bytes": path.stat().st_size,
-            "tensor_types": counts}
+            "tensor_types": counts, "warnings": warnings}
 
 
 # --------------------------------------------------------------------------- reading
@@ -701,6 +881,8 @@ def load_gguf(path: PathLike, dtype: Optional[torch.dtype] = None) -> Transforme
             part = torch.from_numpy(np.ascontiguousarray(_tensor_array(tensors[n]), dtype=np.float32))
             if arch.interleaved_rope and n.split(".")[-2] in ("attn_q", "attn_k"):
                 part = unpermute(part, config.num_attention_heads if ".attn_q." in n else config.num_key_value_heads)
+            if arch.norm_offset and n.endswith("norm.weight"):
+                part = part - arch.norm_offset
             parts.append(part)
         value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         if tuple(value.shape) != tuple(expected[ours].shape):
