@@ -25,9 +25,9 @@ class Fake:
     """A tiny OpenAI-compatible server: replies with ``words`` words, one per stream chunk."""
 
     def __init__(self, usage: bool = True, die_after: int | None = None, hold: bool = False, delay: float = 0.0,
-                 status: int = 200):
+                 status: int = 200, port: int | None = None, stall_after: int | None = None):
         self.usage, self.die_after, self.calls, self.hold, self.delay = usage, die_after, 0, hold, delay
-        self.status = status
+        self.status, self.stall_after = status, stall_after
         self.holding = 0
         self.bodies: list[dict] = []
         app = FastAPI()
@@ -73,6 +73,8 @@ class Fake:
                     await asyncio.sleep(self.delay)
                     if i == self.die_after:
                         raise RuntimeError("replica died")  # uvicorn cuts the connection mid-body
+                    if i == self.stall_after:  # alive, connected, silent
+                        await asyncio.sleep(30)
                     yield "data: " + json.dumps({**chunk, "choices": [
                         {"index": 0, "delta": {"content": WORDS[i]}, "finish_reason": None}]}) + "\n\n"
                 yield "data: " + json.dumps({**chunk, "choices": [
@@ -83,9 +85,21 @@ class Fake:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            self.calls += 1
+            n = min(len(WORDS), body.get("max_tokens") or len(WORDS))
+            out = {"id": "cmpl-fake", "object": "text_completion", "created": 1764300000, "model": body["model"],
+                   "choices": [{"index": 0, "text": "".join(WORDS[:n]), "finish_reason": "length", "logprobs": None}]}
+            if self.usage:
+                out["usage"] = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n,
+                                "total_tokens": PROMPT_TOKENS + n}
+            return JSONResponse(out)
+
         import uvicorn
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -298,21 +312,6 @@ def test_bad_key_never_reaches_the_upstream(gateway):
         _client(gateway, "zk-wrong-key").chat.completions.create(
             model="up", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert gateway["good"].calls == before
-
-
-def test_ledger_gains_columns_on_an_old_database(tmp_path):
-    import sqlite3
-
-    from zenlm.serve.store import open_database
-
-    path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as conn:  # the ledger as it was before the gateway's columns
-        conn.execute("CREATE TABLE usage_ledger (id VARCHAR(200) PRIMARY KEY, request_id VARCHAR(64))")
-    engine = open_database(str(path))
-    from sqlalchemy import inspect
-
-    assert {"counted", "upstream"} <= {c["name"] for c in inspect(engine).get_columns("usage_ledger")}
-    engine.dispose()
 
 
 def test_upstream_4xx_passes_on_and_timeouts_answer_504_uncharged(gateway):
