@@ -76,6 +76,14 @@ class TransformerConfig:
     tie_word_embeddings: bool = True  # output projection shares the input embedding
     lm_head_bias: bool = False  # BART/Marian final_logits_bias
     mlm_transform: bool = False  # BERT's dense+act+norm before the masked-LM projection
+    # mixture of experts (decoder layers): a router sends each token to the top ``experts_per_token`` of
+    # ``num_experts`` expert MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE); 0 = one dense MLP per layer
+    num_experts: int = 0
+    experts_per_token: int = 2
+    expert_intermediate_size: Optional[int] = None  # width of one expert; None = intermediate_size
+    normalize_expert_weights: bool = True  # the top-k router probabilities rescaled to sum to 1 (Qwen's norm_topk_prob)
+    shared_expert_size: int = 0  # width of an always-on expert gated by sigmoid(w·x) (Qwen2-MoE); 0 = none
+    dense_layers: Optional[list] = None  # decoder layers with a dense MLP of intermediate_size instead (Qwen's mlp_only_layers)
 
     # regularisation
     dropout: float = 0.0
@@ -155,6 +163,7 @@ class TransformerConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be > 0 (or None), got {value!r}")
+        self._validate_experts()
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
@@ -167,6 +176,31 @@ class TransformerConfig:
             value = getattr(self, name)
             if value is not None and not (0 <= value < self.vocab_size):
                 raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
+
+    def _validate_experts(self) -> None:
+        if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 0:
+            raise ValueError(f"num_experts must be an integer >= 0, got {self.num_experts!r}")
+        if not isinstance(self.shared_expert_size, int) or self.shared_expert_size < 0:
+            raise ValueError(f"shared_expert_size must be an integer >= 0, got {self.shared_expert_size!r}")
+        if not self.num_experts:
+            if self.shared_expert_size:
+                raise ValueError(f"shared_expert_size={self.shared_expert_size} needs num_experts > 0")
+            return
+        if self.num_encoder_layers:
+            raise ValueError(f"num_experts={self.num_experts} needs a decoder-only model (zenlm routes decoder layers "
+                             f"only), got num_encoder_layers={self.num_encoder_layers}")
+        if not (isinstance(self.experts_per_token, int) and 1 <= self.experts_per_token <= self.num_experts):
+            raise ValueError(f"experts_per_token must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.experts_per_token!r}")
+        if self.expert_intermediate_size is not None:
+            if not isinstance(self.expert_intermediate_size, int) or self.expert_intermediate_size <= 0:
+                raise ValueError(f"expert_intermediate_size must be a positive integer, got "
+                                 f"{self.expert_intermediate_size!r}")
+        if self.dense_layers is not None:
+            bad = [i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.num_decoder_layers)]
+            if bad:
+                raise ValueError(f"dense_layers holds {bad[0]!r}; layers are 0..{self.num_decoder_layers - 1}")
+            self.dense_layers = sorted(set(self.dense_layers))
 
     def _validate_rope_scaling(self) -> None:
         if self.rope_scaling is None:
@@ -206,6 +240,10 @@ class TransformerConfig:
         if self.sliding_window is None:
             return False
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` routes tokens to experts instead of one dense MLP."""
+        return self.num_experts > 0 and layer not in (self.dense_layers or ())
 
     @property
     def family(self) -> str:

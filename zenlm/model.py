@@ -6,7 +6,7 @@ Encoder-decoder, decoder-only and encoder-only models are the same code with
 different layer counts; BERT, GPT-2, BART, Marian, Llama, Qwen, Mistral, Gemma and
 Phi differ only by the flags in ``TransformerConfig`` (norm type and placement,
 activation, position scheme and its scaling, bias, key/value heads, sliding windows,
-soft-capping).
+soft-capping); Mixtral and Qwen-MoE swap the MLP for a mixture of experts (``MoE``).
 
 Why it is one long file: it is the one model, and it reads top to bottom like the paper; the house
 rule (tests/test_layout.py) lets it import only torch, config and kernels, so the per-family rotary
@@ -438,20 +438,59 @@ class MLP(nn.Module):
         return self.fc_out(self.act(h))
 
 
+class MoE(nn.Module):
+    """Sparse mixture of experts (Shazeer et al., 2017; Mixtral; Qwen-MoE) in place of the one MLP: a linear
+    router scores the experts per token, softmax; the token goes through the top ``experts_per_token``
+    expert MLPs and takes their outputs weighted by those probabilities (rescaled to sum to 1 with
+    ``normalize_expert_weights``). Qwen2-MoE adds a shared expert every token goes through, scaled by
+    sigmoid(w·x). Each expert runs once per call on the tokens routed to it, so a token costs k experts."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.top_k, self.renormalize = config.experts_per_token, config.normalize_expert_weights
+        self.router = Linear(config.hidden_size, config.num_experts, bias=False)
+        width = config.expert_intermediate_size or config.intermediate_size
+        expert = config.replace(intermediate_size=width, num_experts=0, shared_expert_size=0)
+        self.experts = nn.ModuleList(MLP(expert) for _ in range(config.num_experts))
+        if config.shared_expert_size:
+            self.shared = MLP(config.replace(intermediate_size=config.shared_expert_size, num_experts=0,
+                                             shared_expert_size=0))
+            self.shared_gate = Linear(config.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, experts), each (tokens, k): the k most probable experts of each token of x (tokens, d)."""
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, x.size(-1))
+        weights, chosen = self.route(h)
+        out = torch.zeros_like(h)
+        for e in chosen.unique().tolist():  # only the experts some token chose
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, self.experts[e](h[token]) * weights[token, slot, None])
+        if hasattr(self, "shared"):
+            out = out + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
+        return out.view_as(x)
+
+
 # --------------------------------------------------------------------------- block
 class Block(nn.Module):
     """Self-attention, optional cross-attention, MLP; each a residual sublayer,
     normalised before (pre-LN) or after (post-LN) the residual add; with ``sandwich_norm``
     a pre-LN sublayer's output is normalised too before the add (Gemma 2/3)."""
 
-    def __init__(self, config: TransformerConfig, cross: bool, sliding: bool = False):
+    def __init__(self, config: TransformerConfig, cross: bool, sliding: bool = False, moe: bool = False):
         super().__init__()
         self.pre_norm, self.sliding = config.pre_norm, sliding
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, window=config.sliding_window if sliding else None)
         if cross:
             self.cross_norm, self.cross_attn = make_norm(config), Attention(config, cross=True)
-        self.mlp_norm, self.mlp = make_norm(config), MLP(config)
+        self.mlp_norm, self.mlp = make_norm(config), (MoE(config) if moe else MLP(config))
         if config.sandwich_norm:
             self.attn_post_norm, self.mlp_post_norm = make_norm(config), make_norm(config)
         self.drop = nn.Dropout(config.dropout)
@@ -503,8 +542,8 @@ class Stack(nn.Module):
             self.embed_norm = make_norm(config)
         self.drop = nn.Dropout(config.dropout)
         # sliding windows are a decoder feature (the decoder of a decoder-only model)
-        self.layers = nn.ModuleList(Block(config, cross, sliding=causal and config.is_sliding(i))
-                                    for i in range(num_layers))
+        self.layers = nn.ModuleList(Block(config, cross, sliding=causal and config.is_sliding(i),
+                                          moe=causal and config.is_moe(i)) for i in range(num_layers))
         if config.final_norm:
             self.final_norm = make_norm(config)
 

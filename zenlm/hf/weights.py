@@ -27,14 +27,17 @@ HEAD_PARAMS = ("lm_head.weight", "lm_head_bias", "mlm_dense.weight", "mlm_dense.
 
 # --------------------------------------------------------------------------- names
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
 def layer_template(name: str) -> tuple[str, Optional[int]]:
-    """``decoder.layers.3.attn.out.weight`` -> (``decoder.layers.{n}.attn.out.weight``, 3)."""
+    """``decoder.layers.3.attn.out.weight`` -> (``decoder.layers.{n}.attn.out.weight``, 3); an expert's
+    index becomes ``{e}`` too (``decoder.layers.{n}.mlp.experts.{e}.fc_in.weight``)."""
     m = _LAYER.search(name)
     if m is None:
         return name, None
-    return name[:m.start()] + ".layers.{n}." + name[m.end():], int(m.group(1))
+    rest = _EXPERT.sub(".experts.{e}.", name[m.end():], count=1)
+    return name[:m.start()] + ".layers.{n}." + rest, int(m.group(1))
 
 
 def _sources(family: Family, name: str) -> tuple[tuple[str, ...], str]:
@@ -44,7 +47,8 @@ def _sources(family: Family, name: str) -> tuple[tuple[str, ...], str]:
         raise ValueError(f"zenlm tensor {name!r} has no {family.model_type} counterpart")
     source = family.weights[template]
     names = (source,) if isinstance(source, str) else source
-    return tuple(s.format(n=n) for s in names), template
+    expert = _EXPERT.search(name)
+    return tuple(s.format(n=n, e=expert and int(expert.group(1))) for s in names), template
 
 
 def hf_names(family: Family, ours: list[str], head: bool = True) -> list[str]:
