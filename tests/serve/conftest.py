@@ -81,8 +81,9 @@ class Running:
 
 
 def start_server(tmp_path: Path, models: list, embeddings: list = (), database: str | None = None,
-                 port: int | None = None, **config) -> Running:
-    """A real uvicorn server for an app over the given model folders, in a thread of this process."""
+                 port: int | None = None, upstreams: list = (), **config) -> Running:
+    """A real uvicorn server for an app over the given model folders (and ``upstream.Upstream``s,
+    the gateway's), in a thread of this process."""
     import uvicorn
 
     from zenlm.serve import ServeConfig, build_server
@@ -91,7 +92,7 @@ def start_server(tmp_path: Path, models: list, embeddings: list = (), database: 
     config.setdefault("hardware_price_per_hour", "3.60")  # 1 micro per millisecond: easy to check
     cfg = ServeConfig(models=[str(m) for m in models], embeddings=[str(e) for e in embeddings],
                       database=database or str(tmp_path / "zenlm.sqlite3"), **config)
-    app = build_server(cfg)
+    app = build_server(cfg, upstreams)
     billing = app.app.state.server.billing
     billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, included_tokens=0, monthly_budget_micros=10 ** 9,
                         requests_per_minute=100_000, tokens_per_minute=10 ** 9, replace=True)

@@ -11,13 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
 
-from .conftest import free_port, wait_healthy
+from .conftest import free_port, start_server, wait_healthy
 from .test_serve_upstream import PROMPT_TOKENS, WORDS, Fake
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -181,9 +180,6 @@ upstreams:
 # --------------------------------------------------------------------------- failures and exact counts
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, model_dir):
-    import uvicorn
-
-    from zenlm.serve import ServeConfig, build_server
     from zenlm.serve.upstream import parse_upstream
 
     templated = tmp_path_factory.mktemp("tok") / "templated"
@@ -195,23 +191,10 @@ def gateway(tmp_path_factory, model_dir):
            parse_upstream(f"stalls={stalls.url};timeout=0.5"),
            parse_upstream(f"exact={bare.url};tokenizer={templated}"),
            parse_upstream(f"trickle={trickle.url};tokenizer={templated}")]
-    tmp = tmp_path_factory.mktemp("gw")
-    app = build_server(ServeConfig(database=str(tmp / "gw.sqlite3"), admin_token="admin"), ups)
-    billing = app.app.state.server.billing
-    billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 9,
-                        requests_per_minute=100_000, tokens_per_minute=10 ** 9, replace=True)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.02)
-    yield dict(url=f"http://127.0.0.1:{port}", billing=billing, templated=templated, broken=broken,
-               broken2=broken2, upstreams=app.app.state.upstreams)
-    server.should_exit = True
-    thread.join(timeout=10)
+    gw = start_server(tmp_path_factory.mktemp("gw"), [], upstreams=ups, admin_token="admin")
+    yield dict(url=gw.url, billing=gw.billing, templated=templated, broken=broken, broken2=broken2,
+               upstreams=gw.app.app.state.upstreams)
+    gw.stop()
     for f in (broken, broken2, stalls, bare, trickle):
         f.stop()
 

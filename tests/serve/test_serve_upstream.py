@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .conftest import free_port
+from .conftest import free_port, start_server
 
 WORDS = ["alpha ", "beta ", "gamma ", "delta ", "epsilon ", "zeta "]
 PROMPT_TOKENS = 7
@@ -116,9 +116,6 @@ class Fake:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, model_dir):
-    import uvicorn
-
-    from zenlm.serve import ServeConfig, build_server
     from zenlm.serve.upstream import parse_upstream
 
     good, bare, dying, held = Fake(), Fake(usage=False), Fake(die_after=2), Fake(hold=True)
@@ -135,25 +132,10 @@ def gateway(tmp_path_factory, model_dir):
            parse_upstream(f"waits={held.url};timeout=10"),
            parse_upstream(f"lb={held.url},{held2.url};timeout=10"),
            parse_upstream(f"flaky={broken.url},{good.url}")]
-    tmp = tmp_path_factory.mktemp("gateway")
-    cfg = ServeConfig(database=str(tmp / "zenlm.sqlite3"), admin_token="admin")
-    app = build_server(cfg, ups)
-    billing = app.app.state.server.billing
-    billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 9,
-                        requests_per_minute=100_000, tokens_per_minute=10 ** 9, replace=True)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.02)
-    yield dict(url=f"http://127.0.0.1:{port}", billing=billing, good=good, bare=bare, dying=dying, held=held,
-               upstreams=app.app.state.upstreams, refused=refused, held2=held2,
-               broken=broken)
-    server.should_exit = True
-    thread.join(timeout=10)
+    gw = start_server(tmp_path_factory.mktemp("gateway"), [], upstreams=ups, admin_token="admin")
+    yield dict(url=gw.url, billing=gw.billing, good=good, bare=bare, dying=dying, held=held,
+               upstreams=gw.app.app.state.upstreams, refused=refused, held2=held2, broken=broken)
+    gw.stop()
     held.hold = False
     held2.hold = False
     for f in (good, bare, dying, held, trickle, held2, broken):
@@ -502,33 +484,19 @@ def test_cli_serves_an_upstream(gateway, tmp_path):
 
 def test_a_zenlm_server_as_upstream(tmp_path, model_dir, monkeypatch):
     """A real upstream: a second zenlm server with a tiny model, behind the gateway with a key of its own."""
-    import uvicorn
-
-    from zenlm.serve import ServeConfig, build_server
     from zenlm.serve.upstream import parse_upstream
 
-    from .conftest import start_server
-
     backend = start_server(tmp_path / "backend", [model_dir])
-    gw_server = thread = None
+    gw = None
     try:
         monkeypatch.setenv("ZEN_UPSTREAM_KEY", backend.key())
         up = parse_upstream(f"zen={backend.url};model={model_dir.name};api_key_env=ZEN_UPSTREAM_KEY;timeout=20")
-        app = build_server(ServeConfig(database=str(tmp_path / "gw.sqlite3")), [up])
-        billing = app.app.state.server.billing
-        billing.create_plan("basic", {"*": (1_000_000, 2_000_000)}, monthly_budget_micros=10 ** 9, replace=True)
-        port = free_port()
-        gw_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=gw_server.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 20
-        while not gw_server.started:
-            assert time.time() < deadline and thread.is_alive()
-            time.sleep(0.02)
+        gw = start_server(tmp_path / "gw", [], upstreams=[up])
+        billing = gw.billing
         import openai
 
         key = billing.create_key("acme", "basic")[0]
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=30)
+        client = gw.client(key)
         raw = client.chat.completions.with_raw_response.create(
             model="zen", max_tokens=5, temperature=0, messages=[{"role": "user", "content": "hello world"}])
         reply = raw.parse()
@@ -557,9 +525,8 @@ def test_a_zenlm_server_as_upstream(tmp_path, model_dir, monkeypatch):
         assert len(emb.data) == 2 and emb.usage.prompt_tokens >= 2
         assert {m.id for m in client.models.list().data} == {"zen"}
     finally:
-        if gw_server is not None:
-            gw_server.should_exit = True
-            thread.join(timeout=10)
+        if gw is not None:
+            gw.stop()
         backend.stop()
 
 

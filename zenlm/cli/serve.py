@@ -86,7 +86,12 @@ def run_keys(args) -> None:
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with keys, plans, budgets and a usage ledger")
-    p.add_argument("models", nargs="*", metavar="MODEL_DIR", help="model folders to serve (NAME=DIR to rename)")
+    p.add_argument("models", nargs="*", metavar="MODEL_DIR",
+                   help="model folders to serve (NAME=DIR to rename); with --engine llama.cpp also .gguf files")
+    p.add_argument("--engine", choices=("zenlm", "llama.cpp"), default="zenlm",
+                   help="what runs the models: zenlm's own engine, or llama.cpp's server as a child process "
+                        "behind this gateway (a folder is exported to GGUF first; the child dies with the server)")
+    p.add_argument("--engine-threads", type=int, default=None, metavar="N", help="threads per llama.cpp child")
     p.add_argument("--embeddings", action="append", default=[], metavar="DIR", help="an embedding model folder")
     p.add_argument("--index", action="append", default=[], metavar="DIR",
                    help="a search index folder (zenlm index build) for /v1/search and the playground")
@@ -145,7 +150,26 @@ def run_serve(args) -> None:
             if up.name in given:
                 raise ValueError(f"catalog {args.catalog}: {up.name!r} is also given by --upstream")
             upstreams.append(up)
-    serve(config, host=args.host, port=args.port, upstreams=upstreams)
+    children = []
+    try:
+        if args.engine == "llama.cpp":
+            from ..serve.engines import LlamaCppConfig, LlamaCppServer
+
+            if not args.models:
+                raise ValueError("--engine llama.cpp needs a model: a .gguf file or a model folder")
+            if args.engine_threads is not None and args.engine_threads < 1:
+                raise ValueError(f"--engine-threads must be >= 1, got {args.engine_threads}")
+            for spec in args.models:
+                child = LlamaCppServer(LlamaCppConfig(spec, threads=args.engine_threads))
+                children.append(child)
+                child.start()
+                print(f"llama.cpp serves {child.name} at {child.url} (pid {child.process.pid})", file=sys.stderr)
+                upstreams.append(child.upstream())
+            config.models = []
+        serve(config, host=args.host, port=args.port, upstreams=upstreams)
+    finally:
+        for child in children:
+            child.stop()
 
 
 def add_billing(sub) -> None:
