@@ -142,3 +142,42 @@ def test_beam_search_each_beam_follows_the_grammar(lm):
     for g in Generator(model, tok).generate("q", max_new_tokens=8, regex=pattern, num_beams=2,
                                             num_return_sequences=2):
         assert re.fullmatch(pattern, g.text) and g.finish_reason == "stop"
+
+
+def test_batched_masks_equal_each_matchers_own_bitmask(lm):
+    """apply_masks (one llguidance call for every row, optionally computed ahead on the mask thread) gives
+    each row exactly what its own matcher's bitmask says, stop tokens allowed only where it is complete."""
+    import numpy as np
+
+    from zenlm.constraints import apply_masks, prefetch_masks
+
+    model, tok = lm
+    vocab = model.config.vocab_size
+    specs = [compile_constraint(tok, vocab, json_schema=SCHEMAS["nested"]), compile_constraint(tok, vocab, regex="[ab]{1,3}")]
+    rows = [specs[i % 2].new() for i in range(6)] + [None]  # a free row rides along
+    stop = [tok.eos_id, 5]
+    rng = torch.Generator().manual_seed(0)
+    for step in range(30):
+        reference = torch.zeros(len(rows), vocab, dtype=torch.bool)
+        for i, c in enumerate(rows):
+            if c is None:
+                reference[i] = True
+                continue
+            bits = np.unpackbits(np.frombuffer(c.matcher.compute_bitmask(), np.uint8), bitorder="little")[:vocab]
+            row = torch.from_numpy(bits.astype(bool))
+            row[c.eos] = False
+            row[stop] = c.matcher.is_accepting()
+            if not row.any():
+                row[stop] = True
+            reference[i] = row
+        if step % 2:  # every other step the masks were started ahead, as while a forward runs
+            prefetch_masks(rows)
+        scores = apply_masks(torch.zeros(len(rows), vocab), rows, stop)
+        assert torch.equal(torch.isfinite(scores), reference), step
+        for i, c in enumerate(rows):
+            if c is not None:
+                choice = torch.multinomial(reference[i].float(), 1, generator=rng).item()
+                if choice in stop:
+                    rows[i] = specs[i % 2].new()
+                else:
+                    assert c.advance(choice)

@@ -9,7 +9,9 @@ constraint is built, so ``import zenlm`` stays light.
 ``compile_constraint`` gives a ``ConstraintSpec`` (the compiled grammar, shared); each decoded sequence
 takes its own ``Constraint`` from ``spec.new()``: ``mask(stop_ids)`` says which tokens may come next
 (the stop tokens only where the grammar is complete), ``advance(token)`` moves it on, ``done`` says the
-grammar can take nothing more (the sequence ends with finish reason "stop").
+grammar can take nothing more (the sequence ends with finish reason "stop"). A decoding loop masks a
+whole batch with ``apply_masks`` (one llguidance call, one torch op) and may start the next step's masks
+with ``prefetch_masks`` before the model's forward, which they then overlap.
 """
 from __future__ import annotations
 
@@ -126,50 +128,156 @@ class ConstraintSpec:
         matcher = llg.LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(f"invalid {self.kind}: {matcher.get_error()}")
-        return Constraint(matcher, self.vocab_size, self.eos)
+        return Constraint(matcher, self.vocab_size, self.eos, (self.ll_tokenizer.vocab_size + 31) // 32)
 
 
 class Constraint:
-    """One sequence's place in the grammar."""
+    """One sequence's place in the grammar. Its next mask may be computing on the mask thread
+    (``prefetch_masks``): every use of the matcher waits for that first, since llguidance computes
+    without the GIL and a matcher must not be read and moved at once."""
 
-    def __init__(self, matcher, vocab_size: int, eos: int):
+    def __init__(self, matcher, vocab_size: int, eos: int, words: int):
         self.matcher, self.vocab_size, self.eos = matcher, vocab_size, eos
+        self.words = words  # int32 words of its bitmask (llguidance's vocabulary may be the wider one)
+        self._ahead: Optional[tuple] = None  # (future, bitmask rows, row) of a mask computed ahead
+
+    def _settle(self) -> None:
+        if self._ahead is not None:
+            self._ahead[0].result()
 
     @property
     def done(self) -> bool:
         """The grammar is complete and can take no further token."""
+        self._settle()
         return self.matcher.is_stopped()
 
     @property
     def accepting(self) -> bool:
+        self._settle()
         return self.matcher.is_accepting()
 
     def mask(self, stop_ids: Sequence[int] = ()) -> torch.Tensor:
         """Bool (vocab_size,): True where the token may come next. Stop tokens are allowed only where
         the grammar is complete; with none to stop on, the grammar's own end token stands in."""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool)
-        if len(allowed) < self.vocab_size:
-            allowed = np.concatenate([allowed, np.zeros(self.vocab_size - len(allowed), dtype=bool)])
-        if stop_ids:
-            if self.eos < self.vocab_size:
-                allowed[self.eos] = False
-            ok = self.matcher.is_accepting()
-            for t in stop_ids:
-                if t < self.vocab_size:
-                    allowed[t] = ok
-        if not allowed.any():  # the grammar cannot continue (an error): let the sequence end
-            for t in list(stop_ids) or [self.eos]:
-                if t < self.vocab_size:
-                    allowed[t] = True
-        return torch.from_numpy(allowed)
+        return torch.from_numpy(allowed_tokens([self], stop_ids, self.vocab_size)[0].copy())
 
     def advance(self, token: int) -> bool:
         """Consume a chosen token; False if the grammar refused it (the matcher is then in error)."""
+        self._settle()
+        self._ahead = None
         return bool(self.matcher.consume_token(int(token)))
 
     def copy(self) -> "Constraint":
-        return Constraint(self.matcher.deep_copy(), self.vocab_size, self.eos)
+        self._settle()
+        return Constraint(self.matcher.deep_copy(), self.vocab_size, self.eos, self.words)
+
+
+# ---------------------------------------------------------------------------------------------- masks
+# One llguidance call fills the bitmasks of every constrained row of a step (its executor, GIL released);
+# the bits are unpacked with one numpy call and laid on the logits with one torch op. Per-row Python
+# here was most of a constrained step's extra cost on small models (benchmarks/RESULTS.md, issue 18).
+_EXECUTOR = None
+_THREAD = None
+PREFETCH_ROWS = 4  # fewer rows: a thread hand-off costs more than computing their masks in line
+
+
+def _executor():
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = _llguidance().LLExecutor()
+    return _EXECUTOR
+
+
+def _fill(matchers: list, bits: np.ndarray) -> np.ndarray:
+    """Bitmask rows of ``matchers`` (row i for matcher i) into ``bits`` (int32, C-contiguous)."""
+    if matchers:
+        _executor().unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.ctypes.data,
+                                            bits.shape[1] * 4, bits.shape[0])
+    return bits
+
+
+def prefetch_masks(constraints: Sequence[Optional["Constraint"]]) -> None:
+    """Start computing these constraints' next masks on the mask thread, so that they are ready when
+    the model's next forward (which runs meanwhile) ends; ``allowed_tokens`` then waits for them. For
+    fewer than ``PREFETCH_ROWS`` rows it does nothing (in line is cheaper)."""
+    todo = [c for c in constraints if c is not None and c._ahead is None]
+    if len(todo) < PREFETCH_ROWS:
+        return
+    global _THREAD
+    if _THREAD is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _THREAD = ThreadPoolExecutor(1, thread_name_prefix="zenlm-masks")
+    words = todo[0].words
+    if any(c.words != words for c in todo):
+        return
+    bits = np.empty((len(todo), words), dtype=np.int32)
+    future = _THREAD.submit(_fill, [c.matcher for c in todo], bits)
+    for i, c in enumerate(todo):
+        c._ahead = (future, bits, i)
+
+
+def allowed_tokens(constraints: Sequence[Optional["Constraint"]], stop_ids: Union[Sequence[int], Sequence[Sequence[int]]],
+                   vocab_size: int) -> Optional[np.ndarray]:
+    """Bool (rows, vocab_size): True where row i's grammar allows the token next (every token for a row
+    without a constraint); None when no row has one. ``stop_ids``: one list for all rows, or one per row.
+    A stop token is allowed where the grammar is complete (llguidance's end-token bit says so; that token
+    itself is then no longer allowed unless it is a stop token); a row whose grammar allows nothing (an
+    error) may only stop."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return None
+    words = max(constraints[i].words for i in rows)
+    bits = np.full((len(constraints), words), -1, dtype=np.int32)
+    now, ahead = [], {}
+    for i in rows:
+        c = constraints[i]
+        if c._ahead is not None and c._ahead[1].shape[1] == words:
+            future, source, j = c._ahead
+            group = ahead.setdefault(id(source), (future, source, [], []))
+            group[2].append(i)
+            group[3].append(j)
+        else:
+            now.append(i)
+    if now:
+        bits[now] = _fill([constraints[i].matcher for i in now], np.empty((len(now), words), dtype=np.int32))
+    for future, source, dst, src in ahead.values():
+        future.result()
+        bits[dst] = source[src]
+    flat = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
+    per_row = len(stop_ids) > 0 and not isinstance(stop_ids[0], (int, np.integer))
+    groups: dict = {}
+    for i in rows:
+        stops = tuple(stop_ids[i]) if per_row else tuple(stop_ids)
+        groups.setdefault((constraints[i].eos, stops), []).append(i)
+    for (eos, stops), members in groups.items():
+        if not stops:
+            continue
+        complete = flat[members, eos]  # the grammar's end-token bit: set exactly where it is complete
+        flat[members, eos] = 0
+        for t in stops:
+            if t < flat.shape[1]:
+                flat[members, t] = complete
+    allowed = flat.view(np.bool_)
+    if allowed.shape[1] != vocab_size:  # contiguous rows: torch.where over a strided view costs twice as much
+        width = min(vocab_size, allowed.shape[1])
+        allowed = np.concatenate([allowed[:, :width], np.zeros((len(constraints), vocab_size - width), np.bool_)], 1)
+    stuck = np.flatnonzero(~allowed[rows].any(axis=1))
+    for k in stuck:  # the grammar cannot continue (an error): let the sequence end
+        i = rows[k]
+        stops = (stop_ids[i] if per_row else stop_ids) or [constraints[i].eos]
+        allowed[i, [t for t in stops if t < vocab_size]] = True
+    return allowed
+
+
+def apply_masks(scores: torch.Tensor, constraints: Sequence[Optional["Constraint"]],
+                stop_ids: Union[Sequence[int], Sequence[Sequence[int]]]) -> torch.Tensor:
+    """``scores`` with -inf on every token row i's grammar does not allow (rows without a constraint
+    unchanged); one llguidance call for all rows and one torch op."""
+    allowed = allowed_tokens(constraints, stop_ids, scores.size(-1))
+    if allowed is None:
+        return scores
+    keep = torch.from_numpy(allowed).to(scores.device)
+    return torch.where(keep, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
 
 
 def compile_constraint(tokenizer, vocab_size: int, json_schema: Union[dict, str, None] = None,
@@ -185,14 +293,3 @@ def compile_constraint(tokenizer, vocab_size: int, json_schema: Union[dict, str,
     kind = ("json_schema" if json_schema is not None else "regex" if regex is not None
             else "grammar" if grammar is not None else "json_object")
     return ConstraintSpec(source, _ll_tokenizer(tokenizer, vocab_size), vocab_size, kind)
-
-
-def apply_mask(scores: torch.Tensor, masks: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    """-inf on every disallowed token of the rows that have a mask (None: the row is free)."""
-    rows = [i for i, m in enumerate(masks) if m is not None]
-    if not rows:
-        return scores
-    allowed = torch.ones(scores.shape, dtype=torch.bool)
-    for i in rows:
-        allowed[i] = masks[i]
-    return scores.masked_fill(~allowed.to(scores.device), float("-inf"))

@@ -392,6 +392,9 @@ class BatchEngine:
                 self._emit(r, TokenEvent("", None, finish_reason="cancelled"))
         if len(keep) < len(self.running):
             self._select(keep)
+        if any(r.constraint is not None for r in self.running):  # next masks computed while the forward runs
+            from ..constraints import prefetch_masks
+            prefetch_masks([r.constraint for r in self.running])
 
     def _pick(self, reqs: list[EngineRequest], logits: torch.Tensor) -> tuple[list[int], list, list]:
         """Next tokens for all rows at once. Rows that sample share one call of ``zenlm.generation``'s
@@ -399,9 +402,8 @@ class BatchEngine:
         so a row's tokens never depend on who else is in the batch."""
         scores = logits
         if any(req.constraint is not None for req in reqs):  # each constrained row: its grammar's tokens only
-            from ..constraints import apply_mask
-            scores = apply_mask(scores, [None if req.constraint is None else
-                                         req.constraint.mask(req.params.stop_token_ids) for req in reqs])
+            from ..constraints import apply_masks
+            scores = apply_masks(scores, [req.constraint for req in reqs], [req.params.stop_token_ids for req in reqs])
         for i, req in enumerate(reqs):
             p = req.params
             if p.presence_penalty or p.frequency_penalty:
