@@ -1,5 +1,5 @@
-"""Continuous batching over sliding-window models (Mistral: every layer; Gemma 3: sliding and global layers
-alternating): rows whose prompt + generation run past the window, joining a batch whose sliding layers
+"""Continuous batching over sliding-window models (Mistral and Mixtral, a mixture of experts: every layer;
+Gemma 3: sliding and global layers alternating): rows whose prompt + generation run past the window, joining a batch whose sliding layers
 already forgot their oldest keys and leaving it, get the tokens of zenlm's Generator and of transformers'
 generate(); the sliding layers' key buffers stay about two windows long however long the rows grow."""
 from __future__ import annotations
@@ -40,6 +40,9 @@ def _build(tok, tmp_path, kind: str):
     if kind == "mistral":
         hf = transformers.MistralForCausalLM(transformers.MistralConfig(
             vocab_size=tok.vocab_size, initializer_range=0.2, **COMMON))
+    elif kind == "mixtral":  # a mixture of experts as well: rows routed token by token in the shared batch
+        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=tok.vocab_size, initializer_range=0.2, num_local_experts=4, num_experts_per_tok=2, **COMMON))
     else:
         hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
             vocab_size=tok.vocab_size, initializer_range=0.05, head_dim=32, query_pre_attn_scalar=24,
@@ -50,7 +53,7 @@ def _build(tok, tmp_path, kind: str):
     return hf, zenlm.load(tmp_path / kind)
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma3", "mixtral"])
 def test_window_rows_joining_and_leaving_match_generator_and_transformers(kind, model_dir, tmp_path):
     tok = zenlm.load_tokenizer(model_dir)
     hf, model = _build(tok, tmp_path, kind)
