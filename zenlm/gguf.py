@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -422,17 +423,81 @@ def _pre_name(data: dict) -> str:
                      "(byte-level BPE tokenizers only)")
 
 
+_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _steps(part: Optional[dict], key: str) -> list[dict]:
+    """A normalizer/pre-tokenizer/decoder as its list of steps (a Sequence flattened, None empty)."""
+    if not part:
+        return []
+    if part.get("type") == "Sequence":
+        return [s for step in part.get(key) or [] for s in _steps(step, key)]
+    return [part]
+
+
+def _spm_space_prefix(data: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json prepends "▁" to the text (llama.cpp's
+    tokenizer.ggml.add_space_prefix), from the two forms transformers writes: the legacy normalizer
+    (Prepend "▁", Replace " " -> "▁"; Gemma: Replace only) or a Metaspace pre-tokenizer that does not
+    split; a ValueError for any other step, which llama.cpp's "llama" tokenizer would not apply."""
+    prefix, escaped = False, False
+    for step in _steps(data.get("normalizer"), "normalizers"):
+        kind = step.get("type")
+        if kind == "Prepend" and step.get("prepend") == _SPACE:
+            prefix = True
+        elif kind == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == _SPACE:
+            escaped = True
+        else:
+            raise ValueError(f"tokenizer: normalizer step {json.dumps(step)[:120]} does not map to llama.cpp's "
+                             "SentencePiece tokenizer (it escapes spaces as '▁' and may prepend one, nothing else)")
+    for step in _steps(data.get("pre_tokenizer"), "pretokenizers"):
+        kind = step.get("type")
+        if kind == "Metaspace" and step.get("replacement", _SPACE) == _SPACE and not step.get("split", True):
+            escaped = True
+            prefix = prefix or step.get("prepend_scheme", "always") in ("always", "first")
+        elif not (kind == "Split" and step.get("pattern") == {"String": " "} and escaped):  # Gemma's: no spaces left
+            raise ValueError(f"tokenizer: pre-tokenizer step {json.dumps(step)[:120]} does not map to llama.cpp's "
+                             "SentencePiece tokenizer (it sees the whole text as one piece)")
+    if not escaped:
+        raise ValueError("tokenizer: a byte-fallback BPE that does not write spaces as '▁' is not SentencePiece-style; "
+                         "llama.cpp's 'llama' tokenizer would not reproduce it")
+    return prefix
+
+
+def _spm_scores(data: dict, tokens: list[str], types: list[int]) -> list[float]:
+    """SentencePiece scores that make llama.cpp's merge-by-score loop (``llm_tokenizer_spm``) apply a
+    BPE's merges in its order: a token's score is minus the rank of the first merge producing it; a
+    token no merge produces ranks below every merge (its score never decides a merge in llama.cpp)."""
+    rank: dict[str, int] = {}
+    for r, m in enumerate((data.get("model") or {}).get("merges") or []):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(left + right, r)
+    floor = len(rank) + 1
+    return [float(-rank[t]) if t in rank and k == _NORMAL else
+            (0.0 if k in (_CONTROL, _BYTE, _UNKNOWN) else float(-(floor + i))) for i, (t, k) in enumerate(zip(tokens, types))]
+
+
 def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
-    """Everything export_gguf writes under tokenizer.ggml.*, as plain values."""
+    """Everything export_gguf writes under tokenizer.ggml.*, as plain values: a byte-level BPE as model
+    "gpt2" (vocabulary and merges), a SentencePiece-style byte-fallback BPE (Llama 2, Mistral, Gemma) as
+    model "llama" (vocabulary, scores, token types, whether a space is prepended)."""
     data = _tokenizer_json(tokenizer)
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or (data.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ValueError(f"tokenizer: a {model.get('type')} model with a {(data.get('decoder') or {}).get('type')} "
-                         "decoder does not map to llama.cpp's 'gpt2' tokenizer (byte-level BPE only)")
-    normalizer = data.get("normalizer")
-    if normalizer is not None and normalizer.get("type") != "NFC":
-        raise ValueError(f"tokenizer: normalizer {normalizer.get('type')!r} does not map to llama.cpp")
-    pre = _pre_name(data)
+    decoder = (data.get("decoder") or {}).get("type")
+    spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    if not spm and (model.get("type") != "BPE" or decoder != "ByteLevel"):
+        raise ValueError(f"tokenizer: a {model.get('type')} model with a {decoder} decoder does not map to llama.cpp "
+                         "(byte-level BPE: its 'gpt2' tokenizer; a byte-fallback BPE with '▁' for spaces, as Llama 2, "
+                         "Mistral and Gemma have: its 'llama' SentencePiece tokenizer)")
+    if spm:
+        add_prefix = _spm_space_prefix(data)
+        pre = "default"
+    else:
+        normalizer = data.get("normalizer")
+        if normalizer is not None and normalizer.get("type") != "NFC":
+            raise ValueError(f"tokenizer: normalizer {normalizer.get('type')!r} does not map to llama.cpp")
+        pre = _pre_name(data)
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     size = max(config.vocab_size, max(vocab.values()) + 1)
     if size != config.vocab_size:
@@ -441,12 +506,18 @@ def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
     types = [_UNUSED] * size
     for token, i in vocab.items():
         tokens[i], types[i] = token, _NORMAL
+    if spm:
+        for i, token in enumerate(tokens):
+            if types[i] == _NORMAL and _BYTE_TOKEN.fullmatch(token):
+                types[i] = _BYTE
     for added in data.get("added_tokens") or []:
         i, text = added["id"], added["content"]
         if i < size:
             tokens[i] = text
             looks_special = text.startswith("<|") and text.endswith("|>")
             types[i] = _CONTROL if added.get("special") or looks_special else _USER_DEFINED
+    unk = tokenizer.special_tokens.get("unk_token") or (model.get("unk_token") if spm else None)
+    unk_id = tokenizer.token_to_id(unk) if unk is not None else None
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     # special ids: the model's own, else the tokenizer's
     encoded = tokenizer.backend.encode("a", add_special_tokens=True).ids
@@ -457,9 +528,13 @@ def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
                add_bos=len(encoded) > len(plain) and encoded[0] == config.bos_token_id,
                add_eos=len(encoded) > len(plain) and encoded[-1] == config.eos_token_id,
                chat_template=tokenizer.chat_template or None)
-    unk = tokenizer.special_tokens.get("unk_token")
-    if unk is not None and tokenizer.token_to_id(unk) is not None:
-        out["unk"] = tokenizer.token_to_id(unk)
+    if unk_id is not None:
+        out["unk"] = unk_id
+    if spm:
+        if unk_id is not None and unk_id < size:
+            types[unk_id] = _UNKNOWN
+        # llama.cpp's converter writes no merges for a SentencePiece vocabulary: the scores order them
+        out.update(model="llama", merges=[], scores=_spm_scores(data, tokens, types), add_space_prefix=add_prefix)
     others = [i for i in tokenizer.stop_token_ids if i != config.eos_token_id and i < size]
     if others:
         out["eot"] = others[0]  # llama.cpp stops on eos and on eot
@@ -547,8 +622,13 @@ def _write_tokenizer(w, tok: dict) -> None:
     w.add_tokenizer_model(tok["model"])
     w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
+    if tok.get("scores") is not None:
+        w.add_token_scores(tok["scores"])
     w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
+    if tok["merges"]:
+        w.add_token_merges(tok["merges"])
+    if tok.get("add_space_prefix") is not None:
+        w.add_add_space_prefix(bool(tok["add_space_prefix"]))
     w.add_bos_token_id(tok["bos"])
     w.add_eos_token_id(tok["eos"])
     if tok.get("unk") is not None:
@@ -770,33 +850,79 @@ def _llama3_from_factors(meta: dict, factors_tensor, config: TransformerConfig) 
                      "(factor 8/16/32, low 1, high 4, original 8192)")
 
 
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges that replay llama.cpp's SentencePiece loop: every split (left, right) of a normal
+    token into two vocabulary tokens, higher-scored tokens first (ties: the leftmost split first),
+    the order transformers' SentencePiece converter gives them too."""
+    ids = {}
+    for i, t in enumerate(tokens):
+        if types[i] in (_NORMAL, _USER_DEFINED) and t not in ids:
+            ids[t] = i
+    found = []
+    for t, i in ids.items():
+        for cut in range(1, len(t)):
+            left, right = t[:cut], t[cut:]
+            if left in ids and right in ids:
+                found.append((-scores[i], i, ids[left], ids[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def _spm_backend(meta: dict, tokens: list[str], types: list[int], vocab: dict[str, int]):
+    """A ``tokenizers`` BPE that tokenizes as llama.cpp's "llama" (SentencePiece) tokenizer: spaces as
+    "▁" and one prepended when tokenizer.ggml.add_space_prefix says so (its default: yes), merges in
+    score order, characters outside the vocabulary as <0xXX> byte tokens."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError("tokenizer.ggml.model='llama' needs tokenizer.ggml.scores, one per token")
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk_id is None:
+        unk_id = next((i for i, k in enumerate(types) if k == _UNKNOWN), None)
+    backend = RustTokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, list(scores), types), byte_fallback=True,
+                                       fuse_unk=True, unk_token=tokens[int(unk_id)] if unk_id is not None else None))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    escape = normalizers.Replace(" ", _SPACE)
+    # Prepend runs on each piece of text between added tokens: llama.cpp prefixes a space after each special token
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), escape]) if prefix else escape
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return backend
+
+
 def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as RustTokenizer
 
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
-    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
-    if pre not in _GPT2_PRE and pre not in PRE_TOKENIZERS:
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' (byte-level BPE), "
+                         "'llama' (SentencePiece BPE with byte fallback)")
+    pre = meta.get("tokenizer.ggml.pre", "gpt-2" if kind == "gpt2" else "default")
+    if kind == "gpt2" and pre not in _GPT2_PRE and pre not in PRE_TOKENIZERS:
         raise ValueError(f"tokenizer.ggml.pre={pre!r} is not supported; supported: "
                          f"{', '.join(_GPT2_PRE + tuple(PRE_TOKENIZERS))}")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     vocab = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
-    backend = RustTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
-    if pre in PRE_TOKENIZERS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
-        if pre == "qwen2":
-            backend.normalizer = normalizers.NFC()
+    if kind == "llama":
+        backend = _spm_backend(meta, tokens, types, vocab)
     else:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+        backend = RustTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
+        if pre in PRE_TOKENIZERS:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+            if pre == "qwen2":
+                backend.normalizer = normalizers.NFC()
+        else:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
     added = [AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
              for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)]
     special = [t for t in added if t.special]
@@ -810,10 +936,15 @@ def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
     bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+    # llama.cpp's defaults when the keys are absent: a SentencePiece vocabulary adds BOS, a BPE one does not
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and eos is not None
+    if add_bos or add_eos:
+        first, last = (f"{bos}:0 " if add_bos else ""), (f" {eos}:0" if add_eos else "")
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+            single=f"{first}$A:0{last}", pair=f"{first}$A:0{last} {first.replace(':0', ':1')}$B:1{last.replace(':0', ':1')}",
+            special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(
+                ([bos] if add_bos else []) + ([eos] if add_eos else []))])
     specials = {"bos_token": bos, "eos_token": eos, "unk_token": token("tokenizer.ggml.unknown_token_id"),
                 "pad_token": token("tokenizer.ggml.padding_token_id")}
     template: Any = meta.get("tokenizer.chat_template")
