@@ -10,9 +10,13 @@ and compares, on a prompt tokenized by both sides:
   argmax of its own logits each step. The smallest top-1/top-2 gap zenlm saw is printed too, so
   a disagreement can be told from a near-tie.
 
-At f32 the greedy tokens must be equal; f16 and q8_0 are reported (agreeing tokens, logit error).
+Each file is compared with zenlm reading that same file (f32: the model itself; f16/q8_0: its
+dequantized weights). At f32 the greedy tokens must be equal; f16 and q8_0 are reported (agreeing
+prefix, logit error): llama.cpp multiplies q8_0 weights by activations it rounds to 8 bits as well.
 
-Needs ``pip install llama-cpp-python`` (compiles llama.cpp: ~20 minutes on 2 cores). Then:
+Needs ``pip install llama-cpp-python`` (compiles llama.cpp: ~20 minutes on 2 cores); on a CPU with AMX
+build it as ``CMAKE_ARGS="$(bash scripts/build-llamacpp.sh --cmake-args)" pip install llama-cpp-python``:
+ggml's AMX path crashes every q8_0 file (see llamacpp_peer). Then:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/check_gguf_llamacpp.py [--tokens 32] [--types f32,f16,q8_0]
 
@@ -30,7 +34,10 @@ import numpy as np
 import torch
 
 from zenlm import TransformerConfig, TransformerLM, Tokenizer
-from zenlm.gguf import export_gguf
+from zenlm.gguf import export_gguf, load_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llamacpp_peer import python_greedy  # noqa: E402
 
 TEXTS = ["hello world, this is zenlm talking to llama.cpp. " * 20, "numbers 123 4567 and émojis 🦙 über café",
          "def f(x):\n    return x * 2\n\n# tabs\tand  spaces", "The quick brown fox jumps over the lazy dog. " * 10]
@@ -76,53 +83,37 @@ def zenlm_greedy(model: TransformerLM, ids: list[int], n: int) -> tuple[list[int
     return out, gap, prompt_logits
 
 
-# llama.cpp runs in its own process: loaded beside torch in one process, its OpenMP/ggml runtime
-# crashed (segmentation fault on the first eval, llama-cpp-python 0.3.36, torch 2.13)
-_WORKER = """
-import json, sys
-import numpy as np
-import llama_cpp
-from llama_cpp import Llama
-path, ids, n, prompt = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-llm = Llama(model_path=path, n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False, seed=0)
-llm.reset()
-llm.eval(ids)
-prompt_logits = np.array(llm.scores[:len(ids)], dtype=np.float32).tolist()
-out = []
-for _ in range(n):
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    out.append(nxt)
-    llm.eval([nxt])
-tokenized = list(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
-print(json.dumps({"version": llama_cpp.__version__, "greedy": out, "prompt_logits": prompt_logits,
-                  "tokenized": tokenized}))
-"""
-
-
 def llamacpp_greedy(path: Path, ids: list[int], n: int, prompt: str = PROMPT) -> dict:
-    """llama.cpp's tokenization of ``prompt``, its prompt logits and ``n`` greedy tokens, from a worker process."""
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-c", _WORKER, str(path), json.dumps(ids), str(n), prompt],
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        raise RuntimeError(f"llama.cpp could not run {path.name} (exit {proc.returncode}): {proc.stderr[-800:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    """llama.cpp's tokenization of ``prompt``, its prompt logits and ``n`` greedy tokens, from a worker
+    process (beside torch in one process llama.cpp's runtime crashed)."""
+    result = python_greedy(path, ids, n, text=prompt)
     result["prompt_logits"] = np.array(result["prompt_logits"], dtype=np.float32)
     return result
 
 
+def llamacpp_build() -> str:
+    """llama-cpp-python's own system line (which ggml CPU features it was compiled with), from a worker."""
+    import subprocess
+
+    code = "import llama_cpp; print(llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return proc.stdout.strip() or proc.stderr.strip()[-300:]
+
+
 def check(out_dir: Path, tokens: int = 32, types=("f32",), variants=tuple(VARIANTS)) -> dict:
+    """One row per (variant, type): llama.cpp against zenlm reading the same file (at f32 that is the
+    model itself, bit-exact; at f16/q8_0 the dequantized weights: the same numbers llama.cpp holds,
+    though it multiplies q8_0 weights by activations it rounds to 8 bits too)."""
     out_dir = Path(out_dir)
     tok = Tokenizer.train(TEXTS, vocab_size=320)
     ids = tok.encode(PROMPT)
     rows = []
     for name in variants:
         model = tiny(tok, **VARIANTS[name])
-        want, gap, want_logits = zenlm_greedy(model, ids, tokens)
         for kind in types:
             path = out_dir / f"{name}-{kind}.gguf"
             report = export_gguf(model, tok, path, type=kind)
+            want, gap, want_logits = zenlm_greedy(model if kind == "f32" else load_gguf(path), ids, tokens)
             try:
                 ran = llamacpp_greedy(path, ids, tokens)
             except RuntimeError as e:  # a file llama.cpp refuses is a row of the report, not a crash
@@ -137,9 +128,9 @@ def check(out_dir: Path, tokens: int = 32, types=("f32",), variants=tuple(VARIAN
                              prompt_logits_max_diff=float(np.abs(want_logits - got_logits).max()),
                              greedy_equal=want == got, agreeing_prefix=agree, min_top2_gap=gap,
                              zenlm=want, llama_cpp=got))
-    f32 = [r for r in rows if r["type"] == "f32"]
-    return {"tokenizer_equal": all(r["tokenizer_equal"] for r in rows),
-            "greedy_equal": all(r["greedy_equal"] for r in f32), "rows": rows}
+    by_type = {kind: all(r["greedy_equal"] for r in rows if r["type"] == kind) for kind in types}
+    return {"tokenizer_equal": all(r["tokenizer_equal"] for r in rows), "greedy_equal": by_type.get("f32", True),
+            "greedy_equal_by_type": by_type, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -155,12 +146,13 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama_cpp is not importable: pip install llama-cpp-python (builds llama.cpp, ~20 min on 2 cores)")
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        result = check(Path(args.out or tmp), args.tokens, tuple(args.types.split(",")), tuple(args.variants.split(",")))
     from zenlm.cpu import cpu_info
 
-    print(cpu_info().describe())
-    print(f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {args.tokens} greedy tokens")
+    print(cpu_info().describe(), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = check(Path(args.out or tmp), args.tokens, tuple(args.types.split(",")), tuple(args.variants.split(",")))
+    print(f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {args.tokens} greedy tokens; "
+          f"ggml: {llamacpp_build()}")
     print(f"{'variant':<13} {'type':<5} {'arch':<6} {'tok ids':<7} {'greedy':<6} {'agree':>5} "
           f"{'max|dlogit|':>11} {'min gap':>8}")
     for r in result["rows"]:

@@ -43,7 +43,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 VERSION = os.environ.get("LLAMACPP_VERSION", "0.3.36")
 TOOLS = ("llama-server", "llama-bench", "llama-cli", "llama-quantize", "llama-perplexity")
-BUILD_HINT = "build them with `bash scripts/build-llamacpp.sh` (llama.cpp from the llama-cpp-python sdist, ~25 min on 2 cores)"
+BUILD_HINT = ("build them with `bash scripts/build-llamacpp.sh` "
+              "(llama.cpp from the llama-cpp-python sdist, ~25 min on 2 cores)")
 KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")  # what model_file makes
 _CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes itself
 PathLike = Union[str, os.PathLike]
@@ -285,7 +286,8 @@ import json, sys
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
-path, ids, n, text, ctx, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+path, ids, n, text = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ctx, threads = int(sys.argv[5]), int(sys.argv[6])
 llm = Llama(model_path=path, n_ctx=ctx, n_batch=ctx, n_threads=threads, logits_all=True, verbose=False, seed=0)
 llm.reset()
 llm.eval(ids)

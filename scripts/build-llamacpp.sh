@@ -4,6 +4,7 @@
 #
 #   bash scripts/build-llamacpp.sh        # ~25 minutes on 2 cores the first time; then prints the folder at once
 #   CMAKE_ARGS="$(bash scripts/build-llamacpp.sh --cmake-args)" pip install llama-cpp-python   # the same ISA flags
+#   pip install "$(bash scripts/build-llamacpp.sh --wheel)"   # that wheel, built once and cached beside the tools
 #
 # The binaries and the unpacked sdist (its convert_hf_to_gguf.py and gguf-py) are cached OUTSIDE the
 # repository in ${ZENLM_LLAMACPP_DIR:-~/.cache/zenlm/llama.cpp}/<version>/{bin,src}; a second run only
@@ -48,9 +49,25 @@ if [ "${1:-}" = --cmake-args ]; then  # for pip: CMAKE_ARGS="$(bash scripts/buil
     echo "${isa[*]}"
     exit 0
 fi
+if [ "${1:-}" = --wheel ]; then
+    # a llama-cpp-python wheel built with these flags, cached under a name made of them (pip's own wheel
+    # cache ignores CMAKE_ARGS, so it would hand back a -march=native build made earlier)
+    key="$(echo "${isa[*]} ${LLAMACPP_CMAKE_ARGS:-}" | sha256sum | cut -c1-12)"
+    wheels="$root/wheels/$key"
+    wheel="$(ls "$wheels"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -1 || true)"
+    if [ -z "$wheel" ]; then
+        mkdir -p "$wheels"
+        CMAKE_ARGS="${isa[*]} ${LLAMACPP_CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="${JOBS:-2}" \
+            "$python" -m pip wheel --quiet --no-cache-dir --no-deps "llama-cpp-python==$version" -w "$wheels" >&2
+        wheel="$(ls "$wheels"/llama_cpp_python-"$version"-*.whl | head -1)"
+    fi
+    echo "$wheel"
+    exit 0
+fi
 
 # cmake-args.txt is written last, by a build that finished
-if [ -f "$root/bin/cmake-args.txt" ] && [ -x "$root/bin/llama-bench" ] && [ -f "$root/src/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
+if [ -f "$root/bin/cmake-args.txt" ] && [ -x "$root/bin/llama-bench" ] \
+        && [ -f "$root/src/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
     echo "llama.cpp $version already built: $root/bin" >&2
     echo "$root"
     exit 0
