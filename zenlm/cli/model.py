@@ -129,18 +129,23 @@ def add_export(sub) -> None:
     esub = p.add_subparsers(dest="export_command", required=True)
     g = esub.add_parser("gguf", help="one GGUF file llama.cpp loads: weights, hyper-parameters, tokenizer, template",
                         description="zenlm export gguf MODEL OUT.gguf [--type f32|f16|q8_0]")
-    g.add_argument("model", help="a zenlm or Hugging Face model folder (Llama, Qwen2/3, Phi-3 or a zenlm decoder "
-                                 "with RMSNorm, rotary positions and SwiGLU)")
+    g.add_argument("model", help="a zenlm or Hugging Face model folder (Llama, Qwen2/3, Phi-3, Mistral, Gemma 2/3, "
+                                 "or a zenlm decoder those architectures express)")
     g.add_argument("out", help="the .gguf file to write")
     g.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16",
                    help="f32 (exact), f16 (default) or q8_0 (8-bit blocks of 32, as llama.cpp's Q8_0)")
-    g.add_argument("--arch", default=None, help="llama.cpp architecture (default: chosen from the model's config)")
+    g.add_argument("--arch", default=None, help="llama.cpp architecture: llama, qwen2, qwen3, phi3, gemma, gemma2, "
+                                                "gemma3 (default: chosen from the model's config)")
     g.add_argument("--ignore-sliding-window", action="store_true",
-                   help="write a sliding-window model as llama.cpp's converter does (exact only within the window)")
+                   help="write a sliding-window model (Mistral) as llama.cpp's converter does: llama.cpp's llama graph "
+                        "attends to every position, so it equals the model only within the window (Gemma 2/3 keep "
+                        "their windows in the file)")
     g.set_defaults(func=run_export_gguf)
 
 
 def run_export_gguf(args) -> None:
+    import sys
+
     from ..folders import load
     from ..gguf import export_gguf
 
@@ -148,3 +153,5 @@ def run_export_gguf(args) -> None:
     r = export_gguf(model, None, args.out, type=args.type, arch=args.arch,
                     ignore_sliding_window=args.ignore_sliding_window)
     print(f"{r['path']}: {r['architecture']} {r['type']}, {r['bytes'] / 1e6:.1f} MB")
+    for warning in r.get("warnings", ()):
+        print(f"warning: {warning}", file=sys.stderr)
