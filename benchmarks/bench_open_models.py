@@ -18,11 +18,19 @@ Prefill: one forward over a ``--prompt``-token batch-1 prompt (best of two after
 decode: ``--new`` greedy steps through each library's KV cache (forward of one token + argmax),
 tokens/s. fp32 runs load the bf16 folder with dtype=float32 on both sides; bf16 runs keep bf16,
 and run only where the CPU multiplies bf16 natively (``zenlm.cpu.cpu_info().bf16``). "same
-tokens" says whether both libraries' greedy continuations agree. llama.cpp is timed where
-``llama_cpp`` imports (it is not installed here: skipped with a note).
+tokens" says whether a library's greedy continuation equals transformers'.
+
+llama.cpp (where ``bash scripts/build-llamacpp.sh`` built its tools; otherwise one "skipped" line): the
+same folder converted by llama.cpp's own converter (f32 for fp32, bf16 for bf16), timed by its own
+``llama-bench`` (prefill: one ``--prompt``-token batch; decode: ``--new`` tokens one at a time, from an
+empty context; mean of 3 repetitions) at the same thread count, and its greedy tokens after the same
+prompt from ``llama-server`` at temperature 0 (benchmarks/llamacpp_peer.py). The folders carry a
+byte-level BPE tokenizer trained on tinyshakespeare, which the converter needs (the ids run past it
+into the padded vocabulary, as they do in a random-weight model). ``--rounds`` alternates the three
+engines that many times (the CPU is shared) and keeps each one's best prefill and decode.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_open_models.py [--threads 1] [--prompt 128] [--new 32]
-        [--skip-1b] [--only smollm,qwen]
+        [--skip-1b] [--only smollm,qwen] [--rounds 2] [--no-llamacpp]
 """
 from __future__ import annotations
 
@@ -35,6 +43,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp_peer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -86,10 +98,56 @@ def write_folder(shape: str, directory: Path) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     config.save_pretrained(directory)
+    write_tokenizer(directory)
     count = sum(t.numel() for t in tensors.values())
     del tensors
     gc.collect()
     return count
+
+
+def write_tokenizer(directory: Path, vocab_size: int = 2000) -> None:
+    """tokenizer.json + tokenizer_config.json (byte-level BPE on tinyshakespeare's first 200 kB): what
+    llama.cpp's converter reads a vocabulary from; transformers and zenlm load it too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    text = corpus.read_text(encoding="utf-8")[:200_000] if corpus.is_file() else __doc__ * 50
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text.splitlines(), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+                            ).save_pretrained(directory)
+
+
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    """The batch-1 prompt every engine gets: random ids from a fixed seed (the child's own draw)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (1, n), generator=g)[0].tolist()
+
+
+def measure_llamacpp(folder: Path, dtype: str, args, vocab: int) -> dict:
+    """llama.cpp on the same folder at the same precision: llama-bench's prefill and decode tokens/s,
+    and llama-server's greedy tokens after the same prompt."""
+    kind = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    made = llamacpp_peer.model_file(folder, kind, folder.parent / "gguf")
+    timed = llamacpp_peer.bench(made["path"], n_prompt=args.prompt, n_gen=args.new, threads=args.threads)
+    ran = llamacpp_peer.greedy(made["path"], prompt_ids(vocab, args.prompt), args.new, threads=args.threads)
+    return {"prefill_tps": timed["pp_tps"], "decode_tps": timed["tg_tps"], "tokens": ran["tokens"],
+            "gguf_bytes": made["bytes"], "build": timed.get("build_commit"), "convert_s": made["seconds"]}
+
+
+def best_of(runs: list[dict]) -> dict:
+    """One engine's rounds: the best prefill and decode, the rest from the first round."""
+    out = dict(runs[0])
+    for key in ("prefill_tps", "decode_tps"):
+        out[key] = max(r[key] for r in runs)
+    return out
 
 
 # --------------------------------------------------------------------------- one measurement (child process)
@@ -126,10 +184,9 @@ def child(spec: dict) -> dict:
     out = {"peak_load": _status("VmHWM") - base,
            "weights": sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})}
-    g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     with torch.inference_mode():
-        ids = torch.randint(0, vocab, (1, spec["prompt"]), generator=g)
+        ids = torch.tensor([prompt_ids(vocab, spec["prompt"])])
         first = cache = logits = step = None
         if not spec["speed"]:  # loading only: one short forward touches every weight
             model(ids[:, :8])
@@ -165,9 +222,9 @@ def child(spec: dict) -> dict:
     return out
 
 
-def measure(lib: str, folder: Path, dtype: str, args, speed: bool) -> dict:
+def measure(lib: str, folder: Path, dtype: str, args, speed: bool, loads: Optional[int] = None) -> dict:
     spec = {"lib": lib, "folder": str(folder), "dtype": dtype, "threads": args.threads, "prompt": args.prompt,
-            "new": args.new, "speed": speed, "loads": args.loads}
+            "new": args.new, "speed": speed, "loads": loads or args.loads}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                             env=env, timeout=1800)
@@ -189,6 +246,8 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=3)
     parser.add_argument("--skip-1b", action="store_true")
     parser.add_argument("--only", default="smollm-135m,qwen2.5-0.5b", help="speed shapes, comma-separated")
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the engines this often (best kept)")
+    parser.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -204,13 +263,12 @@ def main() -> None:
     print(info.describe())
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"prompt {args.prompt} tokens, {args.new} decode steps, batch 1")
-    try:
-        import llama_cpp  # noqa: F401
-
-        print("llama.cpp: llama_cpp is installed, but this benchmark does not time it yet (export with "
-              "`zenlm export gguf` and see benchmarks/check_gguf_llamacpp.py)")
-    except ImportError:
-        print("llama.cpp: not installed (`pip install llama-cpp-python` builds it, ~20 min on 2 cores): skipped")
+    skipped = "skipped: --no-llamacpp" if args.no_llamacpp else llamacpp_peer.missing("llama-bench", "llama-server",
+                                                                                         "converter")
+    peer = llamacpp_peer.find_llamacpp()
+    print(f"llama.cpp: {skipped}" if skipped else
+          f"llama.cpp {peer['version']} (llama-cpp-python sdist), tools in {peer['root']}, "
+          f"built with {' '.join(peer['cmake_args']) or 'default flags'}")
     dtypes = ["float32"] + (["bfloat16"] if info.bf16 else [])
     if not info.bf16:
         print("bf16: this CPU has no native bf16 (AVX512_BF16/AMX): bf16 speed runs skipped")
@@ -229,16 +287,31 @@ def main() -> None:
                   f"({mib((folder / 'model.safetensors').stat().st_size)} MiB)", flush=True)
             speed = shape != "llama-3.2-1b"
             for dtype in (dtypes if speed else ["bfloat16", "float32"]):
-                got = {lib: measure(lib, folder, dtype, args, speed) for lib in ("zenlm", "transformers")}
+                runs: dict[str, list[dict]] = {"zenlm": [], "transformers": [], "llama.cpp": []}
+                for r in range(args.rounds if speed else 1):  # alternate the engines: the CPU is shared
+                    for lib in ("zenlm", "transformers"):
+                        runs[lib].append(measure(lib, folder, dtype, args, speed, loads=None if r == 0 else 1))
+                    if speed and not skipped:
+                        vocab = SHAPES[shape][2]["vocab_size"]
+                        runs["llama.cpp"].append(measure_llamacpp(folder, dtype, args, vocab))
+                got = {lib: (best_of(rs) if speed else rs[0]) for lib, rs in runs.items() if rs}
+                for lib in ("zenlm", "transformers"):
+                    got[lib].update({k: runs[lib][0][k] for k in ("load_s", "load_first_s", "peak_load")})
                 for lib, m in got.items():
                     same = ""
-                    if speed and lib == "zenlm":
+                    if speed and lib != "transformers":
                         a, b = m["tokens"], got["transformers"]["tokens"]
                         first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
                         same = "yes" if a == b else f"first {first_diff} of {len(a)}"
-                    row = (f"| {shape} | {dtype} | {lib} | {m['load_s']:.2f} | {m['load_first_s']:.2f} | "
-                           f"{mib(m['peak_load'])} | {m['peak_load'] / m['weights']:.2f} | {mib(m['peak_forward'])} | "
-                           + (f"{m['prefill_tps']:.0f} | {m['decode_tps']:.1f} | {same} |" if speed else "- | - | - |"))
+                    if lib == "llama.cpp":
+                        row = (f"| {shape} | {dtype} | llama.cpp | - | - | - | - | - | {m['prefill_tps']:.0f} | "
+                               f"{m['decode_tps']:.1f} | {same} |")
+                    else:
+                        row = (f"| {shape} | {dtype} | {lib} | {m['load_s']:.2f} | {m['load_first_s']:.2f} | "
+                               f"{mib(m['peak_load'])} | {m['peak_load'] / m['weights']:.2f} | "
+                               f"{mib(m['peak_forward'])} | "
+                               + (f"{m['prefill_tps']:.0f} | {m['decode_tps']:.1f} | {same} |" if speed
+                                  else "- | - | - |"))
                     rows.append(row)
                     print(row, flush=True)
                 z, h = got["zenlm"], got["transformers"]
@@ -251,13 +324,19 @@ def main() -> None:
                 if speed:
                     ratio += (f", prefill {z['prefill_tps'] / h['prefill_tps']:.2f}x, "
                               f"decode {z['decode_tps'] / h['decode_tps']:.2f}x transformers' tokens/s")
+                if "llama.cpp" in got:
+                    lc = got["llama.cpp"]
+                    ratio += (f"; vs llama.cpp: prefill {z['prefill_tps'] / lc['prefill_tps']:.2f}x, "
+                              f"decode {z['decode_tps'] / lc['decode_tps']:.2f}x")
                 ratios.append(ratio)
                 print(ratio, flush=True)
             (folder / "model.safetensors").unlink()
+            for made in (Path(tmp) / "gguf").glob(f"{shape}-*.gguf"):
+                made.unlink()
     print("\n" + header + "\n" + rule)
     print("\n".join(rows))
     print("\nzenlm vs transformers (load time ratio > 1 = zenlm faster; memory and speed ratios: "
-          "zenlm's / transformers'):")
+          "zenlm's / transformers'), and zenlm's tokens/s / llama.cpp's:")
     print("\n".join(ratios))
 
 
