@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -478,6 +478,40 @@ def _spm_scores(data: dict, tokens: list[str], types: list[int]) -> list[float]:
             (0.0 if k in (_CONTROL, _BYTE, _UNKNOWN) else float(-(floor + i))) for i, (t, k) in enumerate(zip(tokens, types))]
 
 
+_ZENLM_NORMALIZER_KEY = "zenlm.tokenizer.normalizer"  # a normalizer llama.cpp cannot apply, for zenlm's reader
+
+
+def _unigram_options(data: dict) -> dict:
+    """A Unigram tokenizer.json as llama.cpp's "t5" (SentencePiece unigram, Viterbi) tokenizer sees it:
+    whether a "▁" is prepended (a Metaspace pre-tokenizer's prepend_scheme), the precompiled
+    character map of a SentencePiece normalizer, and an NFKC normalizer llama.cpp does not apply
+    (kept under a zenlm key, and said in a warning). Anything else is a ValueError naming it."""
+    model = data.get("model") or {}
+    if model.get("byte_fallback"):
+        raise ValueError("tokenizer: a Unigram model with byte_fallback does not map to llama.cpp (its unigram "
+                         "tokenizer maps unknown characters to <unk>, never to bytes)")
+    out: dict[str, Any] = dict(charsmap=None, normalizer=None, add_space_prefix=None)
+    for step in _steps(data.get("normalizer"), "normalizers"):
+        if step.get("type") == "Precompiled" and step.get("precompiled_charsmap"):
+            import base64
+
+            out["charsmap"] = base64.b64decode(step["precompiled_charsmap"])
+        elif step.get("type") == "NFKC" and out["normalizer"] is None:
+            out["normalizer"] = "NFKC"
+        else:
+            raise ValueError(f"tokenizer: normalizer step {json.dumps(step)[:120]} does not map to llama.cpp's "
+                             "unigram tokenizer (a SentencePiece character map or NFKC only)")
+    for step in _steps(data.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") != "Metaspace" or step.get("replacement", _SPACE) != _SPACE or out["add_space_prefix"] is not None:
+            raise ValueError(f"tokenizer: pre-tokenizer step {json.dumps(step)[:120]} does not map to llama.cpp's "
+                             "unigram tokenizer (one Metaspace with '▁' only)")
+        out["add_space_prefix"] = step.get("prepend_scheme", "always") != "never"
+    if out["add_space_prefix"] is None:
+        raise ValueError("tokenizer: a Unigram model without a Metaspace pre-tokenizer keeps its spaces; llama.cpp's "
+                         "unigram tokenizer writes them as '▁'")
+    return out
+
+
 def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
     """Everything export_gguf writes under tokenizer.ggml.*, as plain values: a byte-level BPE as model
     "gpt2" (vocabulary and merges), a SentencePiece-style byte-fallback BPE (Llama 2, Mistral, Gemma) as
@@ -486,11 +520,14 @@ def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
     model = data.get("model") or {}
     decoder = (data.get("decoder") or {}).get("type")
     spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
-    if not spm and (model.get("type") != "BPE" or decoder != "ByteLevel"):
+    unigram = model.get("type") == "Unigram"
+    if not (spm or unigram) and (model.get("type") != "BPE" or decoder != "ByteLevel"):
         raise ValueError(f"tokenizer: a {model.get('type')} model with a {decoder} decoder does not map to llama.cpp "
                          "(byte-level BPE: its 'gpt2' tokenizer; a byte-fallback BPE with '▁' for spaces, as Llama 2, "
-                         "Mistral and Gemma have: its 'llama' SentencePiece tokenizer)")
-    if spm:
+                         "Mistral and Gemma have: its 'llama' SentencePiece tokenizer; a Unigram: its 't5' one)")
+    if unigram:
+        pre, unigram_options = "default", _unigram_options(data)
+    elif spm:
         add_prefix = _spm_space_prefix(data)
         pre = "default"
     else:
@@ -518,6 +555,8 @@ def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
             types[i] = _CONTROL if added.get("special") or looks_special else _USER_DEFINED
     unk = tokenizer.special_tokens.get("unk_token") or (model.get("unk_token") if spm else None)
     unk_id = tokenizer.token_to_id(unk) if unk is not None else None
+    if unigram and model.get("unk_id") is not None:
+        unk_id = int(model["unk_id"])
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     # special ids: the model's own, else the tokenizer's
     encoded = tokenizer.backend.encode("a", add_special_tokens=True).ids
@@ -535,6 +574,17 @@ def _tokenizer_fields(tokenizer: Tokenizer, config: TransformerConfig) -> dict:
             types[unk_id] = _UNKNOWN
         # llama.cpp's converter writes no merges for a SentencePiece vocabulary: the scores order them
         out.update(model="llama", merges=[], scores=_spm_scores(data, tokens, types), add_space_prefix=add_prefix)
+    if unigram:
+        if unk_id is None:
+            raise ValueError("tokenizer: llama.cpp's unigram tokenizer needs an unknown token; this Unigram has none")
+        types[unk_id] = _UNKNOWN
+        scores = [-1e9] * size  # padding rows: never chosen
+        for i, (_, score) in enumerate(model.get("vocab") or []):
+            if i < size:
+                scores[i] = float(score)
+        out.update(model="t5", scores=[0.0 if k == _CONTROL else sc for sc, k in zip(scores, types)],
+                   add_space_prefix=unigram_options["add_space_prefix"], charsmap=unigram_options["charsmap"],
+                   zenlm_normalizer=unigram_options["normalizer"])
     others = [i for i in tokenizer.stop_token_ids if i != config.eos_token_id and i < size]
     if others:
         out["eot"] = others[0]  # llama.cpp stops on eos and on eot
@@ -629,6 +679,12 @@ def _write_tokenizer(w, tok: dict) -> None:
         w.add_token_merges(tok["merges"])
     if tok.get("add_space_prefix") is not None:
         w.add_add_space_prefix(bool(tok["add_space_prefix"]))
+    if tok["model"] == "t5":
+        w.add_remove_extra_whitespaces(False)
+        if tok.get("charsmap"):
+            w.add_precompiled_charsmap(tok["charsmap"])
+    if tok.get("zenlm_normalizer"):
+        w.add_string(_ZENLM_NORMALIZER_KEY, tok["zenlm_normalizer"])
     w.add_bos_token_id(tok["bos"])
     w.add_eos_token_id(tok["eos"])
     if tok.get("unk") is not None:
@@ -719,6 +775,10 @@ def export_gguf(model: TransformerLM, tokenizer: Optional[Tokenizer], path: Path
                         f"zenlm's only while a sequence fits the window ({c.sliding_window} tokens)")
         log.warning(warnings[-1])
     tok = _tokenizer_fields(tokenizer, c)
+    if tok.get("zenlm_normalizer"):
+        warnings.append(f"llama.cpp does not apply the tokenizer's {tok['zenlm_normalizer']} normalizer: text it "
+                        "would change tokenizes differently there (zenlm's reader applies it)")
+        log.warning(warnings[-1])
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type]
 
@@ -872,7 +932,7 @@ def _spm_backend(meta: dict, tokens: list[str], types: list[int], vocab: dict[st
     """A ``tokenizers`` BPE that tokenizes as llama.cpp's "llama" (SentencePiece) tokenizer: spaces as
     "▁" and one prepended when tokenizer.ggml.add_space_prefix says so (its default: yes), merges in
     score order, characters outside the vocabulary as <0xXX> byte tokens."""
-    from tokenizers import decoders, models, normalizers
+    from tokenizers import models
     from tokenizers import Tokenizer as RustTokenizer
 
     scores = meta.get("tokenizer.ggml.scores")
@@ -883,12 +943,49 @@ def _spm_backend(meta: dict, tokens: list[str], types: list[int], vocab: dict[st
         unk_id = next((i for i, k in enumerate(types) if k == _UNKNOWN), None)
     backend = RustTokenizer(models.BPE(vocab=vocab, merges=spm_merges(tokens, list(scores), types), byte_fallback=True,
                                        fuse_unk=True, unk_token=tokens[int(unk_id)] if unk_id is not None else None))
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    escape = normalizers.Replace(" ", _SPACE)
-    # Prepend runs on each piece of text between added tokens: llama.cpp prefixes a space after each special token
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), escape]) if prefix else escape
-    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    _sentencepiece_text(backend, bool(meta.get("tokenizer.ggml.add_space_prefix", True)), byte_fallback=True)
+    return backend
+
+
+def _sentencepiece_text(backend, prefix: bool, byte_fallback: bool, first: Sequence = ()) -> None:
+    """llama.cpp's SentencePiece text handling on a ``tokenizers`` backend: the ``first`` normalizers
+    (a character map), then spaces as "▁", one "▁" prepended to each piece of text between special
+    tokens when ``prefix`` (llama.cpp prefixes after each special token, and before a leading space
+    too, as sentencepiece does); decoding undoes it and drops the first prepended space."""
+    from tokenizers import decoders, normalizers
+
+    steps = list(first) + ([normalizers.Prepend(_SPACE)] if prefix else []) + [normalizers.Replace(" ", _SPACE)]
+    backend.normalizer = normalizers.Sequence(steps)
+    out = [decoders.Replace(_SPACE, " ")] + ([decoders.ByteFallback()] if byte_fallback else []) + [decoders.Fuse()]
+    backend.decoder = decoders.Sequence(out + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+
+
+def _unigram_backend(meta: dict, tokens: list[str], types: list[int]):
+    """A ``tokenizers`` Unigram that tokenizes as llama.cpp's "t5" tokenizer: the same Viterbi over the
+    scores (unknown characters -> <unk>, consecutive ones fused), spaces as "▁" with one prepended
+    per piece of text when add_space_prefix says so, the file's SentencePiece character map."""
+    from tokenizers import models, normalizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError("tokenizer.ggml.model='t5' needs tokenizer.ggml.scores, one per token")
+    if meta.get("tokenizer.ggml.remove_extra_whitespaces"):
+        raise ValueError("tokenizer.ggml.remove_extra_whitespaces=true is not supported (zenlm reads unigram "
+                         "vocabularies that keep their spaces)")
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk_id is None:
+        unk_id = next((i for i, k in enumerate(types) if k == _UNKNOWN), None)
+    backend = RustTokenizer(models.Unigram([(t, float(sc)) for t, sc in zip(tokens, scores)],
+                                           unk_id=None if unk_id is None else int(unk_id), byte_fallback=False))
+    first = []
+    if meta.get(_ZENLM_NORMALIZER_KEY) == "NFKC":
+        first.append(normalizers.NFKC())
+    charsmap = meta.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap:
+        first.append(normalizers.Precompiled(bytes(bytearray(int(b) & 0xFF for b in charsmap))))
+    _sentencepiece_text(backend, bool(meta.get("tokenizer.ggml.add_space_prefix", True)), byte_fallback=False,
+                        first=first)
     return backend
 
 
@@ -897,9 +994,9 @@ def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
     from tokenizers import Tokenizer as RustTokenizer
 
     kind = meta.get("tokenizer.ggml.model")
-    if kind not in ("gpt2", "llama"):
+    if kind not in ("gpt2", "llama", "t5"):
         raise ValueError(f"tokenizer.ggml.model={kind!r} is not supported; supported: 'gpt2' (byte-level BPE), "
-                         "'llama' (SentencePiece BPE with byte fallback)")
+                         "'llama' (SentencePiece BPE with byte fallback), 't5' (SentencePiece unigram)")
     pre = meta.get("tokenizer.ggml.pre", "gpt-2" if kind == "gpt2" else "default")
     if kind == "gpt2" and pre not in _GPT2_PRE and pre not in PRE_TOKENIZERS:
         raise ValueError(f"tokenizer.ggml.pre={pre!r} is not supported; supported: "
@@ -911,6 +1008,8 @@ def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
         vocab.setdefault(token, i)
     if kind == "llama":
         backend = _spm_backend(meta, tokens, types, vocab)
+    elif kind == "t5":
+        backend = _unigram_backend(meta, tokens, types)
     else:
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         backend = RustTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
@@ -923,8 +1022,9 @@ def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
         else:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         backend.decoder = decoders.ByteLevel()
-    added = [AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
-             for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)]
+    # control and unknown tokens are special (llama.cpp leaves both out of decoded text), user-defined ones not
+    added = [AddedToken(tokens[i], special=types[i] != _USER_DEFINED, normalized=False)
+             for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED, _UNKNOWN)]
     special = [t for t in added if t.special]
     if special:
         backend.add_special_tokens(special)
@@ -936,9 +1036,9 @@ def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
     bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-    # llama.cpp's defaults when the keys are absent: a SentencePiece vocabulary adds BOS, a BPE one does not
+    # llama.cpp's defaults when the keys are absent: SentencePiece BPE adds BOS, unigram (t5) EOS, BPE neither
     add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None
-    add_eos = meta.get("tokenizer.ggml.add_eos_token", False) and eos is not None
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", kind == "t5") and eos is not None
     if add_bos or add_eos:
         first, last = (f"{bos}:0 " if add_bos else ""), (f" {eos}:0" if add_eos else "")
         backend.post_processor = processors.TemplateProcessing(
