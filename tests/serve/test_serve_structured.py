@@ -153,6 +153,72 @@ def test_parsers_on_fixed_strings(fmt, text, calls, content):
         assert got_content == text
 
 
+STREAM_CASES = [
+    ("hermes", 'ok <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n<tool_call>{"name": "city", '
+               '"arguments": {"name": "ro\\"me"}}</tool_call> done'),
+    ("hermes", '<tool_call>\n{"arguments": {"a": 1, "b": [2, {"c": "}"}]}, "name": "add"}\n</tool_call>'),  # args first
+    ("hermes", '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}'),  # arguments as JSON text; no closing tag
+    ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call><tool_call>{"name": "add", "argu'),
+    ("hermes", "a <tool> b <tool_cal c"),
+    ("zenlm", '  text <tool_call>{"name": "add", "arguments": {"a": 1}} trailing'),
+    ("llama3", ' <|python_tag|>[{"name": "add", "parameters": {"a": 3}}, {"name": "city", "parameters": {"name": "x"}}]'),
+    ("llama3", '{"answer": 42}'),
+    ("llama3", '{"name": "add", "parameters": {"a": 3}} and more'),
+    ("llama3", "plain words { not json"),
+    ("mistral", 'Sure. [TOOL_CALLS] [{"name": "add", "arguments": {"a": 1, "b": 1}}, {"name": "city", "arguments": '
+                '{"name": "rome"}}]'),
+    ("mistral", '[TOOL_CALLS]{"name": "add", "arguments": {"a": 1, "b": 1}}'),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}} {"name"'),
+]
+
+
+def _assemble(fmt: str, pieces: list[str]):
+    """Feed ``pieces`` to a ToolCallParser and put its deltas together as a client does: content joined, each
+    call's id and name from its first delta, arguments joined. Also: the deltas, in order."""
+    from zenlm.serve.routes.tools import ToolCallParser
+
+    parser = ToolCallParser(fmt)
+    deltas = [d for piece in pieces for d in parser.feed(piece)] + parser.finish()
+    content, calls = "", {}
+    for d in deltas:
+        if d.index is None:
+            content += d.content
+        elif d.id is not None:
+            assert d.index == len(calls) and d.arguments == "" and d.name
+            calls[d.index] = [d.id, d.name, ""]
+        else:
+            calls[d.index][2] += d.arguments
+    return parser, content, list(calls.values()), deltas
+
+
+@pytest.mark.parametrize("fmt,text", STREAM_CASES)
+def test_streaming_parser_agrees_with_the_whole_reply(fmt, text):
+    """Fed a character at a time or in random pieces, the parser sends the calls the whole reply holds, with
+    their arguments in fragments as written; content (or, when a call is malformed or cut, the whole reply)
+    arrives exactly once."""
+    import random
+
+    whole_content, whole_calls = parse_tool_calls(fmt, text)
+    rng = random.Random(len(text))
+    cuts = sorted(rng.sample(range(1, len(text)), min(6, len(text) - 1)))
+    for pieces in (list(text), [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]):
+        parser, content, calls, deltas = _assemble(fmt, pieces)
+        assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
+        assert parser.content == whole_content
+        if whole_calls:
+            assert [(name, args) for _, name, args in calls] == [(c.name, c.arguments) for c in whole_calls]
+            assert [i for i, _, _ in calls] == [c.id for c in parser.calls]
+            assert content == (whole_content or "")
+            for c in whole_calls:
+                json.loads(c.arguments)
+        else:  # not a call after all: every character reaches the client as content, once
+            assert content == text
+    first = text.find('"name"')
+    if whole_calls and -1 < first < text.find(': {', first):  # name first, then object arguments: streamed
+        fragments = [d for d in _assemble(fmt, list(text))[3] if d.index == 0 and d.id is None]
+        assert len(fragments) > 3  # written as they came, not whole at the end
+
+
 def test_template_formats_and_forced_grammars_compile():
     assert template_format(None) == "zenlm"
     assert template_format("{{ messages }}") is None
@@ -261,11 +327,16 @@ def templated(tmp_path_factory):
 @pytest.mark.parametrize("model", ["llama31-json", "hermes", "mistral"])
 def test_forced_calls_through_real_tool_templates(templated, model):
     client = templated.client(templated.key())
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "add 2 and 3"}],
-                                       tools=[ADD, CITY], max_tokens=80, temperature=0,
-                                       tool_choice={"type": "function", "function": {"name": "add"}})
+    request = dict(model=model, messages=[{"role": "user", "content": "add 2 and 3"}], tools=[ADD, CITY],
+                   max_tokens=80, temperature=0, tool_choice={"type": "function", "function": {"name": "add"}})
+    r = client.chat.completions.create(**request)
     assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
     _validate_call(r.choices[0].message.tool_calls[0], ADD)
+    # streamed in this template's format: the same call, its arguments in fragments
+    content, calls, finish = _accumulate(client.chat.completions.create(stream=True, **request))
+    assert finish == "tool_calls" and content == (r.choices[0].message.content or "")
+    assert [(name, args) for _, name, args, _ in calls] == [("add", r.choices[0].message.tool_calls[0].function.arguments)]
+    assert calls[0][3] > 1
     # "auto": the random model writes whatever it likes; what does not parse is content, never an error
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], tools=[ADD],
                                        max_tokens=6, temperature=0)
@@ -277,3 +348,79 @@ def test_tools_for_a_template_without_them_is_a_400_naming_why(templated):
         templated.client(templated.key()).chat.completions.create(
             model="llama3-plain", messages=[{"role": "user", "content": "x"}], tools=[ADD], max_tokens=4)
     assert "does not render tools" in err.value.message and err.value.body["param"] == "tools"
+
+
+def _accumulate(chunks):
+    """A stream's chunks put together by hand, as an application without the helpers does: content joined,
+    per tool-call index the first delta's id and name and the arguments fragments joined; the finish reason."""
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for d in c.delta.tool_calls or []:
+                if d.id is not None:
+                    assert d.index not in calls and d.type == "function" and d.function.name
+                    assert d.function.arguments == ""  # OpenAI's first delta of a call: no arguments yet
+                    calls[d.index] = [d.id, d.function.name, "", 0]
+                else:
+                    assert d.function.name is None and d.index in calls
+                    calls[d.index][2] += d.function.arguments
+                    calls[d.index][3] += 1
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_tool_calls_stream_token_by_token_two_in_parallel(wide):
+    """tool_choice "required" with two parallel calls, streamed: each call's first delta (index, id, type,
+    name, arguments ""), then its arguments in fragments as generated; hand accumulation and both of the
+    client's stream helpers assemble the same calls as the whole (non-streamed) answer."""
+    client = wide.client(wide.key())
+    request = dict(model="tiny-wide", messages=[{"role": "user", "content": "add 2 and 3, and name a city"}],
+                   tools=[ADD, CITY], tool_choice="required", max_tokens=120)
+    # the random model decides how many calls it writes: take the first seed where it writes two or more
+    seed = next((s for s in range(40) if len(client.chat.completions.create(
+        seed=s, **request).choices[0].message.tool_calls or []) >= 2), None)
+    assert seed is not None, "no seed in 40 gave two parallel calls"
+    whole = client.chat.completions.create(seed=seed, **request).choices[0]
+    expected = [(t.function.name, t.function.arguments) for t in whole.message.tool_calls]
+    for t in whole.message.tool_calls:
+        _validate_call(t, ADD if t.function.name == "add" else CITY)
+    chunks = list(client.chat.completions.create(seed=seed, stream=True, **request))
+    content, calls, finish = _accumulate(chunks)
+    assert [(name, args) for _, name, args, _ in calls] == expected and finish == "tool_calls" and content == ""
+    assert all(n > 2 for *_, n in calls)  # several fragments per call, not one at the end
+    assert len({i for i, *_ in calls}) == len(calls)
+    # the first call's arguments were sent before the second call began
+    order = [(d.index, d.id is not None) for ch in chunks for c in ch.choices for d in c.delta.tool_calls or []]
+    assert order.index((1, True)) > max(k for k, (i, _) in enumerate(order) if i == 0)
+    # a retried Idempotency-Key replays the stored answer: the same calls, with the ids the stream sent
+    headers = {"Idempotency-Key": f"tools-{seed}"}
+    sent = _accumulate(client.chat.completions.create(seed=seed, stream=True, extra_headers=headers, **request))
+    assert _accumulate(client.chat.completions.create(seed=seed, stream=True, extra_headers=headers, **request)) == (
+        sent[0], [[i, name, args, 1] for i, name, args, _ in sent[1]], sent[2])
+    for stream_of in (client.chat.completions.stream, client.beta.chat.completions.stream):
+        with stream_of(seed=seed, **request) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_completion().choices[0]
+        assert kinds.count("tool_calls.function.arguments.done") == len(expected)
+        assert kinds.count("tool_calls.function.arguments.delta") > 2 * len(expected)
+        assert final.finish_reason == "tool_calls"
+        assert [(t.function.name, t.function.arguments) for t in final.message.tool_calls] == expected
+
+
+def test_a_call_cut_by_max_tokens_streams_as_content_once(wide):
+    """A forced call cut by max_tokens is no call: the whole reply reaches the client as content exactly once
+    (after the call deltas it was already sent), finish_reason "length", as the whole answer says."""
+    client = wide.client(wide.key())
+    request = dict(model="tiny-wide", messages=[{"role": "user", "content": "add 2 and 3"}], tools=[ADD],
+                   tool_choice={"type": "function", "function": {"name": "add"}}, temperature=0)
+    tokens = [t.token for t in client.chat.completions.create(max_tokens=60, logprobs=True, **request)
+              .choices[0].logprobs.content]
+    # cut one token after the arguments began
+    request["max_tokens"] = next(k for k in range(len(tokens)) if '"arguments":{' in "".join(tokens[:k])) + 1
+    whole = client.chat.completions.create(**request).choices[0]
+    assert whole.finish_reason == "length" and whole.message.tool_calls is None
+    assert whole.message.content.startswith("<tool_call>")
+    content, calls, finish = _accumulate(client.chat.completions.create(stream=True, **request))
+    assert content == whole.message.content and finish == "length"
+    assert [name for _, name, _, _ in calls] == ["add"]  # its start had gone out before the cut

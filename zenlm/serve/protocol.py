@@ -325,11 +325,27 @@ class ToolCallOut(Response):
     function: ToolCallFunction
 
 
+class ToolCallFunctionDelta(Response):
+    """A streamed call's function: its name in the call's first delta, then fragments of the arguments."""
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ToolCallDelta(Response):
+    """One tool call's piece of a stream chunk, as OpenAI sends it: the first delta of a call carries
+    index, id, type and the function's name (arguments ""), the later ones index and an arguments fragment."""
     index: int
     id: Optional[str] = None
     type: Optional[Literal["function"]] = None
-    function: Optional[ToolCallFunction] = None
+    function: Optional[ToolCallFunctionDelta] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 def _without_absent_tool_calls(data: dict) -> dict:

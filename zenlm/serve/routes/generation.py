@@ -22,7 +22,7 @@ from ..engine import EngineRequest, SamplingParams, TokenEvent
 from ..errors import APIError, InvalidRequest
 from ..metering import Outcome, Ticket
 from ..server import Server
-from .tools import tool_calls_of
+from .tools import ToolCallParser, ToolDelta, tool_calls_of
 
 CHAT_ROUTE, COMPLETIONS_ROUTE = "/v1/chat/completions", "/v1/completions"
 
@@ -43,6 +43,7 @@ class Choice:
     tokens: list = field(default_factory=list)  # (token_id, logprob, top) per token
     delivered_tokens: int = 0
     finish_reason: Optional[str] = None
+    tool_parser: Optional[ToolCallParser] = None  # a streamed chat with tools: its calls as they were sent
 
 
 @dataclass
@@ -258,7 +259,10 @@ def _finish(reason: Optional[str]) -> Optional[str]:
 
 def _message(c: Choice, tools) -> tuple[P.AssistantMessage, Optional[str]]:
     """A chat choice's message and finish reason: tool calls parsed out of the text when tools were given."""
-    content, calls = tool_calls_of(tools, c.text)
+    if c.tool_parser is not None:  # streamed: the calls (and ids) the client was sent
+        content, calls = c.tool_parser.content, c.tool_parser.calls
+    else:
+        content, calls = tool_calls_of(tools, c.text)
     if not calls:
         return P.AssistantMessage(content=c.text), _finish(c.finish_reason)
     return P.AssistantMessage(content=content, tool_calls=[
@@ -294,13 +298,21 @@ def _chunk(chat: bool, rid: str, created: int, model: str, index: int, text: Opt
         P.CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)])
 
 
-def _tool_chunk(rid: str, created: int, model: str, index: int, message: dict):
-    """The held reply of a chat with tools, in one delta: its content and its tool calls (each complete)."""
-    calls = [P.ToolCallDelta(index=i, id=t["id"], type="function", function=P.ToolCallFunction(**t["function"]))
-             for i, t in enumerate(message.get("tool_calls") or [])]
-    delta = P.DeltaMessage(content=message.get("content"), tool_calls=calls or None)
-    return P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
-        P.ChatCompletionStreamChoice(index=index, delta=delta)])
+def _tool_delta_chunks(rid: str, created: int, model: str, index: int, deltas: list[ToolDelta], logprobs=None):
+    """The chunks of a chat-with-tools choice's parsed deltas (zenlm.serve.routes.tools.ToolCallParser): content
+    as content, a call's start as index, id, type and name (arguments ""), then its argument fragments. The
+    token's log-probabilities ride on the first chunk (on an empty delta when the token showed nothing yet)."""
+    chunks = []
+    for d in deltas or [ToolDelta()]:
+        if d.index is None:
+            delta = P.DeltaMessage(content=d.content)
+        else:
+            delta = P.DeltaMessage(tool_calls=[P.ToolCallDelta(
+                index=d.index, id=d.id, type="function" if d.id is not None else None,
+                function=P.ToolCallFunctionDelta(name=d.name, arguments=d.arguments))])
+        chunks.append(_sse(P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
+            P.ChatCompletionStreamChoice(index=index, delta=delta, logprobs=logprobs if not chunks else None)])))
+    return chunks
 
 
 def _usage_chunk(chat: bool, rid: str, created: int, model: str, usage: P.UsageInfo):
@@ -352,8 +364,11 @@ async def _stream(d: Decoding, ticket: Ticket) -> AsyncIterator[str]:
             for c in choices:
                 yield _sse(_chunk(chat, rid, created, served.id, c.index, served.tokenizer.decode(c.prompt_ids)))
         token_chunk = _TokenChunks(chat, rid, created, served.id)
-        # a reply that may hold tool calls is sent whole at its end (as content or as tool-call deltas)
-        hold = chat and d.tools is not None and d.tools.format != "none"
+        # a reply that may hold tool calls goes through its format's parser: content until a call starts,
+        # then the call's start and its arguments as they are written
+        if chat and d.tools is not None and d.tools.format != "none":
+            for c in choices:
+                c.tool_parser = ToolCallParser(d.tools.format)
         while any(c.finish_reason is None for c in choices):
             arrived = [await events.get()]
             while not events.empty():  # everything that came meanwhile goes out in one write
@@ -362,9 +377,14 @@ async def _stream(d: Decoding, ticket: Ticket) -> AsyncIterator[str]:
             for k, ev in arrived:
                 c = choices[k]
                 absorb(c, ev)
-                if ev.token_id is None or hold:
+                if ev.token_id is None:
                     continue
-                if ev.logprob is not None:
+                if c.tool_parser is not None:
+                    deltas = c.tool_parser.feed(ev.text)
+                    lp = _chat_logprobs(served, [c.tokens[-1]]) if ev.logprob is not None else None
+                    if deltas or lp is not None:
+                        out.extend(_tool_delta_chunks(rid, created, served.id, k, deltas, lp))
+                elif ev.logprob is not None:
                     lp = (_chat_logprobs(served, [c.tokens[-1]]) if chat
                           else _completion_logprobs(served, [c.tokens[-1]], len(c.text) - len(ev.text)))
                     out.append(_sse(_chunk(chat, rid, created, served.id, k, ev.text, logprobs=lp)))
@@ -376,6 +396,7 @@ async def _stream(d: Decoding, ticket: Ticket) -> AsyncIterator[str]:
                 choices[k].delivered_tokens = len(choices[k].tokens)
         if any(c.finish_reason == "error" for c in choices):
             raise RuntimeError("the engine failed while decoding")
+        last = {c.index: c.tool_parser.finish() for c in choices if c.tool_parser is not None}
         usage = _usage(choices, d.prompt_tokens)
         _observe_ttft(d.server, served, choices)
         full = _build_response(served, body, chat, choices, usage, rid, created, d.tools).model_dump()
@@ -383,10 +404,10 @@ async def _stream(d: Decoding, ticket: Ticket) -> AsyncIterator[str]:
         usage.cost_micros = await ticket.settle(
             Usage(usage.prompt_tokens, usage.completion_tokens, queue_ms(choices), compute_ms(choices)), full)
         finishes = {c.index: _finish(c.finish_reason) for c in choices}
-        if hold:
-            for c, f in zip(choices, full["choices"]):
-                finishes[c.index] = f["finish_reason"]
-                yield _sse(_tool_chunk(rid, created, served.id, c.index, f["message"]))
+        for c, f in zip(choices, full["choices"] if last else []):
+            finishes[c.index] = f["finish_reason"]
+            if last[c.index]:  # the rest of the reply: held content, or all of it when a call was malformed
+                yield "".join(_tool_delta_chunks(rid, created, served.id, c.index, last[c.index]))
         for c in choices:
             yield _sse(_chunk(chat, rid, created, served.id, c.index, None if chat else "",
                               finish=finishes[c.index]))
@@ -406,8 +427,13 @@ def _replay(stored: dict, body, chat: bool):
         for c in stored["choices"]:
             if chat:
                 yield _sse(_chunk(True, rid, created, model, c["index"], "", role=True))
-                if c["message"].get("tool_calls"):
-                    yield _sse(_tool_chunk(rid, created, model, c["index"], c["message"]))
+                if c["message"].get("tool_calls"):  # as the stream sent them: content, each call's start, its arguments
+                    message = c["message"]
+                    deltas = [ToolDelta(content=message["content"])] if message.get("content") else []
+                    for i, t in enumerate(message["tool_calls"]):
+                        deltas += [ToolDelta(index=i, id=t["id"], name=t["function"]["name"], arguments=""),
+                                   ToolDelta(index=i, arguments=t["function"]["arguments"])]
+                    yield "".join(_tool_delta_chunks(rid, created, model, c["index"], deltas))
                 else:
                     yield _sse(_chunk(True, rid, created, model, c["index"], c["message"]["content"]))
             else:

@@ -6,12 +6,13 @@ Formats: ``hermes`` (Hermes, Qwen: ``<tool_call>{"name", "arguments"}</tool_call
 one JSON object ``{"name", "parameters"}``, optionally after ``<|python_tag|>``), ``mistral``
 (``[TOOL_CALLS][{"name", "arguments"}, ...]``) and ``zenlm`` (zenlm's ``<|role|>`` template: the tools
 listed in a system message, calls written as hermes' tags, results given back in ``<tool_response>``).
-A reply that does not parse is plain content with finish reason "stop", never an error.
+A reply that does not parse is plain content with finish reason "stop", never an error. One parser per
+format reads a reply as it is written (``ToolCallParser``: a stream sends a call's start and then its
+arguments fragment by fragment, as OpenAI's stream does) and reads whole replies too (``parse_tool_calls``).
 """
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Optional
@@ -42,69 +43,342 @@ def template_format(template: Optional[str]) -> Optional[str]:
     return "llama3"  # Llama 3.1/3.2 and other templates that ask for a bare JSON call
 
 
-def _call(obj, name_keys=("name",), arg_keys=("arguments", "parameters")) -> Optional[ToolCall]:
-    if not isinstance(obj, dict):
-        return None
-    name = next((obj[k] for k in name_keys if isinstance(obj.get(k), str)), None)
-    args = next((obj[k] for k in arg_keys if k in obj), None)
-    if name is None:
-        return None
-    if isinstance(args, str):  # some models write the arguments as JSON text already
+ARG_KEYS = {"llama3": ("parameters", "arguments")}  # the key of a call's arguments, in order of preference
+MARKERS = {"hermes": "<tool_call>", "zenlm": "<tool_call>", "mistral": "[TOOL_CALLS]"}
+HERMES_CLOSE, PYTHON_TAG = "</tool_call>", "<|python_tag|>"
+
+
+@dataclass
+class ToolDelta:
+    """One piece of a streamed reply: ``content`` text, or for tool call ``index`` its start (``id`` and
+    ``name``, arguments "") or a fragment of its ``arguments``."""
+
+    content: Optional[str] = None
+    index: Optional[int] = None
+    id: Optional[str] = None
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class _CallScan:
+    """One call object ``{"name": ..., "arguments": ...}`` read a character at a time: where its top-level
+    values lie (so the arguments can be passed on as the model writes them) and where the object ends. Only
+    brackets, strings and escapes are followed; whether the object is valid JSON is json.loads's to say once
+    it is complete."""
+
+    def __init__(self, start: int):
+        self.start, self.end = start, None  # text[start:end] is the object once complete
+        self.depth, self.in_str, self.esc, self.str_role = 0, False, False, None
+        self.expect = "open"  # at depth 1: key, colon, value, scalar, comma
+        self.key_at, self.key = 0, None
+        self.spans: dict[str, list] = {}  # top-level key -> [value start, value end or None]
+        self.bad = False
+
+    def feed(self, text: str, i: int) -> int:
+        """Scan text[i:]; the index reached (the end of the object when it completes there)."""
+        while i < len(text) and self.end is None and not self.bad:
+            self._char(text, i, text[i])
+            i += 1
+        return i
+
+    def _value_end(self, at: int) -> None:
+        self.spans[self.key][1] = at
+        self.expect = "comma"
+
+    def _char(self, text: str, i: int, c: str) -> None:
+        if self.in_str:
+            if self.esc:
+                self.esc = False
+            elif c == "\\":
+                self.esc = True
+            elif c == '"':
+                self.in_str = False
+                if self.str_role == "key":
+                    try:
+                        self.key = json.loads(text[self.key_at:i + 1])
+                    except ValueError:
+                        self.bad = True
+                    self.expect = "colon"
+                elif self.str_role == "value":
+                    self._value_end(i + 1)
+            return
+        if self.depth > 1:
+            if c == '"':
+                self.in_str, self.str_role = True, None
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 1:
+                    self._value_end(i + 1)
+            return
+        if self.expect == "scalar":  # a number, true, false or null ends at whitespace, "," or "}"
+            if not (c.isspace() or c in ",}"):
+                return
+            self._value_end(i)
+        if c.isspace():
+            return
+        if self.expect == "open":
+            self.depth, self.expect, self.bad = 1, "key", c != "{"
+        elif self.expect == "key" and c == '"':
+            self.in_str, self.str_role, self.key_at = True, "key", i
+        elif self.expect == "colon" and c == ":":
+            self.expect = "value"
+        elif self.expect == "value":
+            if self.key in self.spans:  # a key given twice: leave it to the final check
+                self.bad = True
+            self.spans[self.key] = [i, None]
+            if c == '"':
+                self.in_str, self.str_role = True, "value"
+            elif c in "{[":
+                self.depth, self.expect = 2, "nested"
+            else:
+                self.expect = "scalar"
+        elif self.expect == "comma" and c == ",":
+            self.expect = "key"
+        elif self.expect in ("key", "comma") and c == "}":
+            self.depth, self.end = 0, i + 1
+        else:
+            self.bad = True
+
+
+class ToolCallParser:
+    """A reply parsed for tool calls while it is written (``feed`` each text delta, ``finish`` at the end),
+    in a template's format: content until a call starts, then each call's start (id and name) once its name
+    is known and its arguments have begun, and the arguments as the model writes them. The same parser
+    reads a whole reply (``parse_tool_calls``), so a stream and a whole answer agree.
+
+    Content next to calls: text before the first call goes out as it comes, whitespace held until something
+    follows it (whitespace just before a call is dropped); text after a call is held and sent at the end
+    (trailing whitespace dropped). A reply in which any call turns out malformed (or cut off) is content, all of it, exactly once:
+    whatever was not yet sent as content goes out at the end (the call deltas already sent stay sent).
+    """
+
+    def __init__(self, fmt: str):
+        if fmt not in FORMATS:
+            raise ValueError(f"tool-call format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        self.fmt = fmt
+        self.marker = MARKERS.get(fmt)
+        self.arg_keys = ARG_KEYS.get(fmt, ("arguments", "parameters"))
+        self.text = ""
+        self.i = 0  # the next character to read
+        self.sent = 0  # text[:sent] went out as content
+        self.state = "start" if fmt == "llama3" else "content"
+        self.in_array = False
+        self.scan: Optional[_CallScan] = None
+        self.streamed = 0  # text[:streamed] of the current call's arguments went out
+        self.current: Optional[ToolCall] = None  # the call being read, once its start went out
+        self.calls: list[ToolCall] = []
+        self.after: list[str] = []  # content after the first call, held until the end
+        self.content: Optional[str] = None  # set by finish()
+
+    # ------------------------------------------------------------------ the two entry points
+    def feed(self, delta: str) -> list[ToolDelta]:
+        self.text += delta
+        out: list[ToolDelta] = []
+        self._run(out, final=False)
+        return out
+
+    def finish(self) -> list[ToolDelta]:
+        """The last deltas; then ``content`` and ``calls`` hold the reply as a whole answer gives it."""
+        out: list[ToolDelta] = []
+        self._run(out, final=True)
+        # complete: after a closed call (or one whose closing tag never came), or a closed list
+        ok = bool(self.calls) and (self.state in ("after", "end") or (self.state == "close" and self.marker == "<tool_call>"))
+        if not ok:  # no call, or a malformed or unfinished one: every character is content
+            if self.sent < len(self.text):
+                out.append(ToolDelta(content=self.text[self.sent:]))
+            self.content, self.calls = self.text, []
+            return out
+        if self.state == "after" and self.i < len(self.text):
+            self.after.append(self.text[self.i:])
+        tail = "".join(self.after).rstrip()
+        tail = tail if self.sent else tail.lstrip()  # the text between stays as written
+        if tail:
+            out.append(ToolDelta(content=tail))
+        self.content = (self.text[:self.sent] + tail) or None
+        return out
+
+    # ------------------------------------------------------------------ the state machine
+    def _skip_space(self) -> bool:
+        """Past whitespace; whether a character follows."""
+        while self.i < len(self.text) and self.text[self.i].isspace():
+            self.i += 1
+        return self.i < len(self.text)
+
+    def _content(self, out: list[ToolDelta], final: bool) -> None:
+        """Plain text until the format's marker: sent, less trailing whitespace and a possible marker start."""
+        at = self.text.find(self.marker, self.i)
+        if at < 0:
+            hold = 0 if final else next((k for k in range(min(len(self.marker) - 1, len(self.text)), 0, -1)
+                                         if self.marker.startswith(self.text[-k:])), 0)
+            safe = len(self.text) - hold
+            self.i = safe
+            end = safe if final else len(self.text[:safe].rstrip())
+        else:
+            end = len(self.text[:at].rstrip())
+            self.i = at + len(self.marker)
+            self.state = "open"
+        if end > self.sent:
+            out.append(ToolDelta(content=self.text[self.sent:end]))
+            self.sent = end
+
+    def _run(self, out: list[ToolDelta], final: bool) -> None:
+        while True:
+            state = self.state
+            if state == "content":
+                self._content(out, final)
+                if self.state == "content":
+                    return
+            elif state == "start":  # llama3: a JSON call (or list), maybe after <|python_tag|>, else content
+                if not self._skip_space():
+                    return
+                rest = self.text[self.i:]
+                if PYTHON_TAG.startswith(rest) and not final:
+                    return
+                if rest.startswith(PYTHON_TAG):
+                    self.i += len(PYTHON_TAG)
+                    self.state = "open"
+                elif rest[0] in "{[":
+                    self.state = "open"
+                else:
+                    self.state = "plain"
+            elif state == "plain":  # llama3 text that is no call: all content, as it comes
+                if self.sent < len(self.text):
+                    out.append(ToolDelta(content=self.text[self.sent:]))
+                    self.sent = len(self.text)
+                return
+            elif state == "open":  # after a marker: one call object, or (llama3, mistral) a list of them
+                if not self._skip_space():
+                    return
+                c = self.text[self.i]
+                if c == "[" and self.fmt in ("llama3", "mistral") and not self.in_array and not self.calls:
+                    self.in_array = True
+                    self.i += 1
+                    continue
+                if c != "{":
+                    self.state = "broken"
+                    continue
+                self.scan, self.streamed, self.current = _CallScan(self.i), 0, None
+                self.state = "call"
+            elif state == "call":
+                self.i = self.scan.feed(self.text, self.i)
+                if self.scan.bad:
+                    self.state = "broken"
+                    continue
+                self._pass_on(out)
+                if self.scan.end is None:
+                    return
+                if not self._complete(out):
+                    self.state = "broken"
+                    continue
+                self.state = "close"
+            elif state == "close":  # after a call: its closing tag, the list's next item or end, or the reply's end
+                if self.marker != "<tool_call>" and not self.in_array:
+                    self.state = "end"
+                    continue
+                if not self._skip_space():
+                    return
+                rest = self.text[self.i:]
+                if self.fmt in ("hermes", "zenlm"):
+                    if HERMES_CLOSE.startswith(rest) and not final:
+                        return
+                    if not rest.startswith(HERMES_CLOSE):
+                        self.state = "broken"
+                        continue
+                    self.i += len(HERMES_CLOSE)
+                    self.state = "after"
+                elif self.in_array and rest[0] in ",]":
+                    self.i += 1
+                    self.state = "open" if rest[0] == "," else "end"
+                else:
+                    self.state = "broken"
+            elif state == "after":  # hermes/zenlm: text between or after calls, held; another call may follow
+                at = self.text.find(self.marker, self.i)
+                if at < 0:
+                    return
+                self.after.append(self.text[self.i:at])
+                self.i = at + len(self.marker)
+                self.state = "open"
+            elif state == "end":  # the list is closed: only whitespace (llama3) or anything (mistral) may follow
+                if self.fmt == "llama3" and self._skip_space():
+                    self.state = "broken"
+                    continue
+                if self.fmt == "mistral":
+                    self.after.append(self.text[self.i:])
+                    self.i = len(self.text)
+                return
+            else:  # broken: nothing more is parsed; finish() sends what is left as content
+                return
+
+    def _args_key(self) -> Optional[str]:
+        return next((k for k in self.arg_keys if k in self.scan.spans), None)
+
+    def _pass_on(self, out: list[ToolDelta]) -> None:
+        """The call's start once its name is known and its arguments (an object or list) have begun, then
+        the arguments written since."""
+        scan = self.scan
+        name_span, key = scan.spans.get("name"), self._args_key()
+        if key is None or name_span is None or name_span[1] is None:
+            return
+        start, end = scan.spans[key]
+        if self.text[start] not in "{[":  # a string or scalar: passed on whole once the call is complete
+            return
+        if self.current is None:
+            try:
+                name = json.loads(self.text[name_span[0]:name_span[1]])
+            except ValueError:
+                return
+            if not isinstance(name, str):
+                return
+            self.current = ToolCall(name, "")
+            out.append(ToolDelta(index=len(self.calls), id=self.current.id, name=name, arguments=""))
+            self.streamed = start
+        upto = end if end is not None else len(self.text)
+        if upto > self.streamed:
+            out.append(ToolDelta(index=len(self.calls), arguments=self.text[self.streamed:upto]))
+            self.streamed = upto
+
+    def _complete(self, out: list[ToolDelta]) -> bool:
+        """A call object has closed: whether it is a valid call (then it is one of ``calls``)."""
+        scan = self.scan
         try:
-            json.loads(args)
+            obj = json.loads(self.text[scan.start:scan.end])
         except ValueError:
-            return None
-        return ToolCall(name, args)
-    return ToolCall(name, json.dumps(args if args is not None else {}, ensure_ascii=False))
+            return False
+        key = self._args_key()
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return False
+        value = obj.get(key) if key is not None else None
+        if isinstance(value, (dict, list)):
+            arguments = self.text[scan.spans[key][0]:scan.spans[key][1]]  # the model's own text
+        elif isinstance(value, str):  # some models write the arguments as JSON text already
+            try:
+                json.loads(value)
+            except ValueError:
+                return False
+            arguments = value
+        else:
+            arguments = json.dumps(value if value is not None else {}, ensure_ascii=False)
+        if self.current is None:
+            self.current = ToolCall(obj["name"], "")
+            out.append(ToolDelta(index=len(self.calls), id=self.current.id, name=obj["name"], arguments=""))
+            out.append(ToolDelta(index=len(self.calls), arguments=arguments))
+        elif self.current.name != obj["name"]:
+            return False
+        self.current.arguments = arguments
+        self.calls.append(self.current)
+        self.current = None
+        return True
 
 
 def parse_tool_calls(fmt: str, text: str) -> tuple[Optional[str], list[ToolCall]]:
-    """(content, calls) of a reply; no calls when it holds none or any of them is malformed (then the
-    whole text is content)."""
-    plain = (text, [])
-    if fmt in ("hermes", "zenlm"):
-        found = list(re.finditer(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", text, flags=re.S))
-        if not found:
-            return plain
-        calls = []
-        for m in found:
-            try:
-                call = _call(json.loads(m.group(1)))
-            except ValueError:
-                return plain
-            if call is None:
-                return plain
-            calls.append(call)
-        rest = text
-        for m in reversed(found):
-            rest = rest[:m.start()] + rest[m.end():]
-        return (rest.strip() or None), calls
-    if fmt == "mistral":
-        head, sep, tail = text.partition("[TOOL_CALLS]")
-        if not sep:
-            return plain
-        try:
-            value, _ = json.JSONDecoder().raw_decode(tail.strip())
-        except ValueError:
-            return plain
-        items = value if isinstance(value, list) else [value]
-        calls = [_call(v) for v in items]
-        if not calls or any(c is None for c in calls):
-            return plain
-        return (head.strip() or None), calls
-    # llama3: the whole reply is one call (or a list of them), maybe after <|python_tag|>
-    body = text.strip()
-    if body.startswith("<|python_tag|>"):
-        body = body[len("<|python_tag|>"):].strip()
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return plain
-    items = value if isinstance(value, list) else [value]
-    calls = [_call(v, arg_keys=("parameters", "arguments")) for v in items]
-    if not calls or any(c is None for c in calls):
-        return plain
-    return None, calls
+    """(content, calls) of a whole reply; no calls when it holds none or any of them is malformed (then
+    the whole text is content). The streaming parser, fed the reply at once."""
+    parser = ToolCallParser(fmt)
+    parser.feed(text)
+    parser.finish()
+    return parser.content, parser.calls
 
 
 def _call_schema(tool, fmt: str) -> dict:
