@@ -659,23 +659,36 @@ class Opened:
     share: float
     started: float
     response: object
-    events: object  # the async iterator of SSE data payloads
-    first: Optional[str]  # the first event, read before the client got anything
+    events: object  # the async iterator of lists of SSE data payloads (_events)
+    first: list  # the first read's events, read before the client got anything
     relayed: bool = False  # the relay began (it cleans up after itself from then on)
 
 
 async def _events(resp):
-    """The ``data:`` payloads of an SSE response, one per event."""
-    data = []
-    async for line in resp.aiter_lines():
-        if line == "":
-            if data:
-                yield "\n".join(data)
-                data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip(" "))
-    if data:
-        yield "\n".join(data)
+    """The ``data:`` payloads of an SSE response, as lists: every event that one network read
+    completed (a fast upstream's read holds many), so the relay sends them on in one write."""
+    buffer = ""
+    async for text in resp.aiter_text():
+        buffer += text
+        if buffer.endswith("\r"):  # a "\r\n" may be cut between two reads: wait for its "\n"
+            continue
+        if "\r" in buffer:
+            buffer = buffer.replace("\r\n", "\n").replace("\r", "\n")
+        if "\n\n" not in buffer:
+            continue
+        *blocks, buffer = buffer.split("\n\n")
+        payloads = [p for p in map(_data_of, blocks) if p is not None]
+        if payloads:
+            yield payloads
+    last = _data_of(buffer.replace("\r\n", "\n"))
+    if last is not None:
+        yield [last]
+
+
+def _data_of(block: str) -> Optional[str]:
+    """An SSE event's ``data:`` lines joined (None for an event without data: a comment, a ping)."""
+    data = [line[5:].removeprefix(" ") for line in block.split("\n") if line.startswith("data:")]
+    return "\n".join(data) if data else None
 
 
 async def _open_stream(up: Upstream, plan: Plan) -> Opened:
@@ -778,47 +791,53 @@ async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
     try:
         with ticket.streaming(sent, stop):
             usage_chunk, last_chunk = None, None
-            pending = [opened.first]
-            events = opened.events
-            error = None
-            while True:
-                if pending:
-                    data = pending.pop()
-                else:
+            batch, events = opened.first, opened.events
+            error, done = None, False
+            while not done:
+                if batch is None:
                     try:
-                        data = await events.__anext__()
+                        batch = await events.__anext__()
                     except StopAsyncIteration:
                         break
                     except httpx.HTTPError as e:
                         error = f"{type(e).__name__}"
                         break
-                if data.strip() == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    continue
-                if not isinstance(chunk, dict):
-                    continue
-                if "error" in chunk:
-                    error = str((chunk.get("error") or {}).get("message", "error")) \
-                        if isinstance(chunk.get("error"), dict) else str(chunk["error"])
-                    break
-                if chunk.get("usage") and not chunk.get("choices"):
-                    usage_chunk = chunk
-                    continue
-                last_chunk = chunk
-                text, carried = _content_of(chunk, choices)
-                if up.remote_model:
-                    chunk["model"] = up.name
-                    data = json.dumps(chunk, ensure_ascii=False)
-                if chunk.get("usage"):  # usage riding on a content chunk: keep it, send the chunk without
-                    usage_chunk = {**chunk, "choices": []}
-                    chunk = {k: v for k, v in chunk.items() if k != "usage"}
-                    data = json.dumps(chunk, ensure_ascii=False)
-                yield f"data: {data}\n\n"
-                state["chunks"] += carried
-                state["text"].append(text)
+                out, texts, carried_all = [], [], 0
+                for data in batch:
+                    if data.strip() == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        continue
+                    if not isinstance(chunk, dict):
+                        continue
+                    if "error" in chunk:
+                        error = str((chunk.get("error") or {}).get("message", "error")) \
+                            if isinstance(chunk.get("error"), dict) else str(chunk["error"])
+                        done = True
+                        break
+                    if chunk.get("usage") and not chunk.get("choices"):
+                        usage_chunk = chunk
+                        continue
+                    last_chunk = chunk
+                    text, carried = _content_of(chunk, choices)
+                    if up.remote_model:
+                        chunk["model"] = up.name
+                        data = json.dumps(chunk, ensure_ascii=False)
+                    if chunk.get("usage"):  # usage riding on a content chunk: keep it, send the chunk without
+                        usage_chunk = {**chunk, "choices": []}
+                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                        data = json.dumps(chunk, ensure_ascii=False)
+                    out.append(f"data: {data}\n\n")
+                    texts.append(text)
+                    carried_all += carried
+                batch = None
+                if out:  # one write for the read's events; counted once the write returned (delivered)
+                    yield "".join(out)
+                    state["chunks"] += carried_all
+                    state["text"].extend(texts)
             if error is not None:
                 up.eject(replica, f"died mid-stream: {error}")
                 usage = counted_usage("upstream_error")
