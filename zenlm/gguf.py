@@ -1,10 +1,12 @@
 """GGUF out and in: hand a model to llama.cpp / Ollama, and read their files back.
 
 ``export_gguf(model, tokenizer, "model.gguf", type="f32"|"f16"|"q8_0")`` writes what llama.cpp's own
-converter (``convert_hf_to_gguf.py``) writes for the same model: the architecture name, its
-hyper-parameter keys, its tensor names (``token_embd.weight``, ``blk.N.attn_q.weight``, ...,
-``output_norm.weight``, ``output.weight`` unless tied) and the tokenizer (``tokenizer.ggml.*``: a
-byte-level BPE as model "gpt2" with its merges, token types, special ids and chat template).
+converter (``convert_hf_to_gguf.py``) writes for the same model: the architecture name (llama, qwen2,
+qwen3, phi3, gemma, gemma2, gemma3), its hyper-parameter keys, its tensor names (``token_embd.weight``,
+``blk.N.attn_q.weight``, ..., ``output_norm.weight``, ``output.weight`` unless tied; Gemma's norms as
+w + 1) and the tokenizer (``tokenizer.ggml.*``: a byte-level BPE as model "gpt2" with its merges; a
+SentencePiece-style byte-fallback BPE (Llama 2, Mistral, Gemma) as model "llama" with scores; a
+Unigram as model "t5"; token types, special ids and chat template with each).
 
 ``load_gguf("model.gguf")`` reads such a file (f32, f16, bf16, q8_0 and, through the ``gguf``
 package's dequantizers, q4_0/q4_1/q5_0/q5_1/q4_K/q5_K/q6_K) back into a ``TransformerLM`` with its
@@ -15,7 +17,7 @@ config it takes, how its rotary layout differs and which extra tensors it has. A
 record there. Rotary layout: zenlm (like Hugging Face) rotates the pairs (x_i, x_{i+d/2}) of a head;
 llama.cpp's ``llama`` architecture rotates (x_{2i}, x_{2i+1}), so its converter permutes the rows of
 the q and k projections per head (``permute`` below, the converter's own formula) and we undo it on
-the way in. ``qwen2``/``qwen3`` use the NeoX layout, which is ours: no permutation.
+the way in. ``qwen2``, ``qwen3``, ``phi3`` and the gemmas use the NeoX layout, which is ours: no permutation.
 
 The ``gguf`` package (written by the llama.cpp project) is imported inside the functions only, so
 ``import zenlm`` does not need it: ``pip install 'zenlm[gguf]'``.
@@ -1060,7 +1062,8 @@ def _tokenizer_from_gguf(meta: dict) -> Tokenizer:
 
 
 def load_gguf(path: PathLike, dtype: Optional[torch.dtype] = None) -> TransformerLM:
-    """Read a GGUF file (llama, qwen2, qwen3, phi3) into a TransformerLM, its tokenizer as ``model.tokenizer``.
+    """Read a GGUF file (llama, qwen2, qwen3, phi3, gemma, gemma2, gemma3) into a TransformerLM, its
+    tokenizer (gpt2, llama or t5 vocabulary) as ``model.tokenizer``.
 
     Quantized matrices are dequantized to float32 (then cast to ``dtype`` when given). An
     architecture, tensor type, tokenizer or setting zenlm cannot compute is a ValueError naming it.

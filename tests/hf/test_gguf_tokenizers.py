@@ -269,3 +269,25 @@ def test_llama_cpp_unigram_tokenizes_the_same(unigram):
     texts = SUITE + EXTRA + [" leading space", "<s>hi</s> there <s> x"]
     back = zenlm.load(path).tokenizer
     assert [back.encode(t) for t in texts] == _llama_cpp_ids(path, texts)
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_gemma2_file_with_its_sentencepiece_vocabulary(files):
+    """The whole Gemma 2 file (transformers' random weights, zenlm's export, SentencePiece vocabulary) in
+    llama.cpp: its prompt tokens and logits are zenlm's."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama_cpp is not importable: `pip install llama-cpp-python` (builds llama.cpp from source)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from check_gguf_llamacpp import llamacpp_greedy
+
+    _, path = files["gemma"]
+    model = zenlm.load(path)
+    prompt = SUITE[1]
+    ids = model.tokenizer.encode(prompt)
+    got = llamacpp_greedy(path, ids, 4, prompt=prompt)
+    assert got["tokenized"] == ids
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert want.std() > 1e-3 and np.abs(got["prompt_logits"] - want).max() < 1e-3
