@@ -25,7 +25,7 @@ from zenlm.config import estimate_costs
     (dict(attn_logit_softcap=-1.0), r"attn_logit_softcap must be > 0 \(or None\), got -1.0"),
     (dict(head_size=0), "head_size must be a positive integer, got 0"),
     (dict(norm="batchnorm"), "unknown norm 'batchnorm'; valid: layernorm, rmsnorm"),
-    (dict(position="alibi"), "unknown position 'alibi'; valid: learned, sinusoidal, rotary, none"),
+    (dict(position="alibi"), "unknown position 'alibi'; valid: learned, sinusoidal, rotary, relative, none"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
     (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
     (dict(attention_dropout=1.5), r"attention_dropout must be in \[0, 1\), got 1.5"),

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
 GATED = ("swiglu", "geglu", "geglu_tanh")
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "sinusoidal", "rotary", "none")
+POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 POOLINGS = ("mean", "cls", "last")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # rotary scalings (``rope_scaling["rope_type"]``) and the keys each reads: (required, optional)
@@ -57,6 +57,8 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # {"rope_type": one of ROPE_SCALINGS, ...its keys}; None = plain RoPE
     rope_local_theta: Optional[float] = None  # RoPE base of the sliding-window layers (Gemma 3); None = rope_theta
+    relative_buckets: int = 32  # position="relative" (T5): a learned bias per head for each bucket of key - query
+    relative_max_distance: int = 128  # distances past this share the last bucket (buckets grow logarithmically)
     partial_rotary_factor: float = 1.0  # share of each head's dims that rotate (Phi-4-mini: 0.75)
     head_size: Optional[int] = None  # width of one attention head; None = hidden_size // num_attention_heads
     bias: bool = True
@@ -75,6 +77,7 @@ class TransformerConfig:
     type_vocab_size: int = 0  # BERT token-type embeddings; 0 = none
     tie_word_embeddings: bool = True  # output projection shares the input embedding
     lm_head_bias: bool = False  # BART/Marian final_logits_bias
+    logit_scale: float = 1.0  # logits multiplied by this (T5 with tied embeddings: hidden_size ** -0.5)
     mlm_transform: bool = False  # BERT's dense+act+norm before the masked-LM projection
     # mixture of experts (decoder layers): a router sends each token to the top ``experts_per_token`` of
     # ``num_experts`` expert MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE); 0 = one dense MLP per layer
@@ -164,6 +167,14 @@ class TransformerConfig:
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be > 0 (or None), got {value!r}")
         self._validate_experts()
+        if self.position == "relative":
+            positive("relative_buckets")
+            positive("relative_max_distance")
+            if self.relative_buckets < 4:
+                raise ValueError(f"relative_buckets must be >= 4 (half exact, half logarithmic per direction), "
+                                 f"got {self.relative_buckets}")
+        if not (isinstance(self.logit_scale, (int, float)) and self.logit_scale > 0):
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale!r}")
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):

@@ -406,7 +406,7 @@ def _hf_parts(model: nn.Module, family, head: bool, name: str) -> list[tuple[str
     from .hf.weights import hf_names
 
     try:
-        names = hf_names(family, [f"{name}.weight"], head)
+        names = hf_names(family, [f"{name}.weight"], head, model.config)
     except ValueError:
         return None
     rows = model.get_submodule(name).out_features

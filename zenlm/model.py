@@ -211,6 +211,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int
+                             ) -> torch.Tensor:
+    """T5's bucket of each key − query distance (Raffel et al., Mesh TensorFlow): half the buckets per
+    direction when both are allowed (one direction, the past, for a causal decoder); within a direction,
+    the first half holds distances 0, 1, 2, … exactly and the rest grow logarithmically up to
+    ``max_distance``, past which all share the last bucket."""
+    out = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        out = out + (relative > 0).long() * buckets
+        relative = relative.abs()
+    else:
+        relative = -relative.clamp(max=0)
+    exact = buckets // 2
+    far = exact + (torch.log(relative.float() / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
+    return out + torch.where(relative < exact, relative, far.clamp(max=buckets - 1))
+
+
 # --------------------------------------------------------------------------- KV cache
 class KVCache:
     """Keys and values of past positions for incremental decoding.
@@ -320,15 +338,16 @@ class Linear(nn.Linear):
 # --------------------------------------------------------------------------- attention
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
               is_causal: bool = False, dropout: float = 0.0, need_weights: bool = False,
-              scale: Optional[float] = None, softcap: Optional[float] = None
+              scale: Optional[float] = None, softcap: Optional[float] = None, bias: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """softmax(QKᵀ/√d_k)V, or softmax(c·tanh(QKᵀ·s / c))V with another scale s and a soft cap c (Gemma 2).
+    """softmax(QKᵀ/√d_k)V, or softmax(c·tanh(QKᵀ·s / c))V with another scale s and a soft cap c (Gemma 2),
+    or softmax(QKᵀ·s + B)V with a position bias B added to the scores (T5's relative positions).
 
     q: (B, H, T, D); k, v: (B, H, S, D); mask: bool, True where a query may attend,
-    broadcastable to (B, H, T, S). The fused kernel is used unless the weights are
-    wanted or the scores are capped; the explicit path is the same formula written out.
+    broadcastable to (B, H, T, S), as is ``bias``. The fused kernel is used unless the weights are
+    wanted or the scores are capped or biased; the explicit path is the same formula written out.
     """
-    if not need_weights and softcap is None:
+    if not need_weights and softcap is None and bias is None:
         if not dropout and kernels.cpu_attention_applies(q):
             if scale is not None:  # the kernel divides by √d: fold the other scale into the queries
                 q = q * (scale * math.sqrt(q.size(-1)))
@@ -340,6 +359,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     scores = scores / math.sqrt(q.size(-1)) if scale is None else scores * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
     if is_causal:
         mask = causal_mask(q.size(2), k.size(2), 0, q.device)
     if mask is not None:
@@ -376,8 +397,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                cache: Optional[KVCache] = None, layer: int = 0, need_weights: bool = False
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                cache: Optional[KVCache] = None, layer: int = 0, need_weights: bool = False,
+                bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         kv_dim = self.kv_heads * self.head_dim
         if self.cross:
             q = self._split(self.q(x), self.heads)
@@ -396,8 +417,9 @@ class Attention(nn.Module):
                 q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             if cache is not None:
                 k, v = cache.update(layer, k, v, self.window)
-                if mask is not None and cache.start(layer):  # keys before start were forgotten (window)
-                    mask = mask[..., cache.start(layer):]
+                if cache.start(layer):  # keys before start were forgotten (window)
+                    mask = None if mask is None else mask[..., cache.start(layer):]
+                    bias = None if bias is None else bias[..., cache.start(layer):]
         if self.kv_heads != self.heads:  # grouped-query: each K/V head serves heads/kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -406,7 +428,7 @@ class Attention(nn.Module):
             b, h, t, d = q.shape
             q = q.view(b // group, group, h, t, d).transpose(1, 2).reshape(b // group, h, group * t, d)
         out, weights = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0, need_weights,
-                                 self.scale, self.softcap)
+                                 self.scale, self.softcap, bias)
         if group > 1:
             out = out.view(b // group, h, group, t, d).transpose(1, 2).reshape(b, h, t, d)
             if weights is not None:
@@ -507,9 +529,11 @@ class Block(nn.Module):
             h = self.drop(h)
         return (x + h, w) if self.pre_norm else (norm(x + h), w)
 
-    def forward(self, x: torch.Tensor, mask, is_causal, rotary, memory, memory_mask, cache, layer, need_weights):
+    def forward(self, x: torch.Tensor, mask, is_causal, rotary, memory, memory_mask, cache, layer, need_weights,
+                bias: Optional[torch.Tensor] = None):
         x, self_w = self._residual(x, self.attn_norm, lambda h: self.attn(
-            h, mask=mask, is_causal=is_causal, rotary=rotary, cache=cache, layer=layer, need_weights=need_weights),
+            h, mask=mask, is_causal=is_causal, rotary=rotary, cache=cache, layer=layer, need_weights=need_weights,
+            bias=bias),
             getattr(self, "attn_post_norm", None))
         cross_w = None
         if hasattr(self, "cross_attn"):
@@ -536,6 +560,8 @@ class Stack(nn.Module):
             self.rotary = RotaryEmbedding(config, config.rope_theta, config.rope_scaling)
             if config.rope_local_theta is not None:  # sliding-window layers: their own base, no scaling
                 self.rotary_local = RotaryEmbedding(config, config.rope_local_theta, None)
+        elif config.position == "relative":  # one learned bias per head and distance bucket, shared by the layers
+            self.relative_bias = nn.Embedding(config.relative_buckets, config.num_attention_heads)
         if config.type_vocab_size:
             self.token_types = nn.Embedding(config.type_vocab_size, config.hidden_size)
         if config.embedding_norm:
@@ -572,14 +598,15 @@ class Stack(nn.Module):
         if any(block.sliding for block in self.layers):
             window_mask, window_causal = self._self_mask(x.size(1), past, attention_mask, x.device,
                                                          config.sliding_window)
+        bias = self._relative_bias(x.size(1), past, x.device) if config.position == "relative" else None
         memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
         self_ws, cross_ws = [], []
         for i, block in enumerate(self.layers):
             if block.sliding:
                 x, self_w, cross_w = block(x, window_mask, window_causal, rotary_local if rotary else None, memory,
-                                           memory_mask, cache, i, need_weights)
+                                           memory_mask, cache, i, need_weights, bias)
             else:
-                x, self_w, cross_w = block(x, mask, is_causal, rotary, memory, memory_mask, cache, i, need_weights)
+                x, self_w, cross_w = block(x, mask, is_causal, rotary, memory, memory_mask, cache, i, need_weights, bias)
             self_ws.append(self_w)
             cross_ws.append(cross_w)
         if cache is not None:
@@ -587,6 +614,16 @@ class Stack(nn.Module):
         if config.final_norm:
             x = self.final_norm(x)
         return x, (tuple(self_ws) if need_weights else None), (tuple(cross_ws) if need_weights and memory is not None else None)
+
+    def _relative_bias(self, query_len: int, past: int, device) -> torch.Tensor:
+        """(1, H, T, past + T): the learned bias of each query's distance to each key (T5), by column; in a
+        batch cache whose rows are right-aligned the columns of a row's real tokens are consecutive, so a
+        column difference is the distance."""
+        rows = torch.arange(past, past + query_len, device=device)[:, None]
+        relative = torch.arange(past + query_len, device=device)[None, :] - rows
+        buckets = relative_position_bucket(relative, not self.causal, self.config.relative_buckets,
+                                           self.config.relative_max_distance)
+        return self.relative_bias(buckets).permute(2, 0, 1)[None]
 
     def _self_mask(self, query_len: int, past: int, attention_mask: Optional[torch.Tensor], device,
                    window: Optional[int] = None):
@@ -855,6 +892,8 @@ class TransformerLM(TransformerModel):
         else:
             weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
             logits = linear(hidden, weight, bias)
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
         cap = self.config.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -94,3 +94,37 @@ def test_window_rows_joining_and_leaving_match_generator_and_transformers(kind, 
     assert max(length for length, _, _ in seen) > 4 * WINDOW
     assert max(w for _, widths, _ in seen for w in widths) <= 2 * WINDOW + max(map(len, prompts))
     assert max(s for _, _, starts in seen for s in starts) > 0
+
+
+def test_t5_relative_positions_in_the_batch_cache_match_the_generator(model_dir, tmp_path):
+    """T5's position bias is read off cache columns: rows joining a batch right-aligned behind padding
+    (sources of different lengths, decoders of different ages) still get the Generator's tokens."""
+    tok = zenlm.load_tokenizer(model_dir)
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=tok.vocab_size, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, relative_attention_num_buckets=8,
+        relative_attention_max_distance=12, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    with torch.no_grad():  # a fresh head favours the pad token everywhere: give it some spread
+        hf.lm_head.weight.normal_(0.0, 0.5)
+    hf.eval().save_pretrained(tmp_path / "t5")
+    model = zenlm.load(tmp_path / "t5")
+    engine = BatchEngine(model, tok, max_batch_size=8).start()
+    prompts = [tok.encode(t) for t in TEXTS]
+    outs = []
+    try:
+        for ids, n in zip(prompts, LENGTHS):
+            c = Collector()
+            engine.submit(EngineRequest(ids, SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[1]), c))
+            outs.append(c)
+            start, deadline = engine.steps, time.time() + 10
+            while engine.steps < start + 5 and engine.batch_size and time.time() < deadline:
+                time.sleep(0.001)
+        for c in outs:
+            assert c.done.wait(60)
+    finally:
+        engine.stop()
+    gen = Generator(model, tok)
+    for ids, n, c in zip(prompts, LENGTHS, outs):
+        assert c.tokens == gen.generate([ids], max_new_tokens=n)[0].token_ids
+    assert len({t for c in outs for t in c.tokens}) > 5 and max(len(c.tokens) for c in outs) > 12

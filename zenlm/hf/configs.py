@@ -13,7 +13,7 @@ from .families import FAMILIES, family_of
 from .families.bert import BERT
 from .family import REQUIRED, Family
 from .generation import generation_from_hf
-from .weights import hf_names, layer_template, state_names
+from .weights import hf_names, layer_template, state_names, weight_map
 
 TRAINING_ONLY = ("dropout", "attention_dropout", "initializer_range", "extra")  # never block an export
 
@@ -69,9 +69,10 @@ def config_to_hf(config: TransformerConfig, family: Family, head: bool = True) -
 def _mismatch(config: TransformerConfig, family: Family) -> Optional[str]:
     """Why ``config`` cannot be written as ``family`` (None when it can): export, re-import, compare."""
     ours = state_names(config)
-    mapped = [n for n in ours if layer_template(n)[0] in family.weights]
+    weights = weight_map(family, config)
+    mapped = [n for n in ours if layer_template(n)[0] in weights]
     try:
-        back = config_from_hf(config_to_hf(config, family), set(hf_names(family, mapped)))
+        back = config_from_hf(config_to_hf(config, family), set(hf_names(family, mapped, config=config)))
     except ValueError as e:
         return str(e)
     for key, value in config.to_dict().items():

@@ -39,6 +39,8 @@ class Family:
     row: frozenset[str] = frozenset()
     ignore: tuple[str, ...] = ()  # regexes of HF tensors with no counterpart here (pooler, stale buffers)
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tied copies that may stand in
+    # entries of ``weights`` that depend on the config (T5: one ``wi`` for a plain MLP, ``wi_0|wi_1`` for a gated one)
+    weights_for: Optional[Callable[[TransformerConfig], dict[str, Source]]] = None
 
 
 ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import unique_state_dict
 from ..config import TransformerConfig
-from .family import Family
+from .family import Family, Source
 from .files import TensorFiles
 
 log = logging.getLogger(__name__)
@@ -40,20 +40,29 @@ def layer_template(name: str) -> tuple[str, Optional[int]]:
     return name[:m.start()] + ".layers.{n}." + rest, int(m.group(1))
 
 
-def _sources(family: Family, name: str) -> tuple[tuple[str, ...], str]:
+def weight_map(family: Family, config: Optional[TransformerConfig] = None) -> dict[str, Source]:
+    """The family's weight-name map, with the entries that depend on ``config`` (``Family.weights_for``)."""
+    if config is None or family.weights_for is None:
+        return family.weights
+    return {**family.weights, **family.weights_for(config)}
+
+
+def _sources(family: Family, name: str, config: Optional[TransformerConfig] = None) -> tuple[tuple[str, ...], str]:
     """HF tensor names behind one of our tensors, and the template that matched."""
     template, n = layer_template(name)
-    if template not in family.weights:
+    weights = weight_map(family, config)
+    if template not in weights:
         raise ValueError(f"zenlm tensor {name!r} has no {family.model_type} counterpart")
-    source = family.weights[template]
+    source = weights[template]
     names = (source,) if isinstance(source, str) else source
     expert = _EXPERT.search(name)
     return tuple(s.format(n=n, e=expert and int(expert.group(1))) for s in names), template
 
 
-def hf_names(family: Family, ours: list[str], head: bool = True) -> list[str]:
+def hf_names(family: Family, ours: list[str], head: bool = True, config: Optional[TransformerConfig] = None
+             ) -> list[str]:
     """The HF tensor names of our tensors ``ours`` (without the head model's prefix unless ``head``)."""
-    names = [hf for name in ours for hf in _sources(family, name)[0]]
+    names = [hf for name in ours for hf in _sources(family, name, config)[0]]
     return names if head else [_strip(family, n) for n in names]
 
 
@@ -106,7 +115,7 @@ def state_from_hf(files: TensorFiles, family: Family, config: TransformerConfig,
     ``pread``, no temporary full copy, the file's pages not kept resident), by ``workers`` threads."""
     pending, used = {}, set()
     for ours, shape in expected.items():
-        sources, template = _sources(family, ours)
+        sources, template = _sources(family, ours, config)
         sizes = _part_sizes(len(sources), shape[0], config) if len(sources) > 1 else [shape[0]]
         parts = []
         for source, rows in zip(sources, sizes):
@@ -161,7 +170,7 @@ def state_to_hf(model: torch.nn.Module, family: Family, head: bool = True) -> di
     """HF tensor name -> tensor for this model, the map run backwards."""
     out = {}
     for ours, tensor in unique_state_dict(model).items():
-        sources, template = _sources(family, ours)
+        sources, template = _sources(family, ours, model.config)
         parts = (tensor.split(_part_sizes(len(sources), tensor.size(0), model.config), dim=0)
                  if len(sources) > 1 else (tensor,))
         for name, part in zip(sources, parts):

@@ -2,7 +2,7 @@
 
 Each file (bert.py, gpt2.py, bart.py for BART and Marian, llama.py, qwen.py for Qwen2 and
 Qwen3, mistral.py, phi3.py, gemma.py for Gemma 2 and Gemma 3, and the mixtures of experts
-mixtral.py, qwen2_moe.py, qwen3_moe.py) holds a ``Family`` record
+mixtral.py, qwen2_moe.py, qwen3_moe.py, and the encoder-decoder t5.py) holds a ``Family`` record
 (see ``..family``): config map and weight-name map as data, plus the few hooks and layout changes
 that are not renames. To add a family: write ``<name>.py`` with its ``Family``, list it in
 ``FAMILIES`` below, and add its parity test in tests/hf/. Loading, saving, converting and
@@ -23,6 +23,7 @@ from .phi3 import PHI3
 from .qwen import QWEN2, QWEN3
 from .qwen2_moe import QWEN2_MOE
 from .qwen3_moe import QWEN3_MOE
+from .t5 import T5
 
 # model_type -> family; ``family_for`` tries them in this order on a config that names none
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -35,6 +36,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     PHI3,
     GEMMA2, GEMMA3,
     MIXTRAL, QWEN2_MOE, QWEN3_MOE,
+    T5,
 )}
 
 
