@@ -113,6 +113,17 @@ def test_length_cut_and_bad_schema(running):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        response_format={"type": "json_schema"})
+    # the schema is checked before anything is reserved: a key whose budget refuses every request still gets the
+    # 400 naming the schema, and a good schema gets the budget's refusal
+    broke = running.client(running.key("broke", "poor", prices={"*": (10**9, 10**9)}, monthly_budget_micros=1))
+    with pytest.raises(openai.BadRequestError) as err:
+        broke.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                      response_format=_fmt({"type": "objectx"}, "broken_two"))
+    assert "broken_two" in err.value.message
+    with pytest.raises(openai.APIStatusError) as err:
+        broke.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                      response_format=_fmt())
+    assert err.value.status_code in (402, 429)
 
 
 # --------------------------------------------------------------------------- tools
@@ -320,6 +331,7 @@ def templated(tmp_path_factory):
         (folder / "config.json").write_text(json.dumps(config))
         folders.append(folder)
     r = start_server(tmp_path_factory.mktemp("server"), folders)
+    r.folders = folders
     yield r
     r.stop()
 
@@ -337,6 +349,23 @@ def test_forced_calls_through_real_tool_templates(templated, model):
     assert finish == "tool_calls" and content == (r.choices[0].message.content or "")
     assert [(name, args) for _, name, args, _ in calls] == [("add", r.choices[0].message.tool_calls[0].function.arguments)]
     assert calls[0][3] > 1
+    # the result goes back through the template (the call's arguments given to it as an object), then an answer
+    call = r.choices[0].message.tool_calls[0]
+    messages = request["messages"] + [r.choices[0].message.model_dump(exclude_none=True),
+                                      {"role": "tool", "tool_call_id": call.id, "content": "5"}]
+    final = client.chat.completions.create(**{**request, "messages": messages, "tool_choice": "none", "max_tokens": 4})
+    assert final.choices[0].finish_reason in ("stop", "length") and final.usage.prompt_tokens > r.usage.prompt_tokens
+    # the past call reaches the template with its arguments as an object, as transformers renders it
+    from transformers import AutoTokenizer
+
+    from zenlm.serve.routes.tools import template_messages
+    folder = next(f for f in templated.folders if f.name == model)
+    given = template_messages([m if m["role"] != "assistant" else {**m, "content": m.get("content") or ""}
+                               for m in messages])
+    assert given[1]["tool_calls"][0]["function"]["arguments"] == json.loads(call.function.arguments)
+    text = AutoTokenizer.from_pretrained(folder).apply_chat_template(given, tools=[ADD, CITY], tokenize=False,
+                                                                      add_generation_prompt=True)
+    assert json.dumps(json.loads(call.function.arguments)) in text or model == "mistral"
     # "auto": the random model writes whatever it likes; what does not parse is content, never an error
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], tools=[ADD],
                                        max_tokens=6, temperature=0)

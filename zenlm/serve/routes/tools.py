@@ -437,6 +437,31 @@ def zenlm_messages(messages: list[dict], tools) -> list[dict]:
     return out
 
 
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The conversation as tool-using chat templates read it: a past call's ``arguments`` as an object (they
+    write it with ``| tojson``; OpenAI's JSON text would reach the model quoted twice), as vLLM passes them,
+    and a tool result with the ``name`` of the function whose call it answers (OpenAI's messages name only
+    the call's id; Hermes' template refuses a result without the name)."""
+    out, names = [], {}
+    for m in messages:
+        if m.get("role") == "tool" and not m.get("name") and m.get("tool_call_id") in names:
+            m = {**m, "name": names[m["tool_call_id"]]}
+        if m.get("tool_calls"):
+            names.update({c.get("id"): (c.get("function") or {}).get("name") for c in m["tool_calls"]})
+            calls = []
+            for c in m["tool_calls"]:
+                function = dict(c.get("function") or {})
+                if isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"] or "{}")
+                    except ValueError:
+                        pass  # not JSON: the template gets the text as it came
+                calls.append({**c, "function": function})
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
 @dataclass
 class ToolContext:
     """What the chat route knows about a request's tools: the format to parse, the prompt, and the
@@ -467,7 +492,8 @@ def tool_context(served, body) -> Optional[ToolContext]:
     else:
         from ...tasks.chat import chat_prompt
         try:
-            prompt = chat_prompt(tokenizer, messages, tools=[t.model_dump(exclude_none=True) for t in body.tools])
+            prompt = chat_prompt(tokenizer, template_messages(messages),
+                                 tools=[t.model_dump(exclude_none=True) for t in body.tools])
         except ValueError as e:
             raise InvalidRequest(f"the chat template of {served.id!r} refused these messages and tools: {e}",
                                  param="messages") from None
