@@ -17,35 +17,59 @@ def _model(preset="tiny", **overrides):
     return zenlm.TransformerLM(zenlm.TransformerConfig.from_preset(preset, **overrides)).eval()
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 64)])
 def test_quantize_weight_matches_direct_round_to_nearest(bits, group):
     torch.manual_seed(1)
     w = torch.randn(48, 128)
     q, scales = quantize_weight(w, bits, group)
-    # reference written out: per row (int8) or per group of columns (int4), scale = max|w| / qmax
-    qmax = 2 ** (bits - 1) - 1
+    # reference written out: int8 per row, scale = max|w| / 127; int4 per group as Q4_0: scale =
+    # (the group's largest-magnitude weight) / -8, values rounded half up and clamped to [-8, 7]
     g = group or w.size(1)
     blocks = w.reshape(48, -1, g)
-    ref_scale = blocks.abs().amax(-1, keepdim=True) / qmax
-    if bits == 4:
-        ref_scale = ref_scale.half().float()
-    ref = (torch.round(blocks / ref_scale).clamp(-qmax, qmax) * ref_scale).reshape_as(w)
+    if bits == 8:
+        ref_scale = blocks.abs().amax(-1, keepdim=True) / 127
+        ref = torch.round(blocks / ref_scale).clamp(-127, 127) * ref_scale
+    else:
+        extreme = torch.take_along_dim(blocks, blocks.abs().argmax(-1, keepdim=True), -1)
+        ref_scale = extreme / -8
+        ref = (torch.floor(blocks / ref_scale + 0.5).clamp(-8, 7) * ref_scale.half().float())
     back = dequantize_weight(q, scales, bits)
-    torch.testing.assert_close(back, ref, rtol=0, atol=1e-6)
-    # and the rounding error is at most half a step everywhere
-    step = ref_scale.expand_as(blocks).reshape_as(w)
-    assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
+    torch.testing.assert_close(back, ref.reshape_as(w), rtol=0, atol=1e-6)
+    # and the rounding error is at most half a step (plus the fp16 rounding of int4's scale), except
+    # for int4 weights beyond 7.5 steps on the side opposite the extreme, which clamp to 7: one step
+    step = ref_scale.abs().expand_as(blocks).reshape_as(w)
+    err, slack = (back - w).abs(), step * 8 * 2 ** -11 + 1e-6
+    inside = w.abs() <= 7.5 * step
+    assert bool((err[inside] <= step[inside] / 2 + slack[inside]).all()) and bool((err <= step + slack).all())
     assert q.dtype == (torch.uint8 if bits == 4 else torch.int8)
     assert q.shape == (48, 64 if bits == 4 else 128)
 
 
-def test_int4_packing_covers_every_nibble():
-    # all 15 representable values in every column position survive pack -> unpack
-    values = torch.arange(-7, 8).float()
-    w = values.repeat(4, 2)[:, :30]  # 4 rows, 30 columns
-    w = torch.cat([w, torch.full((4, 2), 7.0)], 1)
+def test_int4_group_32_is_llama_cpp_q4_0_bit_for_bit():
+    # the gguf package's Q4_0 (llama.cpp's reference quantizer in numpy) on the same weights: the
+    # same fp16 scales and the same integers, so int4 loses nothing against llama.cpp's Q4_0
+    import gguf
+    import numpy as np
+
+    torch.manual_seed(2)
+    w = torch.randn(64, 256) * torch.rand(64, 1) * 3
+    w[3, :32] = 0  # an all-zero block
+    blocks = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0)
+    reference = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0).astype(np.float32))
     q, scales = quantize_weight(w, 4, 32)
-    torch.testing.assert_close(dequantize_weight(q, scales, 4), w, rtol=0, atol=1e-3)
+    assert scales.dtype == torch.float16
+    assert torch.equal(dequantize_weight(q, scales, 4), reference)
+
+
+def test_int4_packing_covers_every_nibble():
+    # all 16 representable values in every column position survive pack -> unpack
+    values = torch.arange(-8, 8).float() * 0.5  # the first largest magnitude is -4 -> scale 0.5 exactly
+    w = torch.stack([values.repeat(2), values.flip(0).repeat(2)])  # 2 rows, 32 columns, both orders
+    w = torch.cat([w, -w.flip(1)])  # the extreme -4 may sit anywhere
+    q, scales = quantize_weight(w[:2], 4, 32)
+    torch.testing.assert_close(dequantize_weight(q, scales, 4), w[:2], rtol=0, atol=0)
+    q, scales = quantize_weight(w, 4, 32)  # rows 2, 3: extreme +4 -> scale -0.5, the -8 nibble is +4
+    torch.testing.assert_close(dequantize_weight(q, scales, 4), w, rtol=0, atol=0)
 
 
 def test_dynamic_int8_linear_matches_fp32_and_integer_reference(monkeypatch):
@@ -82,15 +106,45 @@ def test_dynamic_int8_tied_head_multiplies_the_integer_table():
     assert float((logits.argmax(-1) == reference.argmax(-1)).float().mean()) > 0.9
 
 
-@pytest.mark.parametrize("rows", [1, 5, 40])  # the int8 kernel path for few rows, dequantize + GEMM beyond
-def test_int8_weight_only_linear_matches_dequantized_reference(rows):
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64), (4, 128)])
+def test_weight_only_kernels_match_the_dequantized_reference(bits, group):
+    # torch's integer kernels (few rows) and dequantize + GEMM (many rows) against a float64 matmul
+    # of the dequantized weights. Random bytes and scales of both signs cover every stored value,
+    # checkpoints quantized by older rules included. 40 output rows: the int4 kernel pads to 48.
     torch.manual_seed(4)
-    linear = torch.nn.Linear(64, 48)
-    ql = QuantizedLinear.from_linear(linear, zenlm.quantize.QuantizationSpec("int8"))
-    x = torch.randn(rows, 64)
-    ref = torch.nn.functional.linear(x, dequantize_weight(ql.qweight, ql.scales, 8), linear.bias.detach())
-    torch.testing.assert_close(ql(x).detach(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ql(x[None]).detach()[0], ref, rtol=1e-5, atol=1e-5)  # any leading shape
+    spec = zenlm.quantize.QuantizationSpec("int8" if bits == 8 else "int4", group)
+    ql = QuantizedLinear(256, 40, True, spec)
+    ql.load_state_dict({"qweight": torch.randint(-127, 128, (40, 256), dtype=torch.int8) if bits == 8 else
+                        torch.randint(0, 256, (40, 128), dtype=torch.uint8),
+                        "scales": (torch.randn(40, 256 // (group or 256)) * 0.01).to(ql.scales.dtype),
+                        "bias": torch.randn(40)})
+    limit = zenlm.quantize.kernel_rows(bits)
+    assert ql.kernel_rows == limit >= 8  # the load rebuilt the kernels' layout
+    w = dequantize_weight(ql.qweight, ql.scales, bits).double()
+    for rows in (1, 5, limit, limit + 1, 40):
+        x = torch.randn(rows, 256)
+        exact = x.double() @ w.t() + ql.bias.double()
+        out = ql(x).detach()
+        assert out.dtype == torch.float32 and out.shape == (rows, 40)
+        if rows <= limit:
+            # the kernel takes bf16 activations and returns bf16 (scales too, for int4): each rounding is
+            # 2^-9 relative; the result stays within 1% of the exact one, and is not the fp32 GEMM's
+            bf16_input = x.bfloat16().double() @ w.t() + ql.bias.double()
+            err = (out.double() - bf16_input).abs() / bf16_input.abs().amax(-1, keepdim=True)
+            assert float(err.max()) < 2 ** -7, float(err.max())
+            assert float((out.double() - exact).norm() / exact.norm()) < 0.01
+            assert not torch.equal(out, torch.nn.functional.linear(x, ql.weight, ql.bias))
+        else:
+            torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ql(x[None]).detach()[0], out)  # any leading shape
+
+
+def test_kernel_rows_choice_per_cpu(cpu_with, monkeypatch):
+    monkeypatch.setattr(zenlm.quantize, "cpu_info", lambda: zenlm.cpu.cpu_info())  # sees cpu_with's CPU
+    cpu_with(bf16=False)  # Zen 3: AVX2 only
+    assert zenlm.quantize.kernel_rows(8) == zenlm.quantize.kernel_rows(4) == 8
+    cpu_with(bf16=True)
+    assert zenlm.quantize.kernel_rows(8) == zenlm.quantize.kernel_rows(4) == 16
 
 
 @pytest.mark.parametrize("scheme,tol,agree", [("int8", 0.05, 0.9), ("dynamic", 0.05, 0.9), ("int4", 0.5, 0.4)])
@@ -163,7 +217,7 @@ def test_cli_quantize(tmp_path, capsys):
     _model().save_pretrained(tmp_path / "fp32")
     assert main(["quantize", str(tmp_path / "fp32"), "--int4", str(tmp_path / "q4")]) == 0
     assert "int4" in capsys.readouterr().out
-    assert zenlm.load(tmp_path / "q4").config.extra["quantization"]["group_size"] == 64
+    assert zenlm.load(tmp_path / "q4").config.extra["quantization"]["group_size"] == 32
     assert main(["quantize", str(tmp_path / "q4"), "--int8", str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "missing"), "--int8", str(tmp_path / "x")]) == 2
