@@ -359,6 +359,11 @@ def estimate_costs(config: TransformerConfig, batch_size: int = 1, seq_len: Opti
     if config.is_encoder_decoder:
         # each token flows through one stack only: count half the layers per token
         matmul_params = (n_params - n_embed) / 2 + config.vocab_size * config.hidden_size / 2
+    if config.num_experts:  # each token runs experts_per_token of the num_experts in a mixture-of-experts layer
+        width = config.expert_intermediate_size or config.intermediate_size
+        per_expert = config.hidden_size * width * (3 if config.activation in GATED else 2)
+        moe_layers = sum(config.is_moe(i) for i in range(config.num_decoder_layers))
+        matmul_params -= moe_layers * (config.num_experts - config.experts_per_token) * per_expert
     forward = 2 * matmul_params + 4 * attn_layers * seq * config.hidden_size / (2 if config.is_encoder_decoder else 1)
     act_per_layer = seq * batch_size * config.hidden_size * (
         34 + 5 * config.num_attention_heads * seq / config.hidden_size) * (bytes_per_param / 2)

@@ -87,3 +87,16 @@ def test_moe_settings_zenlm_cannot_honour_are_errors(tmp_path):
         zenlm.TransformerConfig.from_preset("tiny", num_decoder_layers=2, num_experts=4, dense_layers=[7])
     with pytest.raises(ValueError, match="needs a decoder-only model"):
         zenlm.TransformerConfig.from_preset("tiny-seq2seq", num_experts=4)
+
+
+def test_flops_per_token_count_the_experts_a_token_runs():
+    """Training-cost estimates count k of the E experts per token (plus the router), not all of them."""
+    from zenlm.config import estimate_costs
+
+    base = zenlm.TransformerConfig.from_preset("tiny", num_decoder_layers=3, num_experts=2, experts_per_token=2,
+                                               expert_intermediate_size=48, dense_layers=[0])
+    wide = base.replace(num_experts=8)
+    assert wide.num_parameters() > base.num_parameters() + 6 * 2 * 128 * 48 * 3  # 6 more experts in 2 layers
+    extra_router = 2 * 2 * 128 * (8 - 2)  # 2 FLOPs per weight, 2 MoE layers, 6 more router rows of 128
+    assert (estimate_costs(wide, seq_len=64)["forward_flops_per_token"]
+            - estimate_costs(base, seq_len=64)["forward_flops_per_token"]) == extra_router
