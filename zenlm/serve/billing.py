@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Optional
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -161,6 +161,65 @@ class Usage:
     compute_cost_micros: Optional[int] = None  # the upstream's hardware cost; None: compute_ms at this machine's price
 
 
+class _Statements:
+    """The statements of every metered request (authenticate, reserve, settle), built once per
+    dialect with bind parameters. Building a Core statement and its cache key on every call was
+    most of a gateway request's CPU (py-spy, issue 19); a statement built once keeps its cache key.
+    The SQL is the same as building them per call with the values inline as parameters."""
+
+    def __init__(self, dialect: str):
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        b = bindparam
+        w, m = rate_windows.c, key_months.c
+        self.key = (select(api_keys, customers.c.name.label("customer"), plans.c.name.label("plan_name"))
+                    .join(customers, customers.c.id == api_keys.c.customer_id)
+                    .join(plans, plans.c.id == api_keys.c.plan_id)
+                    .where(api_keys.c.prefix == b("p_prefix")))
+        self.plan = select(plans).where(plans.c.id == b("p_plan"))
+        self.prices = select(plan_prices).where(plan_prices.c.plan_id == b("p_plan"))
+        # reserve
+        self.window_row = insert(rate_windows).on_conflict_do_nothing()
+        this_window = and_(w.key_id == b("p_key"), w.window == b("p_window"))
+        self.window_take = update(rate_windows).where(
+            this_window, w.requests + 1 <= b("p_rpm"), w.tokens + b("p_est") <= b("p_tpm")).values(
+            requests=w.requests + 1, tokens=w.tokens + b("p_est2"))
+        self.window = select(rate_windows).where(this_window)
+        self.month_row = insert(key_months).on_conflict_do_nothing()
+        this_month = and_(m.key_id == b("p_key"), m.month == b("p_month"))
+        self.month_free = update(key_months).where(
+            this_month, m.free_tokens_used + m.free_tokens_reserved + b("p_est") <= b("p_included")).values(
+            free_tokens_reserved=m.free_tokens_reserved + b("p_est2"))
+        self.month_budget = update(key_months).where(
+            this_month, m.spent_micros + m.reserved_micros + b("p_cost") <= b("p_budget")).values(
+            reserved_micros=m.reserved_micros + b("p_cost2"))
+        self.month = select(key_months).where(this_month)
+        self.reservation = reservations.insert()
+        self.response = select(usage_ledger.c.response).where(usage_ledger.c.id == b("p_id"))
+        # settle
+        self.unreserve = delete(reservations).where(reservations.c.id == b("p_id"))
+        self.ledger_row = usage_ledger.insert()
+        self.window_return = update(rate_windows).where(this_window).values(tokens=w.tokens - b("p_unused"))
+        self.month_settle = update(key_months).where(this_month).values(
+            spent_micros=m.spent_micros + b("p_charge"), reserved_micros=m.reserved_micros - b("p_reserved"),
+            free_tokens_used=m.free_tokens_used + b("p_free_used"),
+            free_tokens_reserved=m.free_tokens_reserved - b("p_free_reserved"), tokens_used=m.tokens_used + b("p_tokens"))
+        self.month_settle_swept = update(key_months).where(this_month).values(
+            spent_micros=m.spent_micros + b("p_charge"), free_tokens_used=m.free_tokens_used + b("p_free_used"),
+            tokens_used=m.tokens_used + b("p_tokens"))
+
+
+_STATEMENTS: dict[str, _Statements] = {}
+
+
+def _statements(dialect: str) -> _Statements:
+    if dialect not in _STATEMENTS:
+        _STATEMENTS[dialect] = _Statements(dialect)
+    return _STATEMENTS[dialect]
+
+
 class Billing:
     """The money side of the server, over one database shared by every server process."""
 
@@ -173,6 +232,7 @@ class Billing:
         self.hardware_micros_per_hour = int(hardware_micros_per_hour)
         self.instance_id = instance_id or secrets.token_hex(8)
         self.lease_s = lease_s
+        self._sql = _statements(engine.dialect.name)
 
     @classmethod
     def open(cls, url: Optional[str] = None, **kwargs) -> "Billing":
@@ -231,7 +291,7 @@ class Billing:
 
     def _plan_from_row(self, conn, row) -> Plan:
         prices = {r.model: (r.prompt_micros_per_million, r.completion_micros_per_million)
-                  for r in conn.execute(select(plan_prices).where(plan_prices.c.plan_id == row.id))}
+                  for r in conn.execute(self._sql.prices, {"p_plan": row.id})}
         return Plan(row.name, prices, row.included_tokens, row.monthly_budget_micros, row.requests_per_minute,
                     row.tokens_per_minute)
 
@@ -297,10 +357,7 @@ class Billing:
             raise InvalidKey("no API key: send it as 'Authorization: Bearer <key>'")
         prefix = key[:len(KEY_PREFIX) + 8]
         with self._connect() as conn:
-            row = conn.execute(select(api_keys, customers.c.name.label("customer"), plans.c.name.label("plan_name"))
-                               .join(customers, customers.c.id == api_keys.c.customer_id)
-                               .join(plans, plans.c.id == api_keys.c.plan_id)
-                               .where(api_keys.c.prefix == prefix)).first()
+            row = conn.execute(self._sql.key, {"p_prefix": prefix}).first()
             # compare even when the prefix is unknown so that timing says nothing about which prefixes exist
             stored = row.key_hash if row is not None else "0" * 64
             if not hmac.compare_digest(_hash(key), stored) or row is None:
@@ -310,7 +367,7 @@ class Billing:
                 raise InvalidKey(f"the API key {row.prefix}… was revoked")
             if row.expires_at is not None and row.expires_at <= now:
                 raise InvalidKey(f"the API key {row.prefix}… expired")
-            plan = self._plan_from_row(conn, conn.execute(select(plans).where(plans.c.id == row.plan_id)).first())
+            plan = self._plan_from_row(conn, conn.execute(self._sql.plan, {"p_plan": row.plan_id}).first())
         return KeyContext(row.id, row.prefix, row.customer_id, row.customer, plan)
 
     # ------------------------------------------------------------------ idempotency
@@ -347,7 +404,7 @@ class Billing:
 
     def stored_response(self, ledger_id: str) -> Optional[dict]:
         with self._connect() as conn:
-            text = conn.execute(select(usage_ledger.c.response).where(usage_ledger.c.id == ledger_id)).scalar()
+            text = conn.execute(self._sql.response, {"p_id": ledger_id}).scalar()
         return None if text is None else json.loads(text)
 
     # ------------------------------------------------------------------ reserve / settle
@@ -367,14 +424,12 @@ class Billing:
                    "x-ratelimit-limit-tokens": str(plan.tokens_per_minute),
                    "x-ratelimit-reset-requests": f"{reset}s", "x-ratelimit-reset-tokens": f"{reset}s"}
         try:
+            sql, here = self._sql, {"p_key": key.key_id, "p_window": window, "p_month": month}
             with self._begin() as conn:
-                store.insert_ignore(conn, rate_windows, key_id=key.key_id, window=window, requests=0, tokens=0)
-                w = rate_windows.c
-                ok = conn.execute(update(rate_windows).where(
-                    w.key_id == key.key_id, w.window == window, w.requests + 1 <= plan.requests_per_minute,
-                    w.tokens + estimate <= plan.tokens_per_minute).values(
-                    requests=w.requests + 1, tokens=w.tokens + estimate)).rowcount
-                row = conn.execute(select(rate_windows).where(w.key_id == key.key_id, w.window == window)).first()
+                conn.execute(sql.window_row, dict(key_id=key.key_id, window=window, requests=0, tokens=0))
+                ok = conn.execute(sql.window_take, {**here, "p_rpm": plan.requests_per_minute, "p_est": estimate,
+                                                    "p_tpm": plan.tokens_per_minute, "p_est2": estimate}).rowcount
+                row = conn.execute(sql.window, here).first()
                 headers["x-ratelimit-remaining-requests"] = str(max(0, plan.requests_per_minute - row.requests))
                 headers["x-ratelimit-remaining-tokens"] = str(max(0, plan.tokens_per_minute - row.tokens))
                 if not ok:
@@ -384,33 +439,28 @@ class Billing:
                     raise RateLimited(f"rate limit reached: {limit} {which} per minute on plan {plan.name!r}{extra}; "
                                       f"retry in {reset}s", type=which,
                                       headers={**headers, "retry-after": str(reset)})
-                store.insert_ignore(conn, key_months, key_id=key.key_id, month=month, spent_micros=0,
-                                    reserved_micros=0, free_tokens_used=0, free_tokens_reserved=0, tokens_used=0)
-                m = key_months.c
-                here = and_(m.key_id == key.key_id, m.month == month)
-                free = conn.execute(update(key_months).where(
-                    here, m.free_tokens_used + m.free_tokens_reserved + estimate <= plan.included_tokens).values(
-                    free_tokens_reserved=m.free_tokens_reserved + estimate)).rowcount == 1
+                conn.execute(sql.month_row, dict(key_id=key.key_id, month=month, spent_micros=0, reserved_micros=0,
+                                                 free_tokens_used=0, free_tokens_reserved=0, tokens_used=0))
+                free = conn.execute(sql.month_free, {**here, "p_est": estimate, "p_included": plan.included_tokens,
+                                                     "p_est2": estimate}).rowcount == 1
                 if not free:
-                    ok = conn.execute(update(key_months).where(
-                        here, m.spent_micros + m.reserved_micros + max_cost <= plan.monthly_budget_micros).values(
-                        reserved_micros=m.reserved_micros + max_cost)).rowcount
+                    ok = conn.execute(sql.month_budget, {**here, "p_cost": max_cost, "p_cost2": max_cost,
+                                                         "p_budget": plan.monthly_budget_micros}).rowcount
                     if not ok:
-                        spent = conn.execute(select(key_months).where(here)).first()
+                        spent = conn.execute(sql.month, here).first()
                         raise InsufficientQuota(
                             f"monthly budget exhausted: this request may cost up to {format_micros(max_cost)}, "
                             f"{format_micros(spent.spent_micros)} of {format_micros(plan.monthly_budget_micros)} "
                             f"is spent and {format_micros(spent.reserved_micros)} reserved this month",
                             headers={**headers, "retry-after": "3600"})
-                conn.execute(reservations.insert().values(
+                conn.execute(sql.reservation, dict(
                     id=ledger_id, key_id=key.key_id, month=month, window=window, estimate_tokens=estimate,
                     reserved_micros=0 if free else max_cost, reserved_free_tokens=estimate if free else 0, free=free,
                     instance_id=self.instance_id, lease_until=now + self.lease_s, created_at=now))
                 if ledger_id.startswith("idem:"):
                     # checked after the insert: on PostgreSQL the insert waits for a settle of the same id
                     # that is committing, and this read then sees its row (one statement, fresh snapshot)
-                    stored = conn.execute(select(usage_ledger.c.response).where(usage_ledger.c.id == ledger_id)
-                                          ).scalar()
+                    stored = conn.execute(sql.response, {"p_id": ledger_id}).scalar()
                     if stored is not None:
                         raise IdempotentReplay(json.loads(stored))  # rolls back everything held above
         except IntegrityError:
@@ -456,9 +506,10 @@ class Billing:
         now = time.time()
         if response is not None and "usage" in response and isinstance(response["usage"], dict):
             response["usage"]["cost_micros"] = charge
+        sql, here = self._sql, {"p_key": key.key_id, "p_window": res.window, "p_month": res.month}
         with self._begin() as conn:
-            held = conn.execute(delete(reservations).where(reservations.c.id == res.id)).rowcount
-            conn.execute(usage_ledger.insert().values(
+            held = conn.execute(sql.unreserve, {"p_id": res.id}).rowcount
+            conn.execute(sql.ledger_row, dict(
                 id=ledger_id, request_id=request_id, key_id=key.key_id, customer_id=key.customer_id,
                 model=res.model, route=route, status=usage.status, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, queue_ms=int(usage.queue_ms),
@@ -467,22 +518,13 @@ class Billing:
                                      else int(usage.compute_cost_micros)),
                 counted=usage.counted, upstream=usage.upstream, created_at=now, day=day_of(now),
                 month=res.month, response=None if response is None else json.dumps(response)))
-            m = key_months.c
-            here = and_(m.key_id == key.key_id, m.month == res.month)
+            used = {**here, "p_charge": charge, "p_free_used": free_used, "p_tokens": tokens}
             if held:  # give back the reservation and count what was used (rows locked in reserve's order)
-                w = rate_windows.c
-                conn.execute(update(rate_windows).where(w.key_id == key.key_id, w.window == res.window).values(
-                    tokens=w.tokens - (res.estimate_tokens - tokens)))
-                conn.execute(update(key_months).where(here).values(
-                    spent_micros=m.spent_micros + charge, reserved_micros=m.reserved_micros - res.reserved_micros,
-                    free_tokens_used=m.free_tokens_used + free_used,
-                    free_tokens_reserved=m.free_tokens_reserved - (res.estimate_tokens if res.free else 0),
-                    tokens_used=m.tokens_used + tokens))
+                conn.execute(sql.window_return, {**here, "p_unused": res.estimate_tokens - tokens})
+                conn.execute(sql.month_settle, {**used, "p_reserved": res.reserved_micros,
+                                                "p_free_reserved": res.estimate_tokens if res.free else 0})
             else:  # the lease ran out (and was swept) while we ran: count the use all the same
-                conn.execute(update(key_months).where(here).values(
-                    spent_micros=m.spent_micros + charge,
-                    free_tokens_used=m.free_tokens_used + free_used,
-                    tokens_used=m.tokens_used + tokens))
+                conn.execute(sql.month_settle_swept, used)
         return charge
 
     def release(self, res: Reservation) -> None:
