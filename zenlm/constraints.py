@@ -111,24 +111,20 @@ def grammar_source(json_schema: Union[dict, str, None] = None, regex: Optional[s
 
 
 class ConstraintSpec:
-    """A compiled grammar over one tokenizer's vocabulary; ``new()`` gives each sequence its own state."""
+    """A compiled grammar over one tokenizer's vocabulary; ``new()`` gives each sequence its own state, a
+    copy of one matcher built here (a copy takes ~1 us, building a matcher 0.5-2 ms: per request, that
+    was the engine's largest constraint cost on short requests)."""
 
     def __init__(self, grammar: str, ll_tokenizer, vocab_size: int, kind: str = "grammar"):
         self.grammar, self.ll_tokenizer, self.vocab_size, self.kind = grammar, ll_tokenizer, vocab_size, kind
         self.eos = ll_tokenizer.eos_token
-        first = self.new()  # compile now: a bad grammar fails here, before any decoding
-        self._first: Optional[Constraint] = first
+        # compiled now: a bad grammar fails here, before any decoding
+        self._start = _llguidance().LLMatcher(ll_tokenizer, grammar, log_level=0)
+        if self._start.is_error():
+            raise ConstraintError(f"invalid {kind}: {self._start.get_error()}")
 
     def new(self) -> "Constraint":
-        first = getattr(self, "_first", None)
-        if first is not None:
-            self._first = None
-            return first
-        llg = _llguidance()
-        matcher = llg.LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)
-        if matcher.is_error():
-            raise ConstraintError(f"invalid {self.kind}: {matcher.get_error()}")
-        return Constraint(matcher, self.vocab_size, self.eos, (self.ll_tokenizer.vocab_size + 31) // 32)
+        return Constraint(self._start.deep_copy(), self.vocab_size, self.eos, (self.ll_tokenizer.vocab_size + 31) // 32)
 
 
 class Constraint:
@@ -143,7 +139,10 @@ class Constraint:
 
     def _settle(self) -> None:
         if self._ahead is not None:
-            self._ahead[0].result()
+            if self._ahead[0].cancelled():
+                self._ahead = None
+            else:
+                self._ahead[0].result()
 
     @property
     def done(self) -> bool:
@@ -173,45 +172,50 @@ class Constraint:
 
 
 # ---------------------------------------------------------------------------------------------- masks
-# One llguidance call fills the bitmasks of every constrained row of a step (its executor, GIL released);
-# the bits are unpacked with one numpy call and laid on the logits with one torch op. Per-row Python
-# here was most of a constrained step's extra cost on small models (benchmarks/RESULTS.md, issue 18).
-_EXECUTOR = None
+# Each constrained row's bitmask is written by llguidance straight into one shared int32 array, which is
+# unpacked with one numpy call and laid on the logits with one torch op: per-row Python (a bool row each,
+# a full bool tensor filled row by row) was most of a constrained step's extra cost on small models
+# (benchmarks/RESULTS.md, issue 18). In line, each matcher fills its row in the calling thread (~6 us a
+# row; llguidance's thread pool costs milliseconds at p90 to hand work over on a busy CPU). Ahead of time
+# (``prefetch_masks``), the mask thread hands the rows to llguidance's LLExecutor, which computes them
+# without the GIL while the model's forward runs; the per-matcher call keeps the GIL, so it would not overlap.
 _THREAD = None
+_EXECUTOR = None
 PREFETCH_ROWS = 4  # fewer rows: a thread hand-off costs more than computing their masks in line
 
 
-def _executor():
+def _fill(matchers: list, bits: np.ndarray) -> np.ndarray:
+    """Bitmask rows of ``matchers`` (row i for matcher i) into ``bits`` (int32, C-contiguous), in this thread."""
+    base, stride = bits.ctypes.data, bits.shape[1] * 4
+    for i, m in enumerate(matchers):
+        m.unsafe_compute_mask_ptr(base + i * stride, stride)
+    return bits
+
+
+def _fill_apart(matchers: list, bits: np.ndarray) -> np.ndarray:
+    """``_fill`` by llguidance's executor, which lets go of the GIL (run on the mask thread)."""
     global _EXECUTOR
     if _EXECUTOR is None:
         _EXECUTOR = _llguidance().LLExecutor()
-    return _EXECUTOR
-
-
-def _fill(matchers: list, bits: np.ndarray) -> np.ndarray:
-    """Bitmask rows of ``matchers`` (row i for matcher i) into ``bits`` (int32, C-contiguous)."""
-    if matchers:
-        _executor().unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.ctypes.data,
-                                            bits.shape[1] * 4, bits.shape[0])
+    _EXECUTOR.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.ctypes.data,
+                                      bits.shape[1] * 4, bits.shape[0])
     return bits
 
 
 def prefetch_masks(constraints: Sequence[Optional["Constraint"]]) -> None:
     """Start computing these constraints' next masks on the mask thread, so that they are ready when
-    the model's next forward (which runs meanwhile) ends; ``allowed_tokens`` then waits for them. For
-    fewer than ``PREFETCH_ROWS`` rows it does nothing (in line is cheaper)."""
+    the model's next forward (which runs meanwhile) ends; ``allowed_tokens`` takes them then (or, if the
+    thread has not started on them, computes them itself). Fewer than ``PREFETCH_ROWS`` rows: nothing
+    (in line is cheaper)."""
     todo = [c for c in constraints if c is not None and c._ahead is None]
-    if len(todo) < PREFETCH_ROWS:
+    if len(todo) < PREFETCH_ROWS or any(c.words != todo[0].words for c in todo):
         return
     global _THREAD
     if _THREAD is None:
         from concurrent.futures import ThreadPoolExecutor
         _THREAD = ThreadPoolExecutor(1, thread_name_prefix="zenlm-masks")
-    words = todo[0].words
-    if any(c.words != words for c in todo):
-        return
-    bits = np.empty((len(todo), words), dtype=np.int32)
-    future = _THREAD.submit(_fill, [c.matcher for c in todo], bits)
+    bits = np.empty((len(todo), todo[0].words), dtype=np.int32)
+    future = _THREAD.submit(_fill_apart, [c.matcher for c in todo], bits)
     for i, c in enumerate(todo):
         c._ahead = (future, bits, i)
 
@@ -227,43 +231,47 @@ def allowed_tokens(constraints: Sequence[Optional["Constraint"]], stop_ids: Unio
     if not rows:
         return None
     words = max(constraints[i].words for i in rows)
-    bits = np.full((len(constraints), words), -1, dtype=np.int32)
+    n = len(constraints)
+    bits = np.full((n, words), -1, dtype=np.int32)
     now, ahead = [], {}
     for i in rows:
         c = constraints[i]
-        if c._ahead is not None and c._ahead[1].shape[1] == words:
-            future, source, j = c._ahead
-            group = ahead.setdefault(id(source), (future, source, [], []))
-            group[2].append(i)
-            group[3].append(j)
-        else:
+        if c._ahead is None:
             now.append(i)
+        else:
+            ahead.setdefault(id(c._ahead[0]), []).append(i)
+    for members in ahead.values():  # masks computed ahead: one wait per batch of them
+        future, source, _ = constraints[members[0]]._ahead
+        # not started yet (a busy CPU): computing them here is quicker than waiting for the thread
+        if source.shape[1] == words and not future.cancel():
+            future.result()
+            bits[members] = source[[constraints[i]._ahead[2] for i in members]]
+        else:
+            constraints[members[0]]._settle()
+            now.extend(members)
+        for i in members:  # the row is taken: the next use of the matcher need not wait for anything
+            constraints[i]._ahead = None
     if now:
         bits[now] = _fill([constraints[i].matcher for i in now], np.empty((len(now), words), dtype=np.int32))
-    for future, source, dst, src in ahead.values():
-        future.result()
-        bits[dst] = source[src]
     flat = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
     per_row = len(stop_ids) > 0 and not isinstance(stop_ids[0], (int, np.integer))
     groups: dict = {}
     for i in rows:
-        stops = tuple(stop_ids[i]) if per_row else tuple(stop_ids)
-        groups.setdefault((constraints[i].eos, stops), []).append(i)
+        groups.setdefault((constraints[i].eos, tuple(stop_ids[i]) if per_row else tuple(stop_ids)), []).append(i)
     for (eos, stops), members in groups.items():
         if not stops:
             continue
-        complete = flat[members, eos]  # the grammar's end-token bit: set exactly where it is complete
-        flat[members, eos] = 0
+        at = slice(None) if len(members) == n else members  # every row alike (the usual case): a view, no copy
+        complete = flat[at, eos].copy()  # the grammar's end-token bit: set exactly where it is complete
+        flat[at, eos] = 0
         for t in stops:
             if t < flat.shape[1]:
-                flat[members, t] = complete
+                flat[at, t] = complete
     allowed = flat.view(np.bool_)
     if allowed.shape[1] != vocab_size:  # contiguous rows: torch.where over a strided view costs twice as much
         width = min(vocab_size, allowed.shape[1])
-        allowed = np.concatenate([allowed[:, :width], np.zeros((len(constraints), vocab_size - width), np.bool_)], 1)
-    stuck = np.flatnonzero(~allowed[rows].any(axis=1))
-    for k in stuck:  # the grammar cannot continue (an error): let the sequence end
-        i = rows[k]
+        allowed = np.concatenate([allowed[:, :width], np.zeros((n, vocab_size - width), np.bool_)], 1)
+    for i in np.flatnonzero(~allowed.any(axis=1)):  # the grammar cannot continue (an error): let the row end
         stops = (stop_ids[i] if per_row else stop_ids) or [constraints[i].eos]
         allowed[i, [t for t in stops if t < vocab_size]] = True
     return allowed
