@@ -35,6 +35,24 @@ class Collector:
             self.done.set()
 
 
+def _serve_staggered(engine, prompts, stop: int, gap: int) -> list[Collector]:
+    """Greedy requests, each submitted ``gap`` steps after the last (so rows join a running batch); their tokens."""
+    outs = []
+    try:
+        for ids, n in zip(prompts, LENGTHS):
+            c = Collector()
+            engine.submit(EngineRequest(ids, SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[stop]), c))
+            outs.append(c)
+            start, deadline = engine.steps, time.time() + 10
+            while engine.steps < start + gap and engine.batch_size and time.time() < deadline:
+                time.sleep(0.001)
+        for c in outs:
+            assert c.done.wait(60)
+    finally:
+        engine.stop()
+    return outs
+
+
 def _build(tok, tmp_path, kind: str):
     torch.manual_seed(0)
     if kind == "mistral":
@@ -68,19 +86,7 @@ def test_window_rows_joining_and_leaving_match_generator_and_transformers(kind, 
 
     engine = BatchEngine(model, tok, max_batch_size=8, on_step=watch).start()
     prompts = [tok.encode(t) for t in TEXTS]
-    outs = []
-    try:
-        for ids, n in zip(prompts, LENGTHS):  # each joins a few steps after the last, into trimmed caches
-            c = Collector()
-            engine.submit(EngineRequest(ids, SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[eos]), c))
-            outs.append(c)
-            start, deadline = engine.steps, time.time() + 10
-            while engine.steps < start + 2 * WINDOW and engine.batch_size and time.time() < deadline:
-                time.sleep(0.001)
-        for c in outs:
-            assert c.done.wait(60)
-    finally:
-        engine.stop()
+    outs = _serve_staggered(engine, prompts, eos, gap=2 * WINDOW)  # later rows join caches already trimmed
     gen = Generator(model, tok)
     for ids, n, c in zip(prompts, LENGTHS, outs):
         assert len(ids) + len(c.tokens) > 2 * WINDOW or eos in c.tokens
@@ -111,19 +117,7 @@ def test_t5_relative_positions_in_the_batch_cache_match_the_generator(model_dir,
     model = zenlm.load(tmp_path / "t5")
     engine = BatchEngine(model, tok, max_batch_size=8).start()
     prompts = [tok.encode(t) for t in TEXTS]
-    outs = []
-    try:
-        for ids, n in zip(prompts, LENGTHS):
-            c = Collector()
-            engine.submit(EngineRequest(ids, SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[1]), c))
-            outs.append(c)
-            start, deadline = engine.steps, time.time() + 10
-            while engine.steps < start + 5 and engine.batch_size and time.time() < deadline:
-                time.sleep(0.001)
-        for c in outs:
-            assert c.done.wait(60)
-    finally:
-        engine.stop()
+    outs = _serve_staggered(engine, prompts, 1, gap=5)
     gen = Generator(model, tok)
     for ids, n, c in zip(prompts, LENGTHS, outs):
         assert c.tokens == gen.generate([ids], max_new_tokens=n)[0].token_ids
