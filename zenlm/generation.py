@@ -92,6 +92,10 @@ class GenerationConfig:
     # duration of the call): on CPUs where torch's MKL matrix-vector products are slow (AMD EPYC here) a
     # decoding step is ~1.5-3x faster; results equal to float rounding. False keeps torch's default path.
     fast_cpu: bool = True
+    # batch-1 decoder-only decoding through the captured step (zenlm.decode_step: the whole step as one
+    # torch.compile'd graph over a fixed-shape cache). The first call per shape compiles (tens of seconds, cached
+    # on disk for later processes); same tokens as eager. Models it cannot take decode eagerly.
+    compile: bool = False
     # constrained decoding (zenlm.constraints, llguidance): at most one of these; each step allows only the
     # tokens the grammar can take, stop tokens only where it is complete
     json_schema: Optional[Union[dict, str, bool]] = None  # a JSON schema (dict or its JSON text)
@@ -340,7 +344,7 @@ def _forcing(config: GenerationConfig) -> bool:
 class _DecoderOnlyState:
     """Left-padded prompts in one cache; positions count real tokens only."""
 
-    def __init__(self, model, rows: list[list[int]], max_new_tokens: int, pad_id: int):
+    def __init__(self, model, rows: list[list[int]], max_new_tokens: int, pad_id: int, compile: bool = False):
         self.model, n, width = model, len(rows), max(len(r) for r in rows)
         device = model.embed_tokens.weight.device
         self.ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -351,6 +355,13 @@ class _DecoderOnlyState:
         self.ids, mask = self.ids.to(device), mask.to(device)
         self.padded = not bool(mask.all())
         self.cache = KVCache(width + max_new_tokens, trim_windows=True)  # sliding-window layers keep ~2 windows
+        self.captured = None  # one row: the compiled step over a fixed-shape cache (zenlm.decode_step)
+        if compile and n == 1:
+            from . import decode_step as _capture
+            if _capture.captures(model.config) is None:
+                self.captured = _capture.decode_step(model)
+                limit = model.config.max_position_embeddings
+                self.cache = _capture.StaticKVCache(_capture.capacity_bucket(width + max_new_tokens, limit))
         self.mask = self.positions = None
         if self.padded:
             self.mask = torch.ones((n, width + max_new_tokens), dtype=torch.bool, device=device)
@@ -366,6 +377,8 @@ class _DecoderOnlyState:
         return self.model.logits(hidden[:, -1])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.captured is not None:
+            return self.captured(self.cache, tokens)
         if self.padded:
             hidden = self.model.decode(tokens[:, None], attention_mask=self.mask[:, :self.cache.length + 1],
                                        position_ids=self.positions, cache=self.cache, name="input_ids")[0]
@@ -548,7 +561,7 @@ class Generator:
         if self.config.is_encoder_decoder:
             return _Seq2SeqState(self.model, rows, config.max_new_tokens, pad, expand)
         expanded = [r for r in rows for _ in range(expand)]
-        return _DecoderOnlyState(self.model, expanded, config.max_new_tokens, pad)
+        return _DecoderOnlyState(self.model, expanded, config.max_new_tokens, pad, config.compile)
 
     def _history(self, rows: list[list[int]], expand: int) -> list[list[int]]:
         """Per decoding row, the tokens the rules look at (as in ``transformers``: the prompt for

@@ -1,0 +1,221 @@
+"""A captured decode step: one token per row through every layer as one compiled call.
+
+An eager decode step of a 30-layer model is a few hundred small torch calls, each with its Python
+and dispatch cost; at batch 1 those costs are a large share of a step whose real work is one read of
+the weights. Here the step (embedding → blocks → final norm → head) is compiled by ``torch.compile``
+over a cache of fixed shape, so the shapes never change between steps and the compiled graph runs
+every step:
+
+* ``StaticKVCache`` keeps keys/values in (B, H_kv, capacity, D) buffers; a step writes its one new
+  column with ``index_copy_`` at a column given as a tensor, and attends to every column under a mask
+  (padding and not-yet-written columns masked out). Capacities come in buckets (powers of two from
+  256), batch sizes in buckets (1, 2, 4, 8, 16, 32), so a handful of graphs serve every request.
+* The blocks are the model's own modules (``zenlm.model.Block``): no second copy of the attention.
+* Compiled code is cached on disk (``TORCHINDUCTOR_CACHE_DIR``, the FX graph cache) under
+  ``~/.cache/zenlm/inductor``, so a second process pays only the tracing, not the C++ compile.
+* If compiling fails (no C++ compiler, an op inductor cannot take), the step falls back to the eager
+  path with one warning; ``DecodeStep.compiled`` says which one runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .model import KVCache
+
+logger = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+MIN_CAPACITY = 256
+
+
+def bucket(n: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> int:
+    """The smallest bucket that holds ``n`` rows (ValueError past the largest)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"batch of {n} rows exceeds the largest decode-step bucket {buckets[-1]}")
+
+
+def capacity_bucket(n: int, limit: int) -> int:
+    """The smallest power of two ≥ max(n, 256) positions, at most ``limit`` (the model's context)."""
+    if n > limit:
+        raise ValueError(f"{n} positions exceed the model's context of {limit}")
+    c = MIN_CAPACITY
+    while c < n:
+        c *= 2
+    return min(c, limit)
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled steps are kept between processes: ``$XDG_CACHE_HOME/zenlm/inductor``
+    (``~/.cache/zenlm/inductor``), unless ``TORCHINDUCTOR_CACHE_DIR`` already says otherwise."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zenlm" / "inductor"
+
+
+def _use_disk_cache() -> None:
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    import torch._dynamo.config as dynamo
+    import torch._inductor.config as inductor
+
+    inductor.fx_graph_cache = True
+    # one graph per (model, batch bucket, capacity bucket): more than dynamo's default of 8 per function
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+
+
+def captures(config) -> Optional[str]:
+    """Why a model with this config cannot take the captured step (None when it can): it handles
+    decoder-only models with rotary (not length-dependent), learned or no positions, without token
+    types or sliding windows (their masks depend on the step)."""
+    if config.family != "decoder-only":
+        return f"a {config.family} model (the captured step is for decoder-only models)"
+    if config.position not in ("rotary", "learned", "none"):
+        return f"position scheme {config.position!r}"
+    kind = (config.rope_scaling or {}).get("rope_type")
+    if config.position == "rotary" and kind in ("dynamic", "longrope"):
+        return f"rotary scaling {kind!r} (its frequencies change with the sequence length)"
+    if config.type_vocab_size:
+        return "token type embeddings"
+    if config.sliding_window is not None and any(config.is_sliding(i) for i in range(config.num_decoder_layers)):
+        return "sliding-window layers"
+    return None
+
+
+class StaticKVCache(KVCache):
+    """A ``KVCache`` whose buffers never change shape once filled: (B, H_kv, capacity, D) per layer.
+
+    The prefill (several tokens, eager) writes through ``KVCache.update`` into buffers allocated at
+    ``capacity``; a captured step (``stepping``) writes its one new column with ``index_copy_`` at
+    ``column`` (a one-element long tensor, so the compiled graph does not change with it) and attends
+    to the whole buffer, the columns not written yet hidden by the step's mask."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.column = torch.zeros(1, dtype=torch.long)
+        self.stepping = False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: Optional[int] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.stepping:
+            return super().update(layer, k, v, window)
+        self.keys[layer].index_copy_(2, self.column, k)
+        self.values[layer].index_copy_(2, self.column, v)
+        return self.keys[layer], self.values[layer]
+
+
+def step_function(model, cache: StaticKVCache, tokens: torch.Tensor, positions: Optional[torch.Tensor],
+                  pad: Optional[torch.Tensor]) -> torch.Tensor:
+    """One decode step: tokens (B,) at positions (B,) (None: every row at ``cache.column``), written at
+    ``cache.column``; ``pad`` (B, capacity) bool is False on padding columns (None: no padding). Returns
+    logits (B, vocab). The same code runs eagerly and compiled; the blocks are the model's own."""
+    config, stack = model.config, model.decoder
+    positions = (cache.column.expand(tokens.size(0)) if positions is None else positions)[:, None]
+    x = model._token_embeddings(tokens[:, None])
+    rotary = None
+    if config.position == "learned":
+        x = x + stack.positions(positions + config.position_offset)
+    elif config.position == "rotary":
+        rotary = stack.rotary(positions, x.dtype)
+    if config.embedding_norm:
+        x = stack.embed_norm(x)
+    valid = torch.arange(cache.keys[0].size(2), device=tokens.device)[None, :] <= cache.column
+    if pad is not None:
+        valid = valid & pad
+    mask = valid[:, None, None, :]
+    for i, block in enumerate(stack.layers):
+        x, _, _ = block(x, mask, False, rotary, None, None, cache, i, False)
+    if config.final_norm:
+        x = stack.final_norm(x)
+    return model.logits(x[:, -1])
+
+
+@dataclass
+class CompileReport:
+    """What one (batch, capacity) graph cost to build: seconds of the first call (tracing and, without
+    a disk-cache hit, the C++ compile) and whether the compiled code ran."""
+
+    batch: int
+    capacity: int
+    seconds: float
+    compiled: bool
+
+
+class DecodeStep:
+    """The decode step of one model, compiled once per (batch, capacity) shape.
+
+    ``step(cache, tokens, positions)`` writes the tokens' keys/values at ``cache.length``, advances the
+    cache by one and returns the logits. Compiled (``torch.compile``, full graph, static shapes) unless
+    ``compile=False``; a compile that fails logs one warning and this step runs eagerly from then on
+    (``compiled`` turns False). ``reports`` holds what each shape's first call cost. Use
+    ``decode_step(model)`` for the one instance a model shares between callers.
+    """
+
+    def __init__(self, model, compile: bool = True):
+        reason = captures(model.config)
+        if reason is not None:
+            raise ValueError(f"the captured decode step does not take {reason}")
+        self.model = model
+        self.compiled = compile
+        self.reports: list[CompileReport] = []
+        self._seen: set[tuple[int, int, bool]] = set()
+        self._lock = threading.Lock()
+        self._fn = step_function
+        if compile:
+            _use_disk_cache()
+            self._fn = torch.compile(step_function, fullgraph=True, dynamic=False)
+
+    def __call__(self, cache: StaticKVCache, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                 pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not cache.keys or cache.length >= cache.keys[0].size(2):
+            raise ValueError(f"the static cache holds {cache.keys[0].size(2) if cache.keys else 0} positions and "
+                             f"{cache.length} are used: prefill it first, with room for the step")
+        key = (tokens.size(0), cache.keys[0].size(2), pad is not None)
+        cache.column.fill_(cache.length)
+        cache.stepping = True
+        try:
+            if not self.compiled or key in self._seen:
+                logits = self._fn(self.model, cache, tokens, positions, pad)
+            else:
+                logits = self._first(key, cache, tokens, positions, pad)
+        finally:
+            cache.stepping = False
+        cache.advance(1)
+        return logits
+
+    def _first(self, key, cache, tokens, positions, pad) -> torch.Tensor:
+        """The first call of a shape compiles it (one thread at a time); a failure falls back to eager."""
+        with self._lock:
+            start = time.perf_counter()
+            try:
+                logits = self._fn(self.model, cache, tokens, positions, pad)
+            except Exception as e:  # noqa: BLE001 - any compile failure: the eager step computes the same
+                if self.compiled:
+                    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    logger.warning("compiling the decode step failed (%s: %s); decoding eagerly",
+                                   type(e).__name__, message[:200])
+                self.compiled, self._fn = False, step_function
+                return step_function(self.model, cache, tokens, positions, pad)
+            self._seen.add(key)
+            self.reports.append(CompileReport(key[0], key[1], time.perf_counter() - start, self.compiled))
+            return logits
+
+
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STEPS_LOCK = threading.Lock()
+
+
+def decode_step(model) -> DecodeStep:
+    """The compiled ``DecodeStep`` this model shares between generators (built on first use)."""
+    with _STEPS_LOCK:
+        step = _STEPS.get(model)
+        if step is None:
+            step = _STEPS[model] = DecodeStep(model)
+        return step
