@@ -73,14 +73,21 @@ def main() -> None:
     p.add_argument("--isas", action="store_true", help="dynamic int8 error and speed, native vs AVX2 forced")
     p.add_argument("--isa-preset", default="gpt2-small", help="model shape for --isas (a preset; random weights)")
     p.add_argument("--isa-worker", choices=("native", "avx2"), help=argparse.SUPPRESS)
+    p.add_argument("--rows", action="store_true",
+                   help="weight-only int8/int4: integer kernel vs dequantize + fp32 GEMM per row count, native and AVX2")
+    p.add_argument("--rows-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     from zenlm.cpu import cpu_info
     print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
     if args.isa_worker:
         return isa_worker(args)
     torch.set_num_threads(args.threads)
+    if args.rows_worker:
+        return rows_worker()
     if args.isas:
         isa_table(args)
+    if args.rows:
+        rows_table(args)
     if args.translation:
         bleu_table(args)
     if args.model:
@@ -206,6 +213,58 @@ def isa_worker(args) -> None:
         fp32_prompt, fp32_decode = speed(fp32, fp32.config.vocab_size, 64, reps=2, new_tokens=32)
     print(json.dumps({"bits": info.int8_activation_bits, "error": error, "top1": top1, "error_8bit": error_8bit,
                       "prompt": prompt, "decode": decode, "fp32_prompt": fp32_prompt, "fp32_decode": fp32_decode}))
+
+
+SMOLLM_LAYER = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): qkv, out, gate+up, down
+
+
+def rows_table(args) -> None:
+    """The same sweep in one process per ISA (the forcing switches are read when torch starts)."""
+    import subprocess
+    import sys
+
+    for isa in ("native", "avx2"):
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+               **(dict(FORCED_AVX2, MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2") if isa == "avx2" else {})}
+        out = subprocess.run([sys.executable, __file__, "--rows-worker", "--threads", str(args.threads)], env=env,
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"the {isa} worker failed:\n{out.stderr[-2000:]}")
+        print(out.stdout)
+
+
+def rows_worker() -> None:
+    """ms per SmolLM-135M layer (its four matrices) by rows: the integer kernel, dequantize + fp32 GEMM,
+    and the fp32 layer itself; alternated in one process, best of 5. Sets ``zenlm.quantize.kernel_rows``."""
+    from zenlm.quantize import QuantizationSpec, QuantizedLinear, kernel_rows
+
+    torch.manual_seed(0)
+    fp = [torch.nn.Linear(i, o, bias=False) for i, o in SMOLLM_LAYER]
+    print(f"{torch.get_num_threads()} thread(s); ms per SmolLM-135M layer (4 matrices); load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for scheme, group in (("int8", None), ("int4", 32)):
+        mods = [QuantizedLinear.from_linear(f, QuantizationSpec(scheme, group)) for f in fp]
+        print(f"{scheme}: zenlm takes the kernel up to {kernel_rows(mods[0].spec.bits)} rows on this CPU")
+        print(f"{'rows':>5} {'kernel':>8} {'dequant+GEMM':>13} {'fp32':>8}")
+        for rows in (1, 4, 8, 16, 24, 32, 48, 64, 128):
+            xs = [torch.randn(rows, i) for i, _ in SMOLLM_LAYER]
+
+            def run(limit, mods=mods, xs=xs):
+                for m, x in zip(mods, xs):
+                    m.kernel_rows = limit
+                    m(x)
+            sides = {"kernel": lambda: run(10**9), "dequant": lambda: run(0),
+                     "fp32": lambda: [f(x) for f, x in zip(fp, xs)]}
+            best = dict.fromkeys(sides, float("inf"))
+            with torch.no_grad():
+                for _ in range(5):
+                    for name, fn in sides.items():
+                        fn()
+                        t = time.perf_counter()
+                        for _ in range(3):
+                            fn()
+                        best[name] = min(best[name], (time.perf_counter() - t) / 3 * 1e3)
+            print(f"{rows:>5} {best['kernel']:>8.2f} {best['dequant']:>13.2f} {best['fp32']:>8.2f}", flush=True)
 
 
 def table(rows) -> None:

@@ -121,7 +121,7 @@ def test_weight_only_kernels_match_the_dequantized_reference(bits, group):
     limit = zenlm.quantize.kernel_rows(bits)
     assert ql.kernel_rows == limit >= 8  # the load rebuilt the kernels' layout
     w = dequantize_weight(ql.qweight, ql.scales, bits).double()
-    for rows in (1, 5, limit, limit + 1, 40):
+    for rows in (1, 5, limit, limit + 1):
         x = torch.randn(rows, 256)
         exact = x.double() @ w.t() + ql.bias.double()
         out = ql(x).detach()
@@ -141,10 +141,10 @@ def test_weight_only_kernels_match_the_dequantized_reference(bits, group):
 
 def test_kernel_rows_choice_per_cpu(cpu_with, monkeypatch):
     monkeypatch.setattr(zenlm.quantize, "cpu_info", lambda: zenlm.cpu.cpu_info())  # sees cpu_with's CPU
-    cpu_with(bf16=False)  # Zen 3: AVX2 only
-    assert zenlm.quantize.kernel_rows(8) == zenlm.quantize.kernel_rows(4) == 8
+    cpu_with(bf16=False)  # Zen 3: AVX2 only, where the kernels' lead over dequantize + GEMM ends sooner
+    assert (zenlm.quantize.kernel_rows(8), zenlm.quantize.kernel_rows(4)) == (24, 48)
     cpu_with(bf16=True)
-    assert zenlm.quantize.kernel_rows(8) == zenlm.quantize.kernel_rows(4) == 16
+    assert (zenlm.quantize.kernel_rows(8), zenlm.quantize.kernel_rows(4)) == (32, 64)
 
 
 @pytest.mark.parametrize("scheme,tol,agree", [("int8", 0.05, 0.9), ("dynamic", 0.05, 0.9), ("int4", 0.5, 0.4)])

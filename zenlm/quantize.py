@@ -108,27 +108,15 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: Optional[int] =
     return q.contiguous(), (scales.half() if bits == 4 else scales).contiguous()  # fp16 scales: int4 files ~7x
 
 
-_NIBBLES: dict = {}
-
-
-def _nibble_table(device) -> torch.Tensor:
-    """(256, 2) float32: byte -> (low nibble, high nibble) as signed values in [-8, 7]."""
-    if device not in _NIBBLES:
-        b = torch.arange(256)
-        low, high = b & 0x0F, b >> 4
-        _NIBBLES[device] = torch.stack([torch.where(low > 7, low - 16, low),
-                                        torch.where(high > 7, high - 16, high)], dim=-1).float().to(device)
-    return _NIBBLES[device]
-
-
 def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
                       ) -> torch.Tensor:
     """Inverse of ``quantize_weight`` (up to rounding)."""
-    if bits == 4:  # one table lookup turns each byte into its two signed nibbles
-        q = _nibble_table(q.device)[q.long()].reshape(q.size(0), -1)
+    if bits == 4:  # signed nibbles by arithmetic shifts of the bytes read as int8: low = (b << 4) >> 4, high = b >> 4
+        b = q.view(torch.int8)
+        q = torch.stack([(b << 4) >> 4, b >> 4], dim=-1).reshape(q.size(0), -1)
     rows, cols = q.shape
     groups = scales.size(1)
-    w = q.reshape(rows, groups, cols // groups).float() * scales.float()[..., None]  # no-op cast for int4
+    w = q.reshape(rows, groups, cols // groups).float().mul_(scales.float()[..., None])
     return w.reshape(rows, cols).to(dtype)
 
 
@@ -204,8 +192,11 @@ def kernel_rows(bits: int) -> int:
     """Up to how many rows (tokens) a weight-only matmul runs torch's integer kernel on this CPU;
     beyond that, dequantizing the matrix once per call and one fp32 GEMM is faster (the kernels
     are GEMVs at heart: their cost grows with the rows, the GEMM's barely does). Measured with
-    ``benchmarks/bench_quantize.py --rows`` on AVX-512 and on forced AVX2 (RESULTS.md)."""
-    return 16 if cpu_info().avx512 else 8
+    ``benchmarks/bench_quantize.py --rows`` on AVX-512 and on forced AVX2 (RESULTS.md): the int4
+    kernel wins for longer, since dequantizing nibbles costs more than widening int8."""
+    if cpu_info().avx512:
+        return 32 if bits == 8 else 64
+    return 24 if bits == 8 else 48
 
 
 def _int4_kernel_form(qweight: torch.Tensor, scales: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
