@@ -523,6 +523,8 @@ class BatchEngine:
             # rest, which no later query can see); merged, it keeps the columns both caches still hold
             held = [0 if c.start(layer) == 0 else width - c.length + c.start(layer) for c in (self.cache, cache)]
             start = max(held)
+            if config.is_sliding(layer):  # a fresh prompt's cache holds keys no later query can see: drop them
+                start = max(start, width - config.sliding_window + 1)
             b, h, _, d = k_old.shape
             room = width - start + 64  # columns for the next steps before the buffer must grow (or trim)
             if config.is_sliding(layer):  # KVCache's own bound for a window: about two of them
