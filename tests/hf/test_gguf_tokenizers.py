@@ -176,21 +176,36 @@ def _llama_cpp_ids(path: Path, texts: list[str]) -> list[list[int]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def unigram(tmp_path_factory) -> tuple:
-    """A sentencepiece unigram model, as a tokenizers Unigram with a Metaspace (the form transformers'
-    SentencePiece converter gives a unigram model), exported to GGUF."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+_UNIGRAMS: dict = {}
+
+
+@pytest.fixture
+def unigram(request, tmp_path_factory) -> tuple:
+    """A sentencepiece unigram model (normalization rule ``request.param``), as a tokenizers Unigram with
+    a Metaspace (the form transformers' SentencePiece converter gives a unigram model) and, for a
+    normalizing model, its precompiled character map, exported to GGUF; built once per rule."""
+    if request.param not in _UNIGRAMS:
+        _UNIGRAMS[request.param] = _build_unigram(request.param, tmp_path_factory)
+    return _UNIGRAMS[request.param]
+
+
+def _build_unigram(rule: str, tmp_path_factory) -> tuple:
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
+    from transformers.convert_slow_tokenizer import import_protobuf
 
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(DATA.read_text(encoding="utf-8").splitlines()[:4000] + EXTRA * 20), model_writer=out,
         vocab_size=600, model_type="unigram", character_coverage=0.999, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+        normalization_rule_name=rule, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=out.getvalue())
     backend = RustTokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
                                            unk_id=0, byte_fallback=False))
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(out.getvalue())
+    if proto.normalizer_spec.precompiled_charsmap:
+        backend.normalizer = normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=False)
     backend.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in range(3)])
@@ -203,20 +218,28 @@ def unigram(tmp_path_factory) -> tuple:
     return sp, tok, path
 
 
+# nmt_nfkc: the character map is a 240 kB array in the file, which the gguf package's reader takes ~6 s to parse
+@pytest.mark.parametrize("unigram", ["identity", "nmt_nfkc"], indirect=True)
 def test_unigram_round_trips_as_sentencepiece_tokenizes(unigram):
     sp, tok, path = unigram
-    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
-    assert meta["tokenizer.ggml.model"] == "t5" and meta["tokenizer.ggml.add_space_prefix"] is True
-    assert np.allclose(meta["tokenizer.ggml.scores"][3:], [sp.get_score(i) for i in range(3, sp.get_piece_size())])
-    assert meta["tokenizer.ggml.token_type"][:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
-                                                     gguf.TokenType.CONTROL]
     back = zenlm.load(path).tokenizer
-    for text in SUITE + EXTRA + [" leading space"]:
+    for text in SUITE + EXTRA + [" leading space", "ﬁne ① ＡＢＣ café"]:
         ids = back.encode(text)
         assert ids == sp.encode(text), text  # sentencepiece's own Viterbi (unknown characters fused into one <unk>)
         if not text.startswith(" "):  # the Metaspace adds no second "▁" before a leading space; sentencepiece does
             assert ids == tok.encode(text), text
         assert back.decode(ids) == tok.decode(ids), text
+
+
+@pytest.mark.parametrize("unigram", ["identity"], indirect=True)
+def test_unigram_file_holds_sentencepieces_scores(unigram):
+    sp, tok, path = unigram
+    meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+    assert meta["tokenizer.ggml.model"] == "t5" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.remove_extra_whitespaces"] is False
+    assert np.allclose(meta["tokenizer.ggml.scores"][3:], [sp.get_score(i) for i in range(3, sp.get_piece_size())])
+    assert meta["tokenizer.ggml.token_type"][:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
+                                                     gguf.TokenType.CONTROL]
 
 
 def test_zenlm_unigram_keeps_nfkc_with_a_warning(tmp_path, caplog):
@@ -260,13 +283,14 @@ def test_what_llama_cpp_tokenizers_cannot_express_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("unigram", ["identity"], indirect=True)
 def test_llama_cpp_unigram_tokenizes_the_same(unigram):
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama_cpp is not importable: `pip install llama-cpp-python` (builds llama.cpp from source)")
     sp, tok, path = unigram
-    texts = SUITE + EXTRA + [" leading space", "<s>hi</s> there <s> x"]
+    texts = SUITE + EXTRA + [" leading space", "<s>hi</s> there <s> x", "ﬁne ① ＡＢＣ café"]
     back = zenlm.load(path).tokenizer
     assert [back.encode(t) for t in texts] == _llama_cpp_ids(path, texts)
 
