@@ -345,9 +345,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 
     q: (B, H, T, D); k, v: (B, H, S, D); mask: bool, True where a query may attend,
     broadcastable to (B, H, T, S), as is ``bias``. The fused kernel is used unless the weights are
-    wanted or the scores are capped or biased; the explicit path is the same formula written out.
+    wanted or the scores are capped (a bias joins the mask as one additive mask); the explicit path is
+    the same formula written out.
     """
-    if not need_weights and softcap is None and bias is None:
+    if not need_weights and softcap is None and bias is not None:  # the bias and the mask as one additive mask
+        if is_causal:
+            mask = causal_mask(q.size(2), k.size(2), 0, q.device)
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=scale), None
+    if not need_weights and softcap is None:
         if not dropout and kernels.cpu_attention_applies(q):
             if scale is not None:  # the kernel divides by √d: fold the other scale into the queries
                 q = q * (scale * math.sqrt(q.size(-1)))
