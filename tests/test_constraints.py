@@ -181,3 +181,16 @@ def test_batched_masks_equal_each_matchers_own_bitmask(lm):
                     rows[i] = specs[i % 2].new()
                 else:
                     assert c.advance(choice)
+
+
+def test_a_grammar_compiled_again_is_the_cached_one_and_states_stay_apart(lm):
+    """compile_constraint keeps compiled grammars per tokenizer (a server's clients send the same schema): the
+    same source gives the same spec, each new() its own state."""
+    model, tok = lm
+    vocab = model.config.vocab_size
+    spec = compile_constraint(tok, vocab, regex="[ab]{2}")
+    assert compile_constraint(tok, vocab, regex="[ab]{2}") is spec
+    assert compile_constraint(tok, vocab, regex="[ab]{3}") is not spec
+    one, two = spec.new(), spec.new()
+    a = tok.backend.encode("a", add_special_tokens=False).ids[0]
+    assert one.advance(a) and one.advance(a) and one.done and not two.done and two.accepting is False

@@ -16,13 +16,17 @@ with ``prefetch_masks`` before the model's forward, which they then overlap.
 from __future__ import annotations
 
 import json
+import threading
 import weakref
+from collections import OrderedDict
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+SPEC_CACHE = 64  # compiled grammars kept per tokenizer, least recently used dropped
 
 
 class ConstraintError(ValueError):
@@ -48,7 +52,8 @@ def _backend(tokenizer) -> Any:
 
 
 def _ll_tokenizer(tokenizer, vocab_size: int):
-    """llguidance's view of the vocabulary, built once per tokenizer and vocabulary size (~0.1 s at 32k)."""
+    """llguidance's view of the vocabulary, built once per tokenizer and vocabulary size (~0.1 s at 32k),
+    and the grammars compiled over it (``compile_constraint``'s cache)."""
     llg = _llguidance()
     per = _TOKENIZERS.get(tokenizer)
     if per is None:
@@ -63,7 +68,7 @@ def _ll_tokenizer(tokenizer, vocab_size: int):
         if eos is None:
             eos = 0
         n_vocab = max(vocab_size, backend.get_vocab_size(with_added_tokens=True))
-        per[vocab_size] = llg.LLTokenizer(backend.to_str(), n_vocab=n_vocab, eos_token=eos)
+        per[vocab_size] = (llg.LLTokenizer(backend.to_str(), n_vocab=n_vocab, eos_token=eos), OrderedDict())
     return per[vocab_size]
 
 
@@ -300,4 +305,26 @@ def compile_constraint(tokenizer, vocab_size: int, json_schema: Union[dict, str,
         raise ValueError("constrained decoding needs a tokenizer to know each token's bytes; pass tokenizer=...")
     kind = ("json_schema" if json_schema is not None else "regex" if regex is not None
             else "grammar" if grammar is not None else "json_object")
-    return ConstraintSpec(source, _ll_tokenizer(tokenizer, vocab_size), vocab_size, kind)
+    ll_tokenizer, compiled = _ll_tokenizer(tokenizer, vocab_size)
+    # the same grammar again (a server's clients send the same schema): the compiled one, whose new()
+    # copies a matcher, instead of building one again (1-3 ms holding the GIL, which the engine waits for)
+    with _LOCK:
+        spec = compiled.get(source)
+        if spec is not None:
+            compiled.move_to_end(source)
+            return spec
+    spec = ConstraintSpec(source, ll_tokenizer, vocab_size, kind)
+    with _LOCK:
+        compiled[source] = spec
+        while len(compiled) > SPEC_CACHE:
+            compiled.popitem(last=False)
+    return spec
+    spec = ConstraintSpec(source, ll_tokenizer, vocab_size, kind)
+    with _LOCK:
+        if _SPECS.get("tokenizer") is not ll_tokenizer:
+            _SPECS.clear()
+            _SPECS["tokenizer"] = ll_tokenizer
+        _SPECS[key] = spec
+        if len(_SPECS) > SPEC_CACHE + 1:
+            _SPECS.popitem(last=False) if next(iter(_SPECS)) != "tokenizer" else _SPECS.pop(list(_SPECS)[1])
+    return spec
