@@ -442,7 +442,10 @@ def _spm_space_prefix(data: dict) -> bool:
     """Whether a SentencePiece-style tokenizer.json prepends "▁" to the text (llama.cpp's
     tokenizer.ggml.add_space_prefix), from the two forms transformers writes: the legacy normalizer
     (Prepend "▁", Replace " " -> "▁"; Gemma: Replace only) or a Metaspace pre-tokenizer that does not
-    split; a ValueError for any other step, which llama.cpp's "llama" tokenizer would not apply."""
+    split; a ValueError for any other step, which llama.cpp's "llama" tokenizer would not apply.
+    llama.cpp (like sentencepiece) prepends the space to every piece of text, after special tokens and
+    before a leading space too; transformers' Metaspace skips a piece that starts with a space, and its
+    "first" scheme every piece after the first: on such text the file tokenizes as llama.cpp does."""
     prefix, escaped = False, False
     for step in _steps(data.get("normalizer"), "normalizers"):
         kind = step.get("type")
