@@ -189,10 +189,11 @@ _EXECUTOR = None
 PREFETCH_ROWS = 4  # fewer rows: a thread hand-off costs more than computing their masks in line
 
 
-def _fill(matchers: list, bits: np.ndarray) -> np.ndarray:
-    """Bitmask rows of ``matchers`` (row i for matcher i) into ``bits`` (int32, C-contiguous), in this thread."""
+def _fill(matchers: list, bits: np.ndarray, rows: Optional[list[int]] = None) -> np.ndarray:
+    """Bitmask rows of ``matchers`` into ``bits`` (int32, C-contiguous): row ``rows[i]`` (default i) for
+    matcher i, in this thread."""
     base, stride = bits.ctypes.data, bits.shape[1] * 4
-    for i, m in enumerate(matchers):
+    for i, m in zip(rows if rows is not None else range(len(matchers)), matchers):
         m.unsafe_compute_mask_ptr(base + i * stride, stride)
     return bits
 
@@ -257,7 +258,7 @@ def allowed_tokens(constraints: Sequence[Optional["Constraint"]], stop_ids: Unio
         for i in members:  # the row is taken: the next use of the matcher need not wait for anything
             constraints[i]._ahead = None
     if now:
-        bits[now] = _fill([constraints[i].matcher for i in now], np.empty((len(now), words), dtype=np.int32))
+        _fill([constraints[i].matcher for i in now], bits, now)
     flat = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
     per_row = len(stop_ids) > 0 and not isinstance(stop_ids[0], (int, np.integer))
     groups: dict = {}
@@ -289,8 +290,7 @@ def apply_masks(scores: torch.Tensor, constraints: Sequence[Optional["Constraint
     allowed = allowed_tokens(constraints, stop_ids, scores.size(-1))
     if allowed is None:
         return scores
-    keep = torch.from_numpy(allowed).to(scores.device)
-    return torch.where(keep, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
+    return torch.where(torch.from_numpy(allowed).to(scores.device), scores, float("-inf"))
 
 
 def compile_constraint(tokenizer, vocab_size: int, json_schema: Union[dict, str, None] = None,
@@ -318,13 +318,4 @@ def compile_constraint(tokenizer, vocab_size: int, json_schema: Union[dict, str,
         compiled[source] = spec
         while len(compiled) > SPEC_CACHE:
             compiled.popitem(last=False)
-    return spec
-    spec = ConstraintSpec(source, ll_tokenizer, vocab_size, kind)
-    with _LOCK:
-        if _SPECS.get("tokenizer") is not ll_tokenizer:
-            _SPECS.clear()
-            _SPECS["tokenizer"] = ll_tokenizer
-        _SPECS[key] = spec
-        if len(_SPECS) > SPEC_CACHE + 1:
-            _SPECS.popitem(last=False) if next(iter(_SPECS)) != "tokenizer" else _SPECS.pop(list(_SPECS)[1])
     return spec
