@@ -118,20 +118,30 @@ class LlamaCppServer:
     def command(self, gguf_path: str) -> list[str]:
         """llama-server from ~/.cache/zenlm/llama.cpp/bin when built there, else llama-cpp-python's server."""
         ctx, threads = self._context(gguf_path), self.config.threads
-        binary = LLAMA_SERVER_BIN.expanduser()
-        if binary.is_file() and os.access(binary, os.X_OK):
+        binary = self._binary()
+        if binary is not None:
             cmd = [str(binary), "-m", gguf_path, "--host", "127.0.0.1", "--port", str(self.port), "-c", str(ctx),
                    "--alias", self.name]
             return cmd + (["-t", str(threads)] if threads else [])
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise ValueError(f"--engine llama.cpp needs llama.cpp: build {binary} or "
-                             "pip install 'zenlm[llamacpp]' (llama-cpp-python with its server)")
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path, "--host", "127.0.0.1",
                "--port", str(self.port), "--n_ctx", str(ctx), "--model_alias", self.name]
         return cmd + (["--n_threads", str(threads)] if threads else [])
 
+    @staticmethod
+    def _binary() -> Optional[Path]:
+        """llama-server built for this machine, or None (then llama-cpp-python's server); a ValueError
+        naming both when there is neither."""
+        binary = LLAMA_SERVER_BIN.expanduser()
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return binary
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError(f"--engine llama.cpp needs llama.cpp: build {binary} or "
+                             "pip install 'zenlm[llamacpp]' (llama-cpp-python with its server)")
+        return None
+
     # ------------------------------------------------------------------ lifetime
     def start(self) -> "LlamaCppServer":
+        self._binary()  # before any export: say at once when there is no llama.cpp to run
         self.gguf = self._gguf()
         cmd = self.command(self.gguf)
         log.info("starting llama.cpp for %s: %s", self.name, " ".join(cmd))
