@@ -212,13 +212,13 @@ class ToolCallParser:
         if at < 0:
             hold = 0 if final else next((k for k in range(min(len(self.marker) - 1, len(self.text)), 0, -1)
                                          if self.marker.startswith(self.text[-k:])), 0)
-            safe = len(self.text) - hold
-            self.i = safe
-            end = safe if final else len(self.text[:safe].rstrip())
+            end = self.i = len(self.text) - hold
         else:
-            end = len(self.text[:at].rstrip())
-            self.i = at + len(self.marker)
+            end, self.i = at, at + len(self.marker)
             self.state = "open"
+        if not final or at >= 0:  # whitespace waits for what follows it (dropped before a call)
+            while end > self.sent and self.text[end - 1].isspace():
+                end -= 1
         if end > self.sent:
             out.append(ToolDelta(content=self.text[self.sent:end]))
             self.sent = end
