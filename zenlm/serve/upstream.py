@@ -529,7 +529,10 @@ def _replay(stored: dict, plan: Plan) -> StreamingResponse:
     def chunks():
         for c in stored.get("choices") or []:
             if chat:
-                delta = {"role": "assistant", "content": (c.get("message") or {}).get("content")}
+                message = c.get("message") or {}
+                delta = {"role": "assistant", "content": message.get("content")}
+                if message.get("tool_calls"):
+                    delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
                 piece = {"index": c.get("index", 0), "delta": delta, "finish_reason": None}
             else:
                 piece = {"index": c.get("index", 0), "text": c.get("text", ""), "finish_reason": None}
@@ -739,24 +742,51 @@ class _Status(Exception):
 
 def _content_of(chunk: dict, choices: dict) -> tuple[str, int]:
     """The text a stream chunk delivers and how many of its choices carried some; ``choices``
-    (index -> {"text", "finish_reason"}) gathers each choice's text and finish."""
+    (index -> {"text", "finish_reason", "tool_calls"}) gathers each choice's text, finish and tool
+    calls (deltas merged by their index, as the openai client does). A tool call's text is its
+    name and argument pieces: what the model wrote, less the format's own tokens (never more)."""
     text, carried = [], 0
     for ch in chunk.get("choices") or []:
         if not isinstance(ch, dict):
             continue
-        mine = choices.setdefault(ch.get("index", 0), {"text": [], "finish_reason": None})
+        mine = choices.setdefault(ch.get("index", 0), {"text": [], "finish_reason": None, "tool_calls": {}})
         if ch.get("finish_reason"):
             mine["finish_reason"] = ch["finish_reason"]
-        piece = (ch.get("delta") or {}).get("content") if "delta" in ch else ch.get("text")
+        delta = ch.get("delta") or {}
+        piece = delta.get("content") if "delta" in ch else ch.get("text")
+        if piece and not isinstance(piece, str):
+            piece = json.dumps(piece)
         if piece:
-            piece = piece if isinstance(piece, str) else json.dumps(piece)
-        elif "delta" in ch and (ch.get("delta") or {}).get("tool_calls"):
-            piece = json.dumps(ch["delta"]["tool_calls"])
+            mine["text"].append(piece)
+        calls = []
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
+            into = mine["tool_calls"].setdefault(call.get("index", len(mine["tool_calls"])),
+                                                 {"id": None, "type": "function", "name": [], "arguments": []})
+            into["id"] = call.get("id") or into["id"]
+            function = call.get("function") or {}
+            for k in ("name", "arguments"):
+                if isinstance(function.get(k), str):
+                    into[k].append(function[k])
+                    calls.append(function[k])
+        piece = (piece or "") + "".join(calls)
         if piece:
             text.append(piece)
-            mine["text"].append(piece)
             carried += 1
     return "".join(text), carried
+
+
+def _message_of(choice: dict) -> dict:
+    """A streamed choice, whole: its content and its tool calls."""
+    message = {"role": "assistant", "content": "".join(choice["text"]) or None}
+    if choice["tool_calls"]:
+        message["tool_calls"] = [{"id": c["id"], "type": c["type"], "function": {
+            "name": "".join(c["name"]), "arguments": "".join(c["arguments"])}}
+            for _, c in sorted(choice["tool_calls"].items())]
+    elif message["content"] is None:
+        message["content"] = ""
+    return message
 
 
 async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
@@ -858,8 +888,8 @@ async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
             full = {"id": (last_chunk or {}).get("id"), "created": (last_chunk or {}).get("created"),
                     "model": up.name, "object": "chat.completion" if chat else "text_completion",
                     "choices": [{"index": i, "finish_reason": c["finish_reason"],
-                                 **({"message": {"role": "assistant", "content": "".join(c["text"])}} if chat
-                                    else {"text": "".join(c["text"])})} for i, c in sorted(choices.items())],
+                                 **({"message": _message_of(c)} if chat else {"text": "".join(c["text"])})}
+                                for i, c in sorted(choices.items())],
                     "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                               "total_tokens": usage.prompt_tokens + usage.completion_tokens}}
             cost = await ticket.settle(usage, full)
