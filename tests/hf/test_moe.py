@@ -100,3 +100,17 @@ def test_flops_per_token_count_the_experts_a_token_runs():
     extra_router = 2 * 2 * 128 * (8 - 2)  # 2 FLOPs per weight, 2 MoE layers, 6 more router rows of 128
     assert (estimate_costs(wide, seq_len=64)["forward_flops_per_token"]
             - estimate_costs(base, seq_len=64)["forward_flops_per_token"]) == extra_router
+
+
+def test_qwen_moe_hub_configs_map_like_transformers_reads_them():
+    """Hub config.json files predate layer_types: Qwen2-MoE's own rule picks the sliding layers, and
+    decoder_sparse_step / mlp_only_layers the dense ones; transformers' config class is the reference."""
+    h = dict(model_type="qwen2_moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+             num_hidden_layers=6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=48, use_sliding_window=True, sliding_window=8, max_window_layers=4,
+             decoder_sparse_step=2, mlp_only_layers=[3])
+    ref = transformers.Qwen2MoeConfig(**{k: v for k, v in h.items() if k != "model_type"})
+    c = zenlm.hf.config_from_hf(h)
+    assert c.layer_types == ref.layer_types and "sliding_attention" in c.layer_types
+    moe = [i not in ref.mlp_only_layers and (i + 1) % ref.decoder_sparse_step == 0 for i in range(6)]
+    assert [c.is_moe(i) for i in range(6)] == moe == [False, True, False, False, False, True]
