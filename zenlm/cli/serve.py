@@ -130,7 +130,7 @@ def run_serve(args) -> None:
                          admin_token=args.admin_token or os.environ.get("ZENLM_ADMIN_TOKEN"),
                          hardware_price_per_hour=args.hardware_price, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, lease_s=args.lease)
-    from ..serve.upstream import parse_upstream
+    from ..serve.upstream_config import parse_upstream
 
     tokenizers = {}
     for spec in args.upstream_tokenizer:
@@ -143,7 +143,7 @@ def run_serve(args) -> None:
     if unknown:
         raise ValueError(f"--upstream-tokenizer names no --upstream: {', '.join(sorted(unknown))}")
     if args.catalog:
-        from ..serve.upstream import load_catalog
+        from ..serve.upstream_config import load_catalog
 
         given = {u.name for u in upstreams}
         for up in load_catalog(args.catalog):

@@ -180,7 +180,7 @@ class LlamaCppServer:
 
     def upstream(self):
         """The gateway's Upstream for this child: its URL, the GGUF's tokenizer for counting streams."""
-        from .upstream import make_upstream
+        from .upstream_config import make_upstream
 
         return make_upstream(self.name, [self.url], {"tokenizer": self.gguf, "timeout": self.config.timeout_s},
                              f"--engine llama.cpp {self.name}")
