@@ -238,7 +238,7 @@ def allowed_tokens(constraints: Sequence[Optional["Constraint"]], stop_ids: Unio
         return None
     words = max(constraints[i].words for i in rows)
     n = len(constraints)
-    bits = np.full((n, words), -1, dtype=np.int32)
+    bits = np.full((n, words), -1, dtype=np.int32)  # a row without a constraint: every bit set
     now, ahead = [], {}
     for i in rows:
         c = constraints[i]
@@ -259,11 +259,16 @@ def allowed_tokens(constraints: Sequence[Optional["Constraint"]], stop_ids: Unio
             constraints[i]._ahead = None
     if now:
         _fill([constraints[i].matcher for i in now], bits, now)
+    stuck = np.flatnonzero(~bits.any(axis=1))  # the grammar cannot continue (an error): the row may only end
     flat = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
     per_row = len(stop_ids) > 0 and not isinstance(stop_ids[0], (int, np.integer))
-    groups: dict = {}
-    for i in rows:
-        groups.setdefault((constraints[i].eos, tuple(stop_ids[i]) if per_row else tuple(stop_ids)), []).append(i)
+    eos = constraints[rows[0]].eos
+    if not per_row and all(constraints[i].eos == eos for i in rows):  # the usual case: one group
+        groups = {(eos, tuple(stop_ids)): rows}
+    else:
+        groups = {}
+        for i in rows:
+            groups.setdefault((constraints[i].eos, tuple(stop_ids[i]) if per_row else tuple(stop_ids)), []).append(i)
     for (eos, stops), members in groups.items():
         if not stops:
             continue
@@ -277,7 +282,8 @@ def allowed_tokens(constraints: Sequence[Optional["Constraint"]], stop_ids: Unio
     if allowed.shape[1] != vocab_size:  # contiguous rows: torch.where over a strided view costs twice as much
         width = min(vocab_size, allowed.shape[1])
         allowed = np.concatenate([allowed[:, :width], np.zeros((n, vocab_size - width), np.bool_)], 1)
-    for i in np.flatnonzero(~allowed.any(axis=1)):  # the grammar cannot continue (an error): let the row end
+        stuck = np.flatnonzero(~allowed.any(axis=1))  # (an end token past the model's vocabulary)
+    for i in stuck:
         stops = (stop_ids[i] if per_row else stop_ids) or [constraints[i].eos]
         allowed[i, [t for t in stops if t < vocab_size]] = True
     return allowed
@@ -290,7 +296,8 @@ def apply_masks(scores: torch.Tensor, constraints: Sequence[Optional["Constraint
     allowed = allowed_tokens(constraints, stop_ids, scores.size(-1))
     if allowed is None:
         return scores
-    return torch.where(torch.from_numpy(allowed).to(scores.device), scores, float("-inf"))
+    keep = torch.from_numpy(allowed)
+    return torch.where(keep if scores.device.type == "cpu" else keep.to(scores.device), scores, float("-inf"))
 
 
 def compile_constraint(tokenizer, vocab_size: int, json_schema: Union[dict, str, None] = None,
