@@ -76,6 +76,11 @@ def main() -> None:
     p.add_argument("--rows", action="store_true",
                    help="weight-only int8/int4: integer kernel vs dequantize + fp32 GEMM per row count, native and AVX2")
     p.add_argument("--rows-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decode", default=None, metavar="SHAPE",
+                   help="decode tokens/s at batch 1 of zenlm fp32/int8/int4/dynamic and transformers fp32 on an "
+                        "open model's shape with random weights (bench_open_models.SHAPES, e.g. smollm-135m)")
+    p.add_argument("--reps", type=int, default=3, help="--decode: alternating repeats (best of)")
+    p.add_argument("--new", type=int, default=64, help="--decode: greedy tokens per run")
     args = p.parse_args()
     from zenlm.cpu import cpu_info
     print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
@@ -88,6 +93,8 @@ def main() -> None:
         isa_table(args)
     if args.rows:
         rows_table(args)
+    if args.decode:
+        decode_table(args)
     if args.translation:
         bleu_table(args)
     if args.model:
@@ -265,6 +272,61 @@ def rows_worker() -> None:
                             fn()
                         best[name] = min(best[name], (time.perf_counter() - t) / 3 * 1e3)
             print(f"{rows:>5} {best['kernel']:>8.2f} {best['dequant']:>13.2f} {best['fp32']:>8.2f}", flush=True)
+
+
+def decode_table(args) -> None:
+    """Batch-1 greedy decoding, 32-token prompt, ``--new`` tokens, every side alternated in this one
+    process (best of ``--reps``); 512-token prompt processing once per side; agreement = the share of
+    the ``--new`` greedy tokens equal to zenlm fp32's (random weights: nearly tied logits, a harsh test)."""
+    import transformers
+
+    from bench_open_models import SHAPES, prompt_ids, write_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / args.decode
+        count = write_folder(args.decode, folder)
+        fp32 = zenlm.load(folder, dtype=torch.float32)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    sides = {"zenlm fp32": fp32, "zenlm int8": quantize_model(fp32, "int8"),
+             "zenlm int4 (g32)": quantize_model(fp32, "int4"), "zenlm dynamic": quantize_model(fp32, "dynamic"),
+             "transformers fp32": hf}
+    vocab = fp32.config.vocab_size
+    prompt = prompt_ids(vocab, 32)
+    long_prompt = torch.tensor([prompt_ids(vocab, 512)])
+    print(f"{args.decode} shape ({count:,} parameters, {SHAPES[args.decode][2]['num_hidden_layers']} layers), random "
+          f"weights; {torch.get_num_threads()} thread(s); prompt 32, {args.new} greedy tokens, best of {args.reps}, "
+          f"sides alternated; quantized heads included (tied table); load average {os.getloadavg()[0]:.1f}")
+
+    @torch.inference_mode()
+    def run(name, model):
+        start = time.perf_counter()
+        if name.startswith("transformers"):
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=args.new, min_new_tokens=args.new,
+                                 do_sample=False)[0, -args.new:].tolist()
+        else:
+            out = list(model.generate(prompt, max_new_tokens=args.new, eos_token_id=[]))[-args.new:]
+        return time.perf_counter() - start, out
+
+    best, tokens = dict.fromkeys(sides, float("inf")), {}
+    for name, model in sides.items():
+        run(name, model)  # warm-up: kernels, packing, allocator
+    for _ in range(args.reps):
+        for name, model in sides.items():
+            seconds, tokens[name] = run(name, model)
+            best[name] = min(best[name], seconds)
+    prefill = {}
+    with torch.inference_mode():
+        for name, model in sides.items():
+            start = time.perf_counter()
+            model(long_prompt)
+            prefill[name] = 512 / (time.perf_counter() - start)
+    base, ref = args.new / best["zenlm fp32"], tokens["zenlm fp32"]
+    print(f"{'side':<20} {'decode tok/s':>12} {'x zenlm fp32':>12} {'agreement':>10} {'prompt 512 tok/s':>17}")
+    for name in sides:
+        tps = args.new / best[name]
+        agree = sum(a == b for a, b in zip(tokens[name], ref)) / args.new
+        print(f"{name:<20} {tps:>12.1f} {tps / base:>12.2f} {agree:>10.3f} {prefill[name]:>17.0f}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 def table(rows) -> None:

@@ -195,6 +195,21 @@ def test_quantized_model_generates_through_the_kv_cache():
     assert list(out)[-6:] == ids[-6:]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_quantized_model_gives_the_same_logits(scheme):
+    # the compiled decode step (torch.compile, one graph: no break at the integer kernels) computes
+    # what eager does; a one-layer model and one decode-sized call keep the compile short
+    torch.manual_seed(0)
+    q = quantize_model(_model(num_decoder_layers=1), scheme)
+    ids = torch.randint(0, 4096, (2, 1))
+    assert 2 <= q.embed_tokens.kernel_rows  # the head and the layers take the integer kernels here
+    with torch.no_grad():
+        eager = q(ids).logits
+        compiled = torch.compile(q, fullgraph=True)(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_requantizing_is_a_clear_error(tmp_path):
     q = quantize_model(_model(), "int8")
     with pytest.raises(ValueError, match="already quantized"):

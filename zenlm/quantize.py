@@ -385,6 +385,9 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: Optional[
     spec = QuantizationSpec(scheme, group_size, embeddings)
     if spec.scheme == "dynamic" and spec.group_size is not None:
         raise ValueError(f"dynamic int8 uses one scale per output channel; group_size must be None, got {group_size}")
+    if spec.scheme == "int4" and spec.group_size not in INT4_KERNEL_GROUPS:
+        logger.warning("int4 group_size %d: torch's int4 kernel takes %s, so these weights decode by dequantizing "
+                       "every matrix each step (slow)", spec.group_size, ", ".join(map(str, INT4_KERNEL_GROUPS)))
     out = copy.deepcopy(model).float().eval()
     count = _swap(out, spec, convert=True)
     if hasattr(out, "config"):

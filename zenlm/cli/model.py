@@ -98,13 +98,17 @@ def add_quantize(sub) -> None:
     p.add_argument("out", help="folder for the quantized model")
     scheme = p.add_mutually_exclusive_group(required=True)
     scheme.add_argument("--int8", dest="scheme", action="store_const", const="int8",
-                        help="weight-only int8, one scale per output channel (~4x smaller)")
+                        help="weight-only int8, one scale per output channel (~4x smaller; decodes through "
+                             "torch's int8 kernel)")
     scheme.add_argument("--int4", dest="scheme", action="store_const", const="int4",
-                        help="weight-only int4, one scale per group of columns (~8x smaller)")
+                        help="weight-only int4, one fp16 scale per group of 32 columns, rounded as llama.cpp's "
+                             "Q4_0 (~7x smaller; decodes through torch's int4 kernel)")
     scheme.add_argument("--dynamic", dest="scheme", action="store_const", const="dynamic",
                         help="int8 weights and int8 activations at run time (integer matmuls; faster on CPU)")
-    p.add_argument("--group-size", type=int, default=None, help="columns per scale (int4 default 64)")
-    p.add_argument("--keep-embeddings", action="store_true", help="leave the token embedding table in float")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale (int4 default 32; the int4 kernel takes 32, 64, 128 or 256)")
+    p.add_argument("--keep-embeddings", action="store_true",
+                   help="leave the token embedding table, and so a tied output head, in float")
     p.set_defaults(func=run_quantize)
 
 
