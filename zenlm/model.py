@@ -89,17 +89,9 @@ def make_norm(config: TransformerConfig, dim: Optional[int] = None) -> nn.Module
 
 
 # --------------------------------------------------------------------------- positions
-def sinusoidal_table(num_positions: int, dim: int, endpoint: bool = False, start: int = 0) -> torch.Tensor:
-    """[sin | cos] halves with frequencies 1/10000^(2i/d) (Vaswani et al.; Marian's layout), or with
-    ``endpoint`` 1/10000^(i/(d/2-1)), the last exactly 1/10000 (tensor2tensor, fairseq: M2M100, NLLB; an odd
-    dim's last column is 0). Row p holds angle ``start`` + p (fairseq's positions start past the pad id)."""
-    position = torch.arange(start, start + num_positions, dtype=torch.float64)[:, None]
-    if endpoint:
-        half = dim // 2
-        freq = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / max(half - 1, 1))
-        table = torch.zeros(num_positions, dim, dtype=torch.float64)
-        table[:, :half], table[:, half:2 * half] = torch.sin(position * freq), torch.cos(position * freq)
-        return table.float()
+def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
+    """[sin | cos] halves with frequencies 1/10000^(2i/d) (Vaswani et al.; Marian's layout)."""
+    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
     freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     table = torch.zeros(num_positions, dim, dtype=torch.float64)
     half = dim // 2 + dim % 2
@@ -577,8 +569,7 @@ class Stack(nn.Module):
         if config.position == "learned":
             self.positions = nn.Embedding(config.max_position_embeddings + config.position_offset, config.hidden_size)
         elif config.position == "sinusoidal":
-            self.register_buffer("sinusoids", sinusoidal_table(config.max_position_embeddings, config.hidden_size,
-                                                               config.sinusoid_endpoint, config.position_offset),
+            self.register_buffer("sinusoids", sinusoidal_table(config.max_position_embeddings, config.hidden_size),
                                  persistent=False)
         elif config.position == "rotary":
             self.rotary = RotaryEmbedding(config, config.rope_theta, config.rope_scaling)
@@ -606,8 +597,6 @@ class Stack(nn.Module):
         config, rotary = self.config, None
         if config.position == "learned":
             x = x + self.positions(position_ids + config.position_offset)
-        elif config.position == "sinusoidal" and config.positions_skip_pad:  # a pad (position -1) gets none
-            x = x + self.sinusoids[position_ids.clamp(min=0)].to(x.dtype) * (position_ids >= 0)[..., None]
         elif config.position == "sinusoidal":
             x = x + self.sinusoids[position_ids].to(x.dtype)
         elif config.position == "rotary":
@@ -742,9 +731,6 @@ class TransformerModel(nn.Module):
             if int(position_ids.max()) >= self.config.max_position_embeddings or int(position_ids.min()) < 0:
                 raise ValueError(f"position_ids must lie in [0, {self.config.max_position_embeddings})")
             return position_ids
-        if self.config.positions_skip_pad:  # fairseq's make_positions: count real tokens; a pad's position is -1
-            real = ids.ne(self.config.pad_token_id)
-            return torch.where(real, past + real.cumsum(1) - 1, -1)
         return torch.arange(past, past + ids.size(1), device=ids.device)[None].expand(ids.size(0), -1)
 
     def _token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
