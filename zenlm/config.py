@@ -53,7 +53,11 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     activation: str = "gelu"
     position: str = "learned"
-    position_offset: int = 0  # BART's learned positions start at row 2
+    position_offset: int = 0  # BART's learned positions start at row 2; fairseq's sinusoids at angle pad_token_id + 1
+    sinusoid_endpoint: bool = False  # sinusoid frequencies 1 … 1/10000 with both ends (10000^(-i/(d/2-1)), fairseq:
+    # M2M100, NLLB) instead of Marian's 10000^(-2i/d)
+    positions_skip_pad: bool = False  # positions count non-pad tokens only; a pad token gets no position vector
+    # (fairseq's make_positions: a left-padded sentence keeps the positions it has alone)
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # {"rope_type": one of ROPE_SCALINGS, ...its keys}; None = plain RoPE
     rope_local_theta: Optional[float] = None  # RoPE base of the sliding-window layers (Gemma 3); None = rope_theta
@@ -150,6 +154,8 @@ class TransformerConfig:
             raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} gives an odd rotary width "
                              f"{self.rotary_dim} of head_dim {self.head_dim}")
         self._validate_rope_scaling()
+        if self.positions_skip_pad and self.position != "sinusoidal":
+            raise ValueError(f"positions_skip_pad needs position='sinusoidal', got position={self.position!r}")
         if self.sliding_window is not None:
             positive("sliding_window")
         if self.layer_types is not None:

@@ -89,9 +89,17 @@ def make_norm(config: TransformerConfig, dim: Optional[int] = None) -> nn.Module
 
 
 # --------------------------------------------------------------------------- positions
-def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
-    """[sin | cos] halves with frequencies 1/10000^(2i/d) (Vaswani et al.; Marian's layout)."""
-    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
+def sinusoidal_table(num_positions: int, dim: int, endpoint: bool = False, start: int = 0) -> torch.Tensor:
+    """[sin | cos] halves with frequencies 1/10000^(2i/d) (Vaswani et al.; Marian's layout), or with
+    ``endpoint`` 1/10000^(i/(d/2-1)), the last exactly 1/10000 (tensor2tensor, fairseq: M2M100, NLLB; an odd
+    dim's last column is 0). Row p holds angle ``start`` + p (fairseq's positions start past the pad id)."""
+    position = torch.arange(start, start + num_positions, dtype=torch.float64)[:, None]
+    if endpoint:
+        half = dim // 2
+        freq = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / max(half - 1, 1))
+        table = torch.zeros(num_positions, dim, dtype=torch.float64)
+        table[:, :half], table[:, half:2 * half] = torch.sin(position * freq), torch.cos(position * freq)
+        return table.float()
     freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     table = torch.zeros(num_positions, dim, dtype=torch.float64)
     half = dim // 2 + dim % 2
@@ -427,14 +435,6 @@ class Attention(nn.Module):
                 if cache.start(layer):  # keys before start were forgotten (window)
                     mask = None if mask is None else mask[..., cache.start(layer):]
                     bias = None if bias is None else bias[..., cache.start(layer):]
-        if (self.kv_heads != self.heads and q.size(2) == 1 and q.size(0) == k.size(0) and not need_weights
-                and not is_causal):
-            # one query per row (decoding): a K/V head's query heads attend as that many queries of it, so the
-            # cache is read in place instead of copied heads/kv_heads times (repeat_interleave below)
-            b = q.size(0)
-            out, _ = attention(q.reshape(b, self.kv_heads, -1, self.head_dim), k, v, mask, False,
-                               self.dropout if self.training else 0.0, False, self.scale, self.softcap)
-            return self.out(out.reshape(b, 1, -1)), None
         if self.kv_heads != self.heads:  # grouped-query: each K/V head serves heads/kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -569,7 +569,8 @@ class Stack(nn.Module):
         if config.position == "learned":
             self.positions = nn.Embedding(config.max_position_embeddings + config.position_offset, config.hidden_size)
         elif config.position == "sinusoidal":
-            self.register_buffer("sinusoids", sinusoidal_table(config.max_position_embeddings, config.hidden_size),
+            self.register_buffer("sinusoids", sinusoidal_table(config.max_position_embeddings, config.hidden_size,
+                                                               config.sinusoid_endpoint, config.position_offset),
                                  persistent=False)
         elif config.position == "rotary":
             self.rotary = RotaryEmbedding(config, config.rope_theta, config.rope_scaling)
@@ -597,6 +598,8 @@ class Stack(nn.Module):
         config, rotary = self.config, None
         if config.position == "learned":
             x = x + self.positions(position_ids + config.position_offset)
+        elif config.position == "sinusoidal" and config.positions_skip_pad:  # a pad (position -1) gets none
+            x = x + self.sinusoids[position_ids.clamp(min=0)].to(x.dtype) * (position_ids >= 0)[..., None]
         elif config.position == "sinusoidal":
             x = x + self.sinusoids[position_ids].to(x.dtype)
         elif config.position == "rotary":
@@ -731,6 +734,9 @@ class TransformerModel(nn.Module):
             if int(position_ids.max()) >= self.config.max_position_embeddings or int(position_ids.min()) < 0:
                 raise ValueError(f"position_ids must lie in [0, {self.config.max_position_embeddings})")
             return position_ids
+        if self.config.positions_skip_pad:  # fairseq's make_positions: count real tokens; a pad's position is -1
+            real = ids.ne(self.config.pad_token_id)
+            return torch.where(real, past + real.cumsum(1) - 1, -1)
         return torch.arange(past, past + ids.size(1), device=ids.device)[None].expand(ids.size(0), -1)
 
     def _token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:

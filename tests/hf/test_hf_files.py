@@ -92,8 +92,8 @@ def test_a_pickle_that_is_more_than_tensors_is_never_run(gpt2_folder, tmp_path):
 
 # --------------------------------------------------------------------------- bad input
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "m2m_100", "architectures": ["M2M100ForConditionalGeneration"]}))
-    with pytest.raises(ValueError, match=r"unsupported architecture model_type='m2m_100' \(M2M100ForConditionalGeneration\); "
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"unsupported architecture model_type='mamba' \(MambaForCausalLM\); "
                                          r"supported: bert, gpt2, bart, marian, llama"):
         zenlm.load(tmp_path)
 
@@ -221,11 +221,11 @@ def test_info_reads_a_hugging_face_folder(gpt2_folder, tmp_path, capsys):
     copy_config(folder, tmp_path / "config-only")
     assert main(["info", str(tmp_path / "config-only")]) == 0
     assert f"parameters            {hf.num_parameters():,} " in capsys.readouterr().out
-    (tmp_path / "m2m").mkdir()
-    (tmp_path / "m2m" / "config.json").write_text(json.dumps({"model_type": "m2m_100", "architectures": ["M2M100Model"]}))
-    assert main(["info", str(tmp_path / "m2m")]) == 2
+    (tmp_path / "mamba").mkdir()
+    (tmp_path / "mamba" / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaModel"]}))
+    assert main(["info", str(tmp_path / "mamba")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unsupported architecture model_type='m2m_100'" in err[0] and "bert, gpt2" in err[0]
+    assert len(err) == 1 and "unsupported architecture model_type='mamba'" in err[0] and "bert, gpt2" in err[0]
 
 
 def test_a_hub_name_is_never_fetched(monkeypatch):

@@ -1,12 +1,12 @@
 """The Hugging Face families zenlm reads and writes: one file each, registered in one table.
 
 Each file (bert.py, gpt2.py, bart.py for BART and Marian, llama.py, qwen.py for Qwen2 and
-Qwen3, mistral.py, phi3.py, gemma.py for Gemma 2 and Gemma 3, and the mixtures of experts
-mixtral.py, qwen2_moe.py, qwen3_moe.py, and the encoder-decoder t5.py) holds a ``Family`` record
-(see ``..family``): config map and weight-name map as data, plus the few hooks and layout changes
-that are not renames. To add a family: write ``<name>.py`` with its ``Family``, list it in
-``FAMILIES`` below, and add its parity test in tests/hf/. Loading, saving, converting and
-``zenlm info`` find it here by ``model_type``; no other code changes.
+Qwen3, mistral.py, phi3.py, gemma.py for Gemma 2 and Gemma 3, the mixtures of experts
+mixtral.py, qwen2_moe.py, qwen3_moe.py, and the encoder-decoders t5.py and m2m100.py (M2M100 and
+NLLB-200)) holds a ``Family`` record (see ``..family``): config map and weight-name map as data,
+plus the few hooks and layout changes that are not renames. To add a family: write ``<name>.py``
+with its ``Family``, list it in ``FAMILIES`` below, and add its parity test in tests/hf/. Loading,
+saving, converting and ``zenlm info`` find it here by ``model_type``; no other code changes.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .bert import BERT
 from .gemma import GEMMA2, GEMMA3
 from .gpt2 import GPT2
 from .llama import LLAMA
+from .m2m100 import M2M100
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
 from .phi3 import PHI3
@@ -36,7 +37,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     PHI3,
     GEMMA2, GEMMA3,
     MIXTRAL, QWEN2_MOE, QWEN3_MOE,
-    T5,
+    T5, M2M100,
 )}
 
 

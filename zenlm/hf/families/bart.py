@@ -10,7 +10,7 @@ from ...config import TransformerConfig
 from ..family import Family, Source, activation_from_hf, activation_to_hf, require_equal, require_off
 
 
-def _seq2seq_weights(positions: bool, embedding_norm: bool) -> dict[str, Source]:
+def seq2seq_weights(positions: bool, embedding_norm: bool) -> dict[str, Source]:
     """BART and Marian share their layer names; they differ in positions and the embedding norm."""
     out: dict[str, Source] = {"embed_tokens.weight": "model.shared.weight", "lm_head_bias": "final_logits_bias",
                               "lm_head.weight": "lm_head.weight"}
@@ -70,7 +70,7 @@ BART = Family(
                 eos_token_id=("eos_token_id", 2), decoder_start_token_id=("decoder_start_token_id", 2),
                 **_SEQ2SEQ_FIELDS),
     fixed=dict(_SEQ2SEQ_FIXED, position="learned", position_offset=2, embedding_norm=True),
-    weights=_seq2seq_weights(positions=True, embedding_norm=True),
+    weights=seq2seq_weights(positions=True, embedding_norm=True),
     config_from_hf=_seq2seq_from_hf("bart"), config_to_hf=_seq2seq_to_hf,
     row=frozenset({"lm_head_bias"}), aliases=_SEQ2SEQ_ALIASES,
 )
@@ -81,7 +81,7 @@ MARIAN = Family(
                 eos_token_id=("eos_token_id", 0), decoder_start_token_id=("decoder_start_token_id", 58100),
                 **_SEQ2SEQ_FIELDS),
     fixed=dict(_SEQ2SEQ_FIXED, position="sinusoidal", position_offset=0, embedding_norm=False),
-    weights=_seq2seq_weights(positions=False, embedding_norm=False),
+    weights=seq2seq_weights(positions=False, embedding_norm=False),
     config_from_hf=_seq2seq_from_hf("marian"), config_to_hf=_seq2seq_to_hf,
     row=frozenset({"lm_head_bias"}), aliases=_SEQ2SEQ_ALIASES,
     ignore=(r"(model\.)?(en|de)coder\.embed_positions\.weight",),  # fixed sinusoids: recomputed, never learned
