@@ -37,6 +37,13 @@ _FAST = threading.Lock()
 _FAST_STATE = {"users": 0, "before": False}
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    """The model's device, read from its first parameter (or buffer): ``embed_tokens.weight`` of a
+    quantized model (zenlm.quantize) dequantizes the whole table on every read, a step's worth of work."""
+    first = next(model.parameters(), None)
+    return (first if first is not None else next(model.buffers())).device
+
+
 @contextmanager
 def _fast_cpu(enabled: bool):
     """``zenlm.fast_cpu()`` while at least one decoding call wants it; the caller's own setting is
@@ -346,7 +353,7 @@ class _DecoderOnlyState:
 
     def __init__(self, model, rows: list[list[int]], max_new_tokens: int, pad_id: int, compile: bool = False):
         self.model, n, width = model, len(rows), max(len(r) for r in rows)
-        device = model.embed_tokens.weight.device
+        device = _device(model)
         self.ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         for i, r in enumerate(rows):
@@ -400,7 +407,7 @@ class _Seq2SeqState:
 
     def __init__(self, model, rows: list[list[int]], max_new_tokens: int, pad_id: int, expand: int):
         self.model, n, width = model, len(rows), max(len(r) for r in rows)
-        device = model.embed_tokens.weight.device
+        device = _device(model)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.bool)
         for i, r in enumerate(rows):
@@ -471,7 +478,7 @@ class Generator:
         self.defaults = GenerationConfig.build(**(config.extra.get("generation") or {}))
 
     def _on_cpu(self) -> bool:
-        return self.model.embed_tokens.weight.device.type == "cpu"
+        return _device(self.model).type == "cpu"
 
     # ------------------------------------------------------------------ inputs
     def _rows(self, prompts) -> tuple[list[list[int]], bool]:
@@ -684,7 +691,7 @@ class Generator:
         stop_set = set(stop_ids)
         generator = None
         if config.sampling:  # without a seed, draw one from torch's global generator (so manual_seed governs)
-            generator = torch.Generator(device=self.model.embed_tokens.weight.device)
+            generator = torch.Generator(device=_device(self.model))
             generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(0, 2 ** 62, ())))
         rules = (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
                  or config.min_new_tokens or config.sampling or _forcing(config))
@@ -757,7 +764,7 @@ class Generator:
         nb, max_new, lp_pow = config.num_beams, config.max_new_tokens, config.length_penalty
         state = self._state(rows, config, nb)
         history = self._history(rows, nb)
-        device = self.model.embed_tokens.weight.device
+        device = _device(self.model)
         vocab = self.config.vocab_size
         keep_k = max(2, 1 + len(stop_ids)) * nb
         stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
