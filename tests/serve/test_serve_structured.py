@@ -450,6 +450,10 @@ def test_a_call_cut_by_max_tokens_streams_as_content_once(wide):
     whole = client.chat.completions.create(**request).choices[0]
     assert whole.finish_reason == "length" and whole.message.tool_calls is None
     assert whole.message.content.startswith("<tool_call>")
-    content, calls, finish = _accumulate(client.chat.completions.create(stream=True, **request))
+    chunks = list(client.chat.completions.create(stream=True, logprobs=True, **request))
+    content, calls, finish = _accumulate(chunks)
     assert content == whole.message.content and finish == "length"
     assert [name for _, name, _, _ in calls] == ["add"]  # its start had gone out before the cut
+    # each token's log-probability rode along, whether its text went out as content or as a call's delta
+    tokens = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.content]
+    assert "".join(t.token for t in tokens) == whole.message.content and len(tokens) == request["max_tokens"]
