@@ -62,6 +62,7 @@ class TransformerOutput:
 class LMOutput(TransformerOutput):
     logits: Optional[torch.Tensor] = None
     loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None  # the experts' load-balancing loss, when asked for (already in ``loss``)
 
 
 # --------------------------------------------------------------------------- norms
@@ -480,11 +481,14 @@ class MoE(nn.Module):
     router scores the experts per token, softmax; the token goes through the top ``experts_per_token``
     expert MLPs and takes their outputs weighted by those probabilities (rescaled to sum to 1 with
     ``normalize_expert_weights``). Qwen2-MoE adds a shared expert every token goes through, scaled by
-    sigmoid(w·x). Each expert runs once per call on the tokens routed to it, so a token costs k experts."""
+    sigmoid(w·x). Each expert runs once per call on the tokens routed to it, so a token costs k experts.
+    While ``router_logits`` is a list (TransformerLM.forward, for ``load_balancing_loss``) each call appends
+    its router logits to it."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.top_k, self.renormalize = config.experts_per_token, config.normalize_expert_weights
+        self.router_logits: Optional[list[torch.Tensor]] = None
         self.router = Linear(config.hidden_size, config.num_experts, bias=False)
         width = config.expert_intermediate_size or config.intermediate_size
         expert = config.replace(intermediate_size=width, num_experts=0, shared_expert_size=0)
@@ -496,7 +500,10 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, experts), each (tokens, k): the k most probable experts of each token of x (tokens, d)."""
-        probs = self.router(x).float().softmax(dim=-1)
+        logits = self.router(x)
+        if self.router_logits is not None:
+            self.router_logits.append(logits)
+        probs = logits.float().softmax(dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -512,6 +519,27 @@ class MoE(nn.Module):
         if hasattr(self, "shared"):
             out = out + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
         return out.view_as(x)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
+                        attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss (Fedus et al., 2021, eqs. 4-6; transformers'
+    ``load_balancing_loss_func``): E · Σ_e f_e · P_e over the E experts, where f_e is the share of the top-k
+    routings (per token, summed over the k) that went to expert e and P_e its mean router probability, both
+    over every MoE layer's real tokens. Uniform routing gives k; it grows as tokens crowd onto few experts, so
+    added to the LM loss it keeps every expert in use while fine-tuning. ``router_logits``: (tokens, E) per
+    MoE layer; ``attention_mask`` (B, T), the tokens' batch layout, leaves padding out."""
+    experts = router_logits[0].size(-1)
+    weight = None if attention_mask is None else attention_mask.reshape(-1, 1).to(router_logits[0].device).float()
+    hits, mass, rows = 0.0, 0.0, 0.0
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, experts).sum(dim=1).float()  # (tokens, E)
+        if weight is not None:
+            chosen, probs = chosen * weight, probs * weight
+        hits, mass = hits + chosen.sum(dim=0), mass + probs.sum(dim=0)
+        rows = rows + (probs.size(0) if weight is None else weight.sum())
+    return experts * torch.sum((hits / rows) * (mass / rows))
 
 
 # --------------------------------------------------------------------------- block
@@ -923,13 +951,24 @@ class TransformerLM(TransformerModel):
         return _service("generate")(self, prompt, tokenizer=tokenizer, **options)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, decoder_input_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, label_smoothing: float = 0.0, **kwargs) -> LMOutput:
+                labels: Optional[torch.Tensor] = None, label_smoothing: float = 0.0, router_aux_loss_coef: float = 0.0,
+                **kwargs) -> LMOutput:
         """``label_smoothing`` spreads that share of each target's probability over the vocabulary
-        (Szegedy et al., 2016): a regulariser for small data such as translation; 0 = plain cross-entropy."""
+        (Szegedy et al., 2016): a regulariser for small data such as translation; 0 = plain cross-entropy.
+        ``router_aux_loss_coef`` > 0 (a mixture of experts) adds that multiple of ``load_balancing_loss`` to
+        the loss, as transformers' ``router_aux_loss_coef`` with ``output_router_logits``; ``aux_loss`` holds it."""
         config = self.config
         if config.is_encoder_decoder and decoder_input_ids is None and labels is not None:
             decoder_input_ids = shift_right(labels, config.start_token_id, config.pad_token_id)
-        out = super().forward(input_ids, decoder_input_ids, **kwargs)
+        moes = [m for m in self.modules() if isinstance(m, MoE)] if router_aux_loss_coef else []
+        for moe in moes:
+            moe.router_logits = []
+        try:
+            out = super().forward(input_ids, decoder_input_ids, **kwargs)
+            router_logits = [t for moe in moes for t in moe.router_logits]
+        finally:
+            for moe in moes:
+                moe.router_logits = None
         logits = self.logits(out.last_hidden_state)
         loss = None
         if labels is not None:
@@ -938,7 +977,14 @@ class TransformerLM(TransformerModel):
             if config.family == "decoder-only":  # position t predicts token t+1; the last predicts nothing
                 labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
             loss = cross_entropy(logits, labels, IGNORE_INDEX, label_smoothing)
-        return LMOutput(**vars(out), logits=logits, loss=loss)
+        aux_loss = None
+        if router_logits:
+            mask = kwargs.get("attention_mask")
+            aux_loss = load_balancing_loss(router_logits, config.experts_per_token,
+                                           None if mask is None else mask[:, -logits.size(1):])
+            if loss is not None:
+                loss = loss + router_aux_loss_coef * aux_loss
+        return LMOutput(**vars(out), logits=logits, loss=loss, aux_loss=aux_loss)
 
 
 TransformerConfig.register_model(TransformerLM)  # lets a config count its model's parameters (config.py)

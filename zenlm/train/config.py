@@ -68,6 +68,9 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0  # an improvement smaller than this does not count
     target_loss: Optional[float] = None  # stop once the validation loss reaches this (time-to-quality runs)
     label_smoothing: float = 0.0  # training loss only; validation loss and perplexity stay plain cross-entropy
+    # mixture-of-experts models: this multiple of the experts' load-balancing loss joins the training loss (not the
+    # validation loss); 0.001 is transformers' default for Mixtral and Qwen-MoE, 0 = off
+    router_aux_loss_coef: float = 0.001
     precision: str = "auto"  # auto = bf16 autocast where the device multiplies bf16 natively, else fp32
     strict_precision: bool = False  # bf16 asked for on a device without native bf16: fail instead of fp32
     compile: bool = False
@@ -123,6 +126,7 @@ class TrainConfig:
             v = getattr(self, key)
             rule(v is None or v >= 0, key, "must be >= 0", v)
         rule(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        rule(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "must be >= 0", self.router_aux_loss_coef)
         rule(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}", self.precision)
         rule(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
              f"must be one of {', '.join(ATTENTION_BACKENDS)}", self.attention_backend)

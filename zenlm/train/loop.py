@@ -308,10 +308,13 @@ class Trainer:
         """The objective on one micro-batch, a mean over its items. The LM objectives live in the
         model's forward; a subclass with another objective overrides this and ``_loss_weight``
         (zenlm.retrieval.finetune: contrastive sentence-embedding training)."""
-        smoothing = self.config.label_smoothing if self.wrapped.training else 0.0
-        if smoothing:
-            return self.forward(**batch, label_smoothing=smoothing).loss
-        return self.forward(**batch).loss
+        training = self.wrapped.training
+        options = {}
+        if training and self.config.label_smoothing:
+            options["label_smoothing"] = self.config.label_smoothing
+        if training and self.config.router_aux_loss_coef and self.model_config.num_experts:
+            options["router_aux_loss_coef"] = self.config.router_aux_loss_coef
+        return self.forward(**batch, **options).loss
 
     def _loss_weight(self, batch: dict) -> torch.Tensor:
         """How many items ``compute_loss`` averaged over: the batch's weight in the validation mean."""

@@ -4,8 +4,9 @@ experts in place of each MLP: a router over ``num_local_experts`` SwiGLU experts
 HF stores every expert apart (``block_sparse_moe.experts.{e}.w1/w3/w2``: gate, up, down); gate|up are
 fused into our expert's ``fc_in`` as in Llama's MLP.
 
-The load-balancing loss (``router_aux_loss_coef``) is a training term zenlm does not add: fine-tuning an
-imported MoE model trains on the language-model loss alone.
+The load-balancing loss (transformers' ``router_aux_loss_coef``) is a training term, not part of the model:
+``TrainConfig.router_aux_loss_coef`` (or ``model(..., router_aux_loss_coef=)``) adds it to the loss
+(``zenlm.model.load_balancing_loss``).
 """
 from __future__ import annotations
 
