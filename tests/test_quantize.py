@@ -175,6 +175,10 @@ def test_save_load_round_trip_and_size(tmp_path, preset, scheme):
     args = (ids, ids) if model.config.is_encoder_decoder else (ids,)
     with torch.no_grad():
         assert torch.equal(loaded(*args).logits, q(*args).logits)
+        one = [a[:1, :1] for a in args]  # one row: the integer kernels' path
+        assert torch.equal(loaded(*one).logits, q(*one).logits)
+    if scheme != "dynamic":  # loading packed every matrix for the integer kernels
+        assert all(m.kernel_rows > 0 for m in loaded.modules() if isinstance(m, QuantizedLinear))
     ratio = os.path.getsize(tmp_path / "fp32" / "model.safetensors") / os.path.getsize(tmp_path / "q" / "model.safetensors")
     # norms and biases stay fp32, so the ratio sits a little under the ideal 4x / 8x
     lo, hi = (3.6, 4.05) if scheme != "int4" else (6.8, 8.05)
