@@ -186,6 +186,28 @@ def test_m2m100_export_loads_in_transformers_with_equal_logits(pair, tmp_path):
         _close(back(**args).logits, hf(**args).logits, tgt_mask)
 
 
+# facebook/nllb-200-distilled-600M's config.json (NLLB-200 is M2M100's architecture, model_type m2m_100)
+NLLB_200 = {"activation_dropout": 0.0, "activation_function": "relu", "architectures": ["M2M100ForConditionalGeneration"],
+            "attention_dropout": 0.1, "bos_token_id": 0, "d_model": 1024, "decoder_attention_heads": 16,
+            "decoder_ffn_dim": 4096, "decoder_layerdrop": 0, "decoder_layers": 12, "decoder_start_token_id": 2,
+            "dropout": 0.1, "encoder_attention_heads": 16, "encoder_ffn_dim": 4096, "encoder_layerdrop": 0,
+            "encoder_layers": 12, "eos_token_id": 2, "init_std": 0.02, "is_encoder_decoder": True, "max_length": 200,
+            "max_position_embeddings": 1024, "model_type": "m2m_100", "num_hidden_layers": 12, "pad_token_id": 1,
+            "scale_embedding": True, "tokenizer_class": "NllbTokenizer", "torch_dtype": "float32", "use_cache": True,
+            "vocab_size": 256206}
+
+
+def test_the_nllb_200_config_reads_as_transformers_builds_it():
+    """The full-size shape (built on the meta device, no memory): transformers' parameter count, 615,073,792."""
+    c = zenlm.hf.config_from_hf(NLLB_200)
+    with torch.device("meta"):
+        hf = transformers.M2M100ForConditionalGeneration(transformers.M2M100Config(**NLLB_200))
+    assert c.num_parameters() == hf.num_parameters() == 615_073_792
+    assert (c.num_encoder_layers, c.num_decoder_layers, c.hidden_size, c.position_offset, c.start_token_id) == (
+        12, 12, 1024, 2, 2)
+    assert c.extra["generation"] == {"max_new_tokens": 199}  # max_length 200 counts the start token
+
+
 def test_settings_zenlm_cannot_honour_are_refused_by_name():
     base = dict(model_type="m2m_100", d_model=64, encoder_attention_heads=4, decoder_attention_heads=4,
                 encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB)
