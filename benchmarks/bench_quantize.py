@@ -130,6 +130,46 @@ def lm_table(args) -> None:
           f"top-1 = argmax equal to fp32's under teacher forcing, 50 validation windows")
     for scheme, (greedy, top1, _) in agree.items():
         print(f"{scheme:<9} greedy {greedy:.3f}  top-1 {top1:.4f}")
+    print("\nllama.cpp's numerics on the same model, emulated: every matrix (the tied head too, as --pure) "
+          "rounded by the gguf package's Q8_0 / Q4_0, each matmul's input rounded to Q8_0 blocks (ggml's vec_dot "
+          "type for both)")
+    for qtype in ("Q8_0", "Q4_0"):
+        model = llamacpp_numerics(fp32, qtype)
+        ppl = perplexity(model, valid, window, args.max_windows)
+        greedy, top1, _ = agreement(model, fp32, valid, window)
+        print(f"{qtype:<9} val ppl {ppl:.3f} ({ppl - rows[0][2]:+.3f})  greedy {greedy:.3f}  top-1 {top1:.4f}")
+
+
+def _q8_0_input(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as ggml quantizes a matmul's input to Q8_0: blocks of 32, fp16 scale max|x| / 127."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127  # quantized with the fp32 scale, stored as fp16 (gguf.quants)
+    q = torch.round(blocks * torch.where(d == 0, torch.zeros_like(d), 1 / d))
+    return (q * d.half().float()).reshape(x.shape).to(x.dtype)
+
+
+def llamacpp_numerics(fp32, qtype: str):
+    """A copy of ``fp32`` computing as llama.cpp's CPU backend does at ``qtype`` (weights through
+    gguf.quants, inputs through Q8_0), in float: for quality only, not speed."""
+    import copy
+
+    import gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    model = copy.deepcopy(fp32)
+
+    def roundtrip(w: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.detach().float().numpy(), kind), kind)
+                                ).reshape(w.shape).float()
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = roundtrip(m.weight)
+            m.register_forward_pre_hook(lambda mod, inputs: (_q8_0_input(inputs[0]), *inputs[1:]))
+    model.embed_tokens.weight.data = roundtrip(model.embed_tokens.weight)
+    head = model.logits
+    model.logits = lambda hidden: head(_q8_0_input(hidden))
+    return model
 
 
 @torch.no_grad()
