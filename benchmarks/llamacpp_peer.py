@@ -190,11 +190,14 @@ def perplexity(model: PathLike, text_file: PathLike, ctx: int = 512, threads: in
     proc = _run(cmd, 7200, "llama-perplexity")
     text = proc.stdout + proc.stderr
     found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
-    if not found:
-        raise RuntimeError(f"llama-perplexity printed no final estimate:\n{text[-2000:]}")
-    used = re.search(r"calculating perplexity over (\d+) chunks", text)
-    return {"model": str(model), "ppl": float(found.group(1)), "ppl_err": float(found.group(2)), "ctx": ctx,
-            "chunks": int(used.group(1)) if used else chunks}
+    # the running estimate after each chunk, "[k]ppl," on stdout: its last value is the final estimate (the
+    # "Final estimate" line goes through llama.cpp's asynchronous logger, which may not flush before exit)
+    running = re.findall(r"\[(\d+)\]([0-9.]+),", proc.stdout)
+    if not found and not running:
+        raise RuntimeError(f"llama-perplexity printed no estimate:\n{text[-2000:]}")
+    return {"model": str(model), "ppl": float(found.group(1)) if found else float(running[-1][1]),
+            "ppl_err": float(found.group(2)) if found else None, "ctx": ctx,
+            "chunks": int(running[-1][0]) if running else chunks}
 
 
 # --------------------------------------------------------------------------- llama-server
