@@ -53,19 +53,27 @@ def load() -> str:
 def make_folder(shape: str, folder: Path) -> None:
     """bench_open_models' random-weight folder plus a byte-level BPE tokenizer.json (a few hundred tokens;
     llama.cpp's converter reads one and pads the vocabulary to the model's)."""
-    if (folder / "tokenizer.json").is_file():
-        return
-    write_folder(shape, folder)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    import json
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = [(Path(torch.__file__).parent / "functional.py").read_text()[:200_000]]
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():
+        write_folder(shape, folder)
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        text = [(Path(torch.__file__).parent / "functional.py").read_text()[:200_000]]
+        tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
+    # a config class saves no "architectures" (llama.cpp's converter picks its model class by it), and keeps
+    # rope_theta under rope_parameters only (older readers look for it at the top)
+    config = json.loads((folder / "config.json").read_text())
+    if "architectures" not in config:
+        config["architectures"] = [SHAPES[shape][1]]
+        config.setdefault("rope_theta", SHAPES[shape][2]["rope_theta"])
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 # --------------------------------------------------------------------------- zenlm
