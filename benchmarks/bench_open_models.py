@@ -82,6 +82,7 @@ def write_folder(shape: str, directory: Path) -> int:
     config_name, model_name, kwargs = SHAPES[shape]
     config = getattr(transformers, config_name)(**kwargs)
     config.dtype = torch.bfloat16
+    config.architectures = [model_name]  # as save_pretrained of a model writes it (llama.cpp's converter reads it)
     with torch.device("meta"):
         meta = getattr(transformers, model_name)(config)
     g = torch.Generator().manual_seed(0)
