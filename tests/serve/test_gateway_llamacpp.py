@@ -173,6 +173,7 @@ def _gone(pid: int, within: float = 20.0) -> bool:
 def test_engine_llama_cpp_runs_a_managed_child_that_dies_with_the_gateway(tiny_gguf, tmp_path, source, stop):
     import openai
 
+    from zenlm.serve import engines
     from zenlm.serve.billing import Billing
 
     folder, gguf = tiny_gguf
@@ -190,7 +191,9 @@ def test_engine_llama_cpp_runs_a_managed_child_that_dies_with_the_gateway(tiny_g
         wait_healthy(proc, port)
         children = _children(proc.pid)
         assert len(children) == 1
-        assert "llama_cpp.server" in Path(f"/proc/{children[0]}/cmdline").read_text()
+        # llama-server where scripts/build-llamacpp.sh built it, else llama-cpp-python's server
+        expected = str(engines.LLAMA_SERVER_BIN) if engines.LLAMA_SERVER_BIN.is_file() else "llama_cpp.server"
+        assert expected in Path(f"/proc/{children[0]}/cmdline").read_text()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         raw = client.chat.completions.with_raw_response.create(model="tiny", max_tokens=4, temperature=0,

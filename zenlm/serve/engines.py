@@ -3,9 +3,9 @@ as a managed child process (``zenlm serve --engine llama.cpp MODEL.gguf``), regi
 (``upstream.py``), so a user gets llama.cpp's CPU speed behind zenlm's keys, budgets and ledger
 with one command.
 
-Which server: the ``llama-server`` binary when ``~/.cache/zenlm/llama.cpp/bin`` has one (llama.cpp
-built for this CPU), else llama-cpp-python's ``python -m llama_cpp.server`` (``pip install
-'zenlm[llamacpp]'``). It always runs in its own process: llama.cpp beside torch in one process
+Which server: the ``llama-server`` binary when scripts/build-llamacpp.sh built one (llama.cpp
+built for this CPU, under ~/.cache/zenlm/llama.cpp), else llama-cpp-python's
+``python -m llama_cpp.server`` (``pip install 'zenlm[llamacpp]'``). It always runs in its own process: llama.cpp beside torch in one process
 crashes. A model folder is exported to GGUF (f32) first. The child listens on 127.0.0.1 only, dies
 with the gateway (stopped on exit, and the kernel sends it SIGTERM if the gateway is killed), and
 its log goes to a file named in any error. llama.cpp's server reports no usage for streams: the
@@ -29,7 +29,17 @@ from typing import Optional
 
 log = logging.getLogger("zenlm.serve.engines")
 
-LLAMA_SERVER_BIN = Path("~/.cache/zenlm/llama.cpp/bin/llama-server")
+
+
+def _built_llama_server() -> Path:
+    """Where scripts/build-llamacpp.sh leaves llama-server: ``$ZENLM_LLAMACPP_DIR`` (default
+    ~/.cache/zenlm/llama.cpp), in ``<version>/bin/`` (the newest version built) or ``bin/``."""
+    root = Path(os.environ.get("ZENLM_LLAMACPP_DIR") or "~/.cache/zenlm/llama.cpp").expanduser()
+    versioned = sorted(root.glob("*/bin/llama-server"), key=lambda p: p.stat().st_mtime)
+    return versioned[-1] if versioned else root / "bin" / "llama-server"
+
+
+LLAMA_SERVER_BIN = _built_llama_server()
 ENGINES = ("zenlm", "llama.cpp")
 MAX_CONTEXT = 4096  # the context llama.cpp allocates at most (its KV cache), unless asked for more
 
@@ -116,7 +126,7 @@ class LlamaCppServer:
         return min(int(meta.get(f"{arch}.context_length", 2048)), MAX_CONTEXT)
 
     def command(self, gguf_path: str) -> list[str]:
-        """llama-server from ~/.cache/zenlm/llama.cpp/bin when built there, else llama-cpp-python's server."""
+        """llama-server when scripts/build-llamacpp.sh built it, else llama-cpp-python's server."""
         ctx, threads = self._context(gguf_path), self.config.threads
         binary = self._binary()
         if binary is not None:
