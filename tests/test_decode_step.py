@@ -2,6 +2,7 @@
 the Generator's ``compile`` option changes no token; a failed compile falls back to eager with one warning;
 compiled code lands in the on-disk cache; what it cannot take is a ValueError naming why."""
 import logging
+import time
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ def compiled(llama, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
         step = ds.decode_step(llama[1])
+        step.choose_faster = False  # these tests check the compiled code's numbers, whichever is faster here
         cache, first = _prefill(llama[1])
         with torch.inference_mode():
             step(cache, torch.tensor([first]))
@@ -113,6 +115,29 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(llama, monkeypatch,
     warnings = [r for r in caplog.records if "decoding eagerly" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler here" in warnings[0].getMessage()
     assert not step.compiled
+
+
+def test_a_compiled_step_slower_than_eager_is_not_used(llama, monkeypatch):
+    _, model = llama
+    calls = []
+
+    def slow(fn, **_):
+        def run(*args):
+            calls.append(1)
+            time.sleep(0.05)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(ds.torch, "compile", slow)
+    step = ds.DecodeStep(model)
+    cache, token = _prefill(model)
+    with torch.inference_mode():
+        first = step(cache, torch.tensor([token]))
+        made = len(calls)
+        step(cache, torch.tensor([int(first.argmax())]))
+    report = step.reports[0]
+    assert report.compiled and not report.used and report.compiled_step_s > report.eager_step_s
+    assert len(calls) == made, "the slower compiled step ran again"
 
 
 def test_eager_static_step_matches_the_growing_cache(llama):

@@ -140,12 +140,16 @@ def step_function(model, cache: StaticKVCache, tokens: torch.Tensor, positions: 
 @dataclass
 class CompileReport:
     """What one (batch, capacity) graph cost to build: seconds of the first call (tracing and, without
-    a disk-cache hit, the C++ compile) and whether the compiled code ran."""
+    a disk-cache hit, the C++ compile), whether the compiled code ran, the best seconds of a compiled and
+    of an eager step timed side by side right after, and whether the compiled one is used (it won)."""
 
     batch: int
     capacity: int
     seconds: float
     compiled: bool
+    compiled_step_s: float = 0.0
+    eager_step_s: float = 0.0
+    used: bool = True
 
 
 class DecodeStep:
@@ -154,18 +158,21 @@ class DecodeStep:
     ``step(cache, tokens, positions)`` writes the tokens' keys/values at ``cache.length``, advances the
     cache by one and returns the logits. Compiled (``torch.compile``, full graph, static shapes) unless
     ``compile=False``; a compile that fails logs one warning and this step runs eagerly from then on
-    (``compiled`` turns False). ``reports`` holds what each shape's first call cost. Use
-    ``decode_step(model)`` for the one instance a model shares between callers.
+    (``compiled`` turns False). Right after a shape compiles, its compiled and eager steps are timed side by
+    side and the faster one serves that shape (``choose_faster``), so the captured step is never the slower
+    one. ``reports`` holds what each shape's first call cost. Use ``decode_step(model)`` for the one instance
+    a model shares between callers.
     """
 
-    def __init__(self, model, compile: bool = True):
+    def __init__(self, model, compile: bool = True, choose_faster: bool = True):
         reason = captures(model.config)
         if reason is not None:
             raise ValueError(f"the captured decode step does not take {reason}")
         self.model = model
         self.compiled = compile
+        self.choose_faster = choose_faster  # False: the compiled step whatever the timing (tests of its numerics)
         self.reports: list[CompileReport] = []
-        self._seen: set[tuple[int, int, bool]] = set()
+        self._seen: dict[tuple[int, int, bool], bool] = {}  # shape -> whether its compiled step is used
         self._lock = threading.Lock()
         self._fn = step_function
         if compile:
@@ -182,7 +189,8 @@ class DecodeStep:
         cache.stepping = True
         try:
             if not self.compiled or key in self._seen:
-                logits = self._fn(self.model, cache, tokens, positions, pad)
+                fn = self._fn if self._seen.get(key, True) else step_function
+                logits = fn(self.model, cache, tokens, positions, pad)
             else:
                 logits = self._first(key, cache, tokens, positions, pad)
         finally:
@@ -193,6 +201,8 @@ class DecodeStep:
     def _first(self, key, cache, tokens, positions, pad) -> torch.Tensor:
         """The first call of a shape compiles it (one thread at a time); a failure falls back to eager."""
         with self._lock:
+            if key in self._seen:  # another thread built it meanwhile
+                return (self._fn if self._seen[key] else step_function)(self.model, cache, tokens, positions, pad)
             start = time.perf_counter()
             try:
                 logits = self._fn(self.model, cache, tokens, positions, pad)
@@ -203,9 +213,27 @@ class DecodeStep:
                                    type(e).__name__, message[:200])
                 self.compiled, self._fn = False, step_function
                 return step_function(self.model, cache, tokens, positions, pad)
-            self._seen.add(key)
-            self.reports.append(CompileReport(key[0], key[1], time.perf_counter() - start, self.compiled))
-            return logits
+            report = CompileReport(key[0], key[1], time.perf_counter() - start, self.compiled)
+            # never slower than eager: time both on this very step (writing the same column again is harmless)
+            # and keep the faster for this shape
+            args = (self.model, cache, tokens, positions, pad)
+            report.compiled_step_s, report.eager_step_s = _best_seconds(self._fn, args), _best_seconds(step_function, args)
+            report.used = report.compiled_step_s <= report.eager_step_s or not self.choose_faster
+            self._seen[key] = report.used
+            self.reports.append(report)
+            if not report.used:
+                logger.info("decode step %s: eager %.2f ms beat compiled %.2f ms; decoding eagerly at this shape",
+                            key[:2], 1e3 * report.eager_step_s, 1e3 * report.compiled_step_s)
+            return (self._fn if report.used else step_function)(*args)
+
+
+def _best_seconds(fn, args: tuple, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
