@@ -125,7 +125,8 @@ class ZenlmCell:
             from zenlm.decode_step import decode_step
 
             step = decode_step(self.model)
-            self.compile_s = (seconds, step.compiled)
+            used = step.reports[-1].used if step.reports else False
+            self.compile_s = (seconds, step.compiled, used)  # used: the compiled step timed faster than eager
 
     def round(self) -> None:
         args = self.args
@@ -241,7 +242,8 @@ def format_row(r: dict) -> str:
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
     best = max(r["eager"], r["compiled"])
     compile_s = "" if not r["compile_s"] else (f"; first compiled call {r['compile_s'][0]:.1f} s"
-                                                + ("" if r["compile_s"][1] else " (compile failed: eager)"))
+                                                + ("" if r["compile_s"][1] else " (compile failed: eager)")
+                                                + ("" if r["compile_s"][2] else " (eager timed faster: kept)"))
     return (f"{r['shape']} {r['precision']}: decode eager {r['eager']:.1f}, compiled {r['compiled']:.1f} tok/s "
             f"(by CPU time {r['eager_cpu']:.1f} / {r['compiled_cpu']:.1f}) "
             f"(same tokens: {r['compiled_same']}), llama.cpp {r['llama'] or '-'}; ratio {ratio(best, r['llama'])}; "
