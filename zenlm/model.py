@@ -436,6 +436,14 @@ class Attention(nn.Module):
                 if cache.start(layer):  # keys before start were forgotten (window)
                     mask = None if mask is None else mask[..., cache.start(layer):]
                     bias = None if bias is None else bias[..., cache.start(layer):]
+        if (self.kv_heads != self.heads and q.size(2) == 1 and q.size(0) == k.size(0) and not need_weights
+                and not is_causal):
+            # one query per row (decoding): a K/V head's query heads attend as that many queries of it, so the
+            # cache is read in place instead of copied heads/kv_heads times (repeat_interleave below)
+            b = q.size(0)
+            out, _ = attention(q.reshape(b, self.kv_heads, -1, self.head_dim), k, v, mask, False,
+                               self.dropout if self.training else 0.0, False, self.scale, self.softcap)
+            return self.out(out.reshape(b, 1, -1)), None
         if self.kv_heads != self.heads:  # grouped-query: each K/V head serves heads/kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
