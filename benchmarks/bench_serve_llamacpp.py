@@ -12,10 +12,12 @@ concurrent clients (--requests each, back to back) and one client alone; rounds 
 llama.cpp (--rounds), best of each. Per level: aggregate completion tokens/s, TTFT p50, each request's own
 tokens/s (tokens / its latency: what one client sees while the others stream, vs alone), and for zenlm the
 engine's rows per decoding step and ms per step from /metrics (what bounds it); for llama-server its own
-per-request decode tokens/s (the timings of its final chunk).
+per-request decode tokens/s (the timings of its final chunk). Each level also gives tokens per CPU-second
+of the server process (/proc utime+stime): on a shared machine the figure load moves least.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_serve_llamacpp.py [--clients 32] [--new 64] [--prompt 32]
         [--requests 2] [--rounds 2] [--threads 2] [--work DIR]
+(--threads: llama-server -t/-tb and the zenlm serve process's OMP_NUM_THREADS)
 """
 from __future__ import annotations
 
@@ -137,17 +139,25 @@ async def run_level(port: int, key: str, model: str, clients: int, requests: int
             "short": sum(r["tokens"] < new for r in done)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(side: dict, levels: list[int], args, vocab: int) -> None:
     for c in levels:
         before = engine_steps(side["port"]) if side["name"] == "zenlm" else None
+        cpu = cpu_seconds(side["pid"])
         r = asyncio.run(run_level(side["port"], side["key"], side["model"], c, args.requests, args.new, args.prompt,
                                   vocab))
         if before is not None:
             steps, rows, seconds = (a - b for a, b in zip(engine_steps(side["port"]), before))
             r.update(rows=rows / max(steps, 1), step_ms=1000 * seconds / max(steps, 1))
         r["load"] = os.getloadavg()[0]
+        r["cpu_tps"] = r["tokens"] / max(cpu_seconds(side["pid"]) - cpu, 1e-9)  # per CPU-second of the server
         print(f"  {side['name']:>9} {c:>2} clients: {r['tokens']} tokens in {r['wall']:.2f} s = {r['tps']:.1f} "
-              f"tokens/s ({r['short']} short), {load()}", flush=True)
+              f"tokens/s, {r['cpu_tps']:.1f} per server CPU-second ({r['short']} short), {load()}", flush=True)
         best = side["best"].get(c)
         if best is None or r["tps"] > best["tps"]:
             side["best"][c] = r
@@ -161,7 +171,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="llama-server -t/-tb")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="llama-server -t/-tb, and OMP_NUM_THREADS of the zenlm serve process")
     ap.add_argument("--work", type=Path, default=None, help="folder for the model and GGUF (kept; default a temp dir)")
     args = ap.parse_args()
 
@@ -185,8 +196,9 @@ def main() -> None:
     if os.path.exists(db):
         os.remove(db)
     (key,), port = bench_keys_and_port(db)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the zenlm serve child's torch threads
     proc = start(folder, db, port, args.clients)
-    sides = [{"name": "zenlm", "port": port, "key": key, "best": {}, "model": None}]
+    sides = [{"name": "zenlm", "port": port, "key": key, "best": {}, "model": None, "pid": proc.pid}]
     server = None
     try:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"})
@@ -195,7 +207,8 @@ def main() -> None:
             gguf = peer.model_file(folder, "f32", work)
             server = peer.start_server(gguf["path"], parallel=args.clients, threads=args.threads,
                                        ctx_per_slot=max(256, 2 * (args.prompt + args.new)))
-            sides.append({"name": "llama.cpp", "port": server["port"], "key": "", "model": "m", "best": {}})
+            sides.append({"name": "llama.cpp", "port": server["port"], "key": "", "model": "m", "best": {},
+                          "pid": server["pid"]})
         for side in sides:  # warm-up: every level's shape once
             for c in levels:
                 asyncio.run(run_level(side["port"], side["key"], side["model"], c, 1, args.new, args.prompt, vocab))
@@ -210,19 +223,22 @@ def main() -> None:
             peer.stop_server(server)
 
     print(f"\nbest of {args.rounds} rounds; completion tokens as each server's usage reported them")
-    print(f"{'server':>10} {'clients':>7} {'tokens':>7} {'tokens/s':>9} {'TTFT p50':>9} {'1 request tok/s':>15} "
-          f"{'server decode tok/s':>19} {'rows/step':>9} {'step ms':>8}")
+    print(f"{'server':>10} {'clients':>7} {'tokens':>7} {'tokens/s':>9} {'per CPU-s':>9} {'TTFT p50':>9} "
+          f"{'1 request tok/s':>15} {'server decode tok/s':>19} {'rows/step':>9} {'step ms':>8}")
     for side in sides:
         for c in levels:
             r = side["best"][c]
             sd = f"{r['server_decode_tps']:.1f}" if r["server_decode_tps"] else "-"
             rows = f"{r['rows']:.1f}" if "rows" in r else "-"
             step = f"{r['step_ms']:.1f}" if "step_ms" in r else "-"
-            print(f"{side['name']:>10} {c:>7} {r['tokens']:>7} {r['tps']:>9.1f} {1000 * r['ttft']:>7.0f}ms "
+            print(f"{side['name']:>10} {c:>7} {r['tokens']:>7} {r['tps']:>9.1f} {r['cpu_tps']:>9.1f} "
+                  f"{1000 * r['ttft']:>7.0f}ms "
                   f"{r['per_request_tps']:>15.1f} {sd:>19} {rows:>9} {step:>8}")
     if len(sides) == 2:
         z, l = sides[0]["best"], sides[1]["best"]
-        print("zenlm / llama.cpp: " + ", ".join(f"{c} clients {z[c]['tps'] / l[c]['tps']:.2f}x" for c in levels))
+        print("zenlm / llama.cpp: " + ", ".join(f"{c} clients {z[c]['tps'] / l[c]['tps']:.2f}x" for c in levels)
+              + "; by server CPU time: " + ", ".join(f"{c} clients {z[c]['cpu_tps'] / l[c]['cpu_tps']:.2f}x"
+                                                     for c in levels))
         zb = z[args.clients]
         print(f"one client while {args.clients - 1} others stream vs alone (tokens / request latency): zenlm "
               f"{zb['per_request_tps']:.1f} vs {z[1]['per_request_tps']:.1f}, llama.cpp "
