@@ -1,7 +1,10 @@
-"""Quantization in one run: size on disk, tokens/s and validation perplexity of fp32 vs int8
-(weight-only), dynamic int8 (integer matmuls) and int4 (weight-only, groups of 64).
+"""Quantization in one run: size on disk, tokens/s, validation perplexity and agreement with fp32 of
+int8 (weight-only), dynamic int8 (integer matmuls) and int4 (weight-only, groups of 32, Q4_0 rounding),
+beside llama.cpp's Q8_0/Q4_0 numerics emulated on the same model.
 
     .venv/bin/python benchmarks/bench_quantize.py MODEL_DIR [--threads 1]
+    .venv/bin/python benchmarks/bench_quantize.py --decode smollm-135m   # + transformers fp32, batch-1 decode
+    .venv/bin/python benchmarks/bench_quantize.py --rows                 # kernel vs dequantize+GEMM, native + AVX2
 
     .venv/bin/python benchmarks/bench_quantize.py --isas [--isa-preset gpt2-small]
 
