@@ -9,14 +9,15 @@ temperature 0, streamed with usage, "ignore_eos": true (llama-server honours it;
 has no such option, so a random-weight model stops early only if it draws its end token). Tokens/s are
 counted from the completion tokens each server reported in its final usage chunk. Levels: --clients
 concurrent clients (--requests each, back to back) and one client alone; rounds alternate zenlm and
-llama.cpp (--rounds), best of each. Per level: aggregate completion tokens/s, TTFT p50, each request's own
+llama.cpp (--rounds), best of each. Per level: aggregate completion tokens/s, p50 time to the first non-empty
+text (not a TTFT here: most of a random model's ids are past its small tokenizer and show no text), each request's own
 tokens/s (tokens / its latency: what one client sees while the others stream, vs alone), and for zenlm the
 engine's rows per decoding step and ms per step from /metrics (what bounds it); for llama-server its own
 per-request decode tokens/s (the timings of its final chunk). Each level also gives tokens per CPU-second
 of the server process (/proc utime+stime): on a shared machine the figure load moves least.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_serve_llamacpp.py [--clients 32] [--new 64] [--prompt 32]
-        [--requests 2] [--rounds 2] [--threads 2] [--work DIR]
+        [--requests 1] [--rounds 2] [--threads 2] [--work DIR]
 (--threads: llama-server -t/-tb and the zenlm serve process's OMP_NUM_THREADS)
 """
 from __future__ import annotations
@@ -169,7 +170,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--new", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request")
-    ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client per level")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2,
                     help="llama-server -t/-tb, and OMP_NUM_THREADS of the zenlm serve process")
@@ -223,7 +224,7 @@ def main() -> None:
             peer.stop_server(server)
 
     print(f"\nbest of {args.rounds} rounds; completion tokens as each server's usage reported them")
-    print(f"{'server':>10} {'clients':>7} {'tokens':>7} {'tokens/s':>9} {'per CPU-s':>9} {'TTFT p50':>9} "
+    print(f"{'server':>10} {'clients':>7} {'tokens':>7} {'tokens/s':>9} {'per CPU-s':>9} {'1st text':>9} "
           f"{'1 request tok/s':>15} {'server decode tok/s':>19} {'rows/step':>9} {'step ms':>8}")
     for side in sides:
         for c in levels:
