@@ -21,3 +21,24 @@ def test_translation_scores_print_with_their_signatures():
     assert format_scores(result).splitlines() == ["BLEU = 12.3", "BLEU signature: nrefs:1|tok:13a", "chrF2 = 40.1",
                                                   "chrF signature: nrefs:1|nc:6", "3 sentences"]
     assert format_scores({**result, "seconds": 1.5}).endswith("3 sentences in 1.5s")
+
+
+def test_generate_compile_flag_reaches_the_generation_config(tmp_path, capsys, monkeypatch):
+    # the captured step itself is tested in tests/test_decode_step.py; here: the flag asks for it, and
+    # without the flag the eager path runs
+    from tiny_app_models import save_tiny
+
+    import zenlm.generation as generation
+
+    folder = save_tiny(tmp_path / "m", family="decoder-only")
+    asked = []
+    stream = generation.Generator.stream
+
+    def spy(self, prompt, **options):
+        asked.append(options.get("compile"))
+        return stream(self, prompt, **{**options, "compile": False})
+
+    monkeypatch.setattr(generation.Generator, "stream", spy)
+    assert main(["generate", str(folder), "--prompt", "A man", "--max-new-tokens", "3", "--compile"]) in (0, None)
+    assert main(["generate", str(folder), "--prompt", "A man", "--max-new-tokens", "3"]) in (0, None)
+    assert asked == [True, False]

@@ -38,6 +38,9 @@ def add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--truncate", action="store_true", help="cut a prompt longer than the context window")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through a captured step (torch.compile over a fixed-shape cache; batch 1, decoder-only): "
+                        "the first run compiles (tens of seconds, then cached on disk), later ones decode faster")
     p.set_defaults(func=run_generate)
 
 
@@ -57,7 +60,7 @@ def run_generate(args) -> None:
                  no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
                  length_penalty=args.length_penalty)
     options = {k: v for k, v in given.items() if v is not None}
-    options.update(stop_strings=args.stop, seed=args.seed, truncate=args.truncate)
+    options.update(stop_strings=args.stop, seed=args.seed, truncate=args.truncate, compile=args.compile)
     if args.temperature is not None:
         options.update(do_sample=args.temperature != 0, temperature=args.temperature if args.temperature else 1.0)
     generator = Generator(model, tokenizer)
