@@ -11,10 +11,11 @@ each file this script:
   importable, has llama.cpp tokenize the suite from zenlm's file (in its own process), counting the
   texts whose ids still equal the expected ones.
 
-The folder comes with the llama-cpp-python sdist (nothing is downloaded here):
+The folder comes with the llama-cpp-python sdist, which ``scripts/build-llamacpp.sh`` unpacks into its cache
+(``llamacpp_peer.find_llamacpp()``); nothing is downloaded here. With no argument the script reads it there:
 
-    pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d /tmp/x && tar xzf /tmp/x/*.tar.gz -C /tmp/x
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/check_gguf_vocab.py /tmp/x/llama_cpp_python-0.3.36/vendor/llama.cpp/models
+    bash scripts/build-llamacpp.sh
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/check_gguf_vocab.py [path/to/vendor/llama.cpp/models]
 """
 from __future__ import annotations
 
@@ -77,8 +78,15 @@ def check(models: Path, out_dir: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", type=Path, help="llama.cpp's models/ folder (ggml-vocab-*.gguf with .inp/.out)")
+    parser.add_argument("models", type=Path, nargs="?", default=None,
+                        help="llama.cpp's models/ folder (ggml-vocab-*.gguf with .inp/.out); default: the one in "
+                             "scripts/build-llamacpp.sh's cache")
     args = parser.parse_args(argv)
+    if args.models is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from llamacpp_peer import llamacpp_root
+
+        args.models = llamacpp_root() / "src" / "vendor" / "llama.cpp" / "models"
     if not args.models.is_dir():
         print(f"no folder {args.models}")
         return 2
