@@ -8,6 +8,8 @@ llama-cpp-python, a ~20-minute build): every exported family's f32 greedy tokens
 zenlm's reading of the same file; benchmarks/check_gguf_llamacpp.py does the same by hand."""
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,9 @@ import zenlm  # noqa: E402
 from zenlm import TransformerConfig, TransformerLM, Tokenizer  # noqa: E402
 from zenlm.gguf import ARCHS, export_gguf, inspect_gguf, load_gguf, permute, unpermute  # noqa: E402
 from zenlm.tokenizer import SPECIAL_TOKENS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "hf"))
+from hf_helpers import perturbed_import  # noqa: E402
 
 TEXTS = ["hello world, this is zenlm talking to llama.cpp. " * 20, "numbers 123 4567 and émojis 🦙 über café",
          "def f(x):\n    return x * 2\n\n# tabs\tand  spaces"]
@@ -522,13 +527,7 @@ def test_hugging_face_model_through_zenlm_to_gguf_keeps_transformers_logits(tok,
         cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
     else:
         cfg, cls = transformers.Qwen3Config(head_dim=32, **common), transformers.Qwen3ForCausalLM
-    torch.manual_seed(0)
-    original = cls(cfg).eval()
-    with torch.no_grad():
-        for p in original.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    original.save_pretrained(tmp_path / "hf")
-    imported = zenlm.load(tmp_path / "hf")
+    original, imported = perturbed_import(cls, cfg, tmp_path / "hf")
     assert export_gguf(imported, tok, tmp_path / "m.gguf")["architecture"] == family
     ids = ids_of(tok)
     want = logits(original, ids)

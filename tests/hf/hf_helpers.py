@@ -111,3 +111,16 @@ def hf_greedy(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
                          eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
     start = 1 if model.config.is_encoder_decoder else input_ids.size(1)
     return out[0, start:].tolist()
+
+
+def perturbed_import(cls, config, folder: Path):
+    """A transformers ``cls(config)`` (seed 0) with every weight moved by 0.05 randn, so no init
+    symmetry hides a wrong mapping, saved with save_pretrained in ``folder`` and imported by zenlm:
+    returns (original, imported)."""
+    torch.manual_seed(0)
+    original = cls(config).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    original.save_pretrained(folder)
+    return original, zenlm.load(folder)

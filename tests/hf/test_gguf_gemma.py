@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 import zenlm  # noqa: E402
 from zenlm import TransformerConfig, TransformerLM, Tokenizer  # noqa: E402
 from zenlm.gguf import export_gguf, load_gguf  # noqa: E402
+from hf_helpers import perturbed_import  # noqa: E402
 
 TEXTS = ["hello world, this is zenlm talking to llama.cpp. " * 20, "numbers 123 4567 and émojis 🦙 über café"]
 PROMPT = "hello world, this is zenlm talking to llama.cpp. numbers 123 and 🦙"
@@ -127,13 +128,7 @@ def test_transformers_gguf_reader_gives_the_original_logits(tok, tmp_path, famil
         cfg, cls = transformers.Gemma2Config(num_hidden_layers=2, **common), transformers.Gemma2ForCausalLM
     else:
         cfg, cls = transformers.Gemma3TextConfig(num_hidden_layers=6, **common), transformers.Gemma3ForCausalLM
-    torch.manual_seed(0)
-    original = cls(cfg).eval()
-    with torch.no_grad():
-        for p in original.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    original.save_pretrained(tmp_path / "hf")
-    imported = zenlm.load(tmp_path / "hf")
+    original, imported = perturbed_import(cls, cfg, tmp_path / "hf")
     assert export_gguf(imported, tok, tmp_path / "m.gguf")["architecture"] == family
     ids = prompt_ids(tok)
     want = logits(original, ids)
