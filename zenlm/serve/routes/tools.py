@@ -392,15 +392,13 @@ def forced_grammar(fmt: str, tools, parallel: bool, tokenizer) -> str:
     """A Lark grammar (llguidance's, with inline ``%json``) whose every sentence is one call (or several,
     when ``parallel``) of the given tools in the format ``fmt``, arguments valid against each schema."""
     schemas = [_call_schema(t, fmt) for t in tools]
+    call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     # compact JSON (no runaway whitespace from a weak model): llguidance's per-schema options
-    one = json.dumps({**(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}),
-                      "x-guidance": {"whitespace_flexible": False}})
+    one = json.dumps({**call, "x-guidance": {"whitespace_flexible": False}})
     if fmt in ("hermes", "zenlm"):
         return f'start: call{"+" if parallel else ""}\ncall: "<tool_call>" %json {one} "</tool_call>"'
     if fmt == "mistral":
-        items = {"type": "array", "items": json.loads(one), "minItems": 1,
-                 "x-guidance": {"whitespace_flexible": False}}
-        items["items"].pop("x-guidance")
+        items = {"type": "array", "items": call, "minItems": 1, "x-guidance": {"whitespace_flexible": False}}
         if not parallel:
             items["maxItems"] = 1
         special = tokenizer.token_to_id("[TOOL_CALLS]")
