@@ -108,6 +108,24 @@ def start_server(tmp_path: Path, models: list, embeddings: list = (), database: 
     return Running(f"http://127.0.0.1:{port}", billing, app, server, thread)
 
 
+def leave_stream(raw, after: int = 2) -> None:
+    """A client leaving a streamed chat reply (``raw``, a with_raw_response) once ``after`` chunks carried text."""
+    stream, got = raw.parse(), 0
+    for c in stream:
+        got += bool(c.choices and c.choices[0].delta.content)
+        if got == after:
+            break
+    stream.close()
+
+
+def wait_for_ledger_row(billing, match, what: str, timeout: float = 5) -> None:
+    """Wait (up to ``timeout`` s) until a ledger row satisfies ``match``; fail with "no ledger row for ``what``"."""
+    deadline = time.time() + timeout
+    while not [r for r in billing.ledger() if match(r)]:
+        assert time.time() < deadline, f"no ledger row for {what}"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, model_dir, seq2seq_dir) -> Running:
     r = start_server(tmp_path_factory.mktemp("server"), [model_dir, seq2seq_dir], embeddings=[])

@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from .conftest import free_port, start_server, wait_healthy
-from .test_serve_upstream import PROMPT_TOKENS, WORDS, Fake
+from .conftest import free_port, leave_stream, start_server, wait_for_ledger_row, wait_healthy
+from .test_serve_upstream import PROMPT_TOKENS, WORDS, Fake, _client
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -199,12 +199,6 @@ def gateway(tmp_path_factory, model_dir):
         f.stop()
 
 
-def _client(gw, key):
-    import openai
-
-    return openai.OpenAI(base_url=gw["url"] + "/v1", api_key=key, max_retries=0, timeout=20)
-
-
 def _rows(billing, model):
     return [r for r in billing.ledger() if r["model"] == model]
 
@@ -292,16 +286,9 @@ def test_a_client_leaving_is_charged_the_tokens_of_the_text_it_was_sent(gateway)
     _, tokens = _reference(gateway["templated"])
     raw = _client(gateway, key).chat.completions.with_raw_response.create(
         model="trickle", max_tokens=6, stream=True, messages=[{"role": "user", "content": "hi"}])
-    stream, got = raw.parse(), 0
-    for c in stream:
-        got += bool(c.choices and c.choices[0].delta.content)
-        if got == 2:
-            break
-    stream.close()
-    deadline = time.time() + 5
-    while not [r for r in billing.ledger() if r["request_id"] == raw.headers["x-request-id"]]:
-        assert time.time() < deadline, "no ledger row for the stream the client left"
-        time.sleep(0.05)
+    leave_stream(raw)
+    wait_for_ledger_row(billing, lambda r: r["request_id"] == raw.headers["x-request-id"],
+                        "the stream the client left")
     row = [r for r in billing.ledger() if r["request_id"] == raw.headers["x-request-id"]][0]
     assert row["status"] == "disconnected" and row["counted"] == "local-tokenizer"
     # the text written to its connection: the 2 words it read, or a third already on the wire

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .conftest import free_port, start_server
+from .conftest import free_port, leave_stream, start_server, wait_for_ledger_row
 
 WORDS = ["alpha ", "beta ", "gamma ", "delta ", "epsilon ", "zeta "]
 PROMPT_TOKENS = 7
@@ -269,16 +269,9 @@ def test_client_leaving_mid_stream_pays_for_what_it_got(gateway):
     key = billing.create_key("acme", "basic")[0]
     raw = _client(gateway, key).chat.completions.with_raw_response.create(
         model="trickle", max_tokens=6, stream=True, messages=[{"role": "user", "content": "hi"}])
-    stream, got = raw.parse(), 0
-    for c in stream:
-        got += bool(c.choices and c.choices[0].delta.content)
-        if got == 2:
-            break
-    stream.close()
-    deadline = time.time() + 5
-    while not [r for r in billing.ledger() if r["request_id"] == raw.headers["x-request-id"]]:
-        assert time.time() < deadline, "no ledger row for the stream the client left"
-        time.sleep(0.05)
+    leave_stream(raw)
+    wait_for_ledger_row(billing, lambda r: r["request_id"] == raw.headers["x-request-id"],
+                        "the stream the client left")
     row = _row(billing, raw.headers["x-request-id"])
     assert row["status"] == "disconnected" and row["counted"] == "local-chunks"
     assert 2 <= row["completion_tokens"] <= 3  # what was written to the client's connection
@@ -382,10 +375,7 @@ def test_client_leaving_before_a_json_answer_pays_nothing(gateway):
         with pytest.raises(openai.APITimeoutError):
             _client(gateway, key).with_options(timeout=0.5).chat.completions.create(
                 model="waits", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
-        deadline = time.time() + 5
-        while not [r for r in billing.ledger() if r["model"] == "waits"]:
-            assert time.time() < deadline, "no ledger row for the request the client left"
-            time.sleep(0.05)
+        wait_for_ledger_row(billing, lambda r: r["model"] == "waits", "the request the client left")
     finally:
         held.hold = False
     row = [r for r in billing.ledger() if r["model"] == "waits"][0]
