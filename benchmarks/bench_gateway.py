@@ -139,25 +139,15 @@ def fake_main(specs: list[str]) -> None:
 # --------------------------------------------------------------------------- clients
 async def stream_once(client, path: str, payload: dict, key: str) -> tuple[int, int]:
     """One streamed request on a keep-alive connection: (content events received, usage completion tokens)."""
+    from bench_serve import chunked_events, post_head
+
     if client.writer is None:
         client.reader, client.writer = await asyncio.open_connection(client.host, client.port)
     body = json.dumps(payload).encode()
-    client.writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: "
-                        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    reader = client.reader
-    status = await reader.readline()
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        pass
-    if not status.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"{status.decode().strip()}: {await reader.read(2000)!r}")
-    received, usage, buffer = 0, None, b""
-    while True:
-        size = int((await reader.readline()).split(b";")[0], 16)
-        if size == 0:
-            await reader.readline()
-            break
-        buffer += (await reader.readexactly(size + 2))[:-2]
-        *events, buffer = buffer.split(b"\n\n")
+    await post_head(client, f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: "
+                            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n", body)
+    received, usage = 0, None
+    async for events in chunked_events(client.reader):
         for e in events:
             if b'"content": "' in e or b'"content":"' in e:
                 received += 1

@@ -108,6 +108,34 @@ class _Connection:
         self.reader = self.writer = None
 
 
+async def post_head(conn: _Connection, head: str, body: bytes) -> dict[str, str]:
+    """Writes one request (``head`` ends with the blank line) on ``conn``'s open connection, reads the status
+    line and headers (lower-cased names), and raises unless the status is 200."""
+    conn.writer.write(head.encode() + body)
+    reader = conn.reader
+    status = await reader.readline()
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if not status.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"{status.decode().strip()}: {await reader.read(2000)!r}")
+    return headers
+
+
+async def chunked_events(reader: asyncio.StreamReader):
+    """Yields, chunk by chunk, the list of complete blank-line-separated events of a chunked event stream."""
+    buffer = b""
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            await reader.readline()  # the blank line after the last chunk (no trailers)
+            return
+        buffer += (await reader.readexactly(size + 2))[:-2]
+        *events, buffer = buffer.split(b"\n\n")
+        yield events
+
+
 class SSEClient(_Connection):
     """A minimal HTTP/1.1 client for one keep-alive connection that streams server-sent events.
 
@@ -129,27 +157,13 @@ class SSEClient(_Connection):
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         body = json.dumps(payload).encode()
         start = time.perf_counter()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {key}\r\n"
-                          f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        reader = self.reader
-        status = await reader.readline()
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if not status.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"{status.decode().strip()}: {await reader.read(2000)!r}")
+        headers = await post_head(self, f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                                  f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+                                  f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n", body)
         if headers.get("transfer-encoding") != "chunked":
             raise RuntimeError(f"expected a chunked event stream, got headers {headers}")
-        first, usage, done, buffer = None, None, False, b""
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                await reader.readline()  # the blank line after the last chunk (no trailers)
-                break
-            buffer += (await reader.readexactly(size + 2))[:-2]
-            *events, buffer = buffer.split(b"\n\n")
+        first, usage, done = None, None, False
+        async for events in chunked_events(self.reader):
             for event in events:
                 if first is None and b'"content":"' in event and b'"role":"assistant"' not in event:
                     first = time.perf_counter() - start

@@ -41,7 +41,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import llamacpp_peer as peer  # noqa: E402
 from bench_llamacpp import load, make_folder  # noqa: E402
 from bench_open_models import SHAPES, prompt_ids  # noqa: E402
-from bench_serve import _Connection, bench_keys_and_port, engine_steps, start  # noqa: E402
+from bench_serve import _Connection, bench_keys_and_port, chunked_events, engine_steps, post_head, start  # noqa: E402
 
 
 def f32_folder(src: Path, dst: Path) -> Path:
@@ -77,27 +77,13 @@ class CompletionStream(_Connection):
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         body = json.dumps(payload).encode()
         start_t = time.perf_counter()
-        self.writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                          f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
-                          f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        reader = self.reader
-        status = await reader.readline()
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if not status.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"{status.decode().strip()}: {await reader.read(2000)!r}")
+        headers = await post_head(self, f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                                  f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
+                                  f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n", body)
         if headers.get("transfer-encoding") != "chunked":
             raise RuntimeError(f"expected a chunked event stream, got headers {headers}")
-        first, final, buffer = None, None, b""
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                await reader.readline()
-                break
-            buffer += (await reader.readexactly(size + 2))[:-2]
-            *events, buffer = buffer.split(b"\n\n")
+        first, final = None, None
+        async for events in chunked_events(self.reader):
             for event in events:
                 if first is None and b'"text":"' in event and b'"text":""' not in event:
                     first = time.perf_counter() - start_t
