@@ -696,11 +696,12 @@ class Generator:
         rules = (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
                  or config.min_new_tokens or config.sampling or _forcing(config))
         constraints = [spec.new() for _ in range(n)] if spec is not None else None
+        if constraints is not None:
+            from .constraints import apply_masks, prefetch_masks
         logits = state.prefill()
         for step in range(config.max_new_tokens):
             scores = logits.float()
             if constraints is not None:  # the grammar's allowed tokens, before every other rule
-                from .constraints import apply_masks
                 scores = apply_masks(scores, [constraints[s] for s in alive], stop_ids)
                 allowed = scores
             if rules:
@@ -749,7 +750,6 @@ class Generator:
                 tokens = tokens[index]
                 alive = [alive[i] for i in keep]
             if constraints is not None:  # the next masks are computed while the forward runs
-                from .constraints import prefetch_masks
                 prefetch_masks([constraints[s] for s in alive])
             logits = state.step(tokens)
 
@@ -779,13 +779,15 @@ class Generator:
         # constrained decoding: each beam its own grammar state, copied when a beam forks; a beam whose grammar
         # is complete may take only a stop token next, so it finishes as a hypothesis the usual way
         constraints = [spec.new() for _ in range(len(rows) * nb)] if spec is not None else None
+        if constraints is not None:
+            from .constraints import apply_masks
+            stop_set = set(stop_ids)
         logits = state.prefill()
         for step in range(max_new):
             groups = len(items)
             raw = logits.float().log_softmax(dim=-1)
             scores = raw
             if constraints is not None:
-                from .constraints import apply_masks
                 scores = apply_masks(raw, constraints, stop_ids)
             if (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size or config.bad_words_ids
                     or config.min_new_tokens or _forcing(config)):
@@ -844,7 +846,6 @@ class Generator:
             new_history = [history[r] + [t] for r, t in zip(src_rows, tok_flat)]
             new_constraints = None
             if constraints is not None:
-                stop_set = set(stop_ids)
                 new_constraints = [constraints[r].copy() for r in src_rows]
                 for c, t in zip(new_constraints, tok_flat):
                     if t not in stop_set:
