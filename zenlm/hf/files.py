@@ -10,6 +10,7 @@ tensors. Every error names the file and the tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -158,10 +159,7 @@ class TensorFiles:
         for name in self.where if names is None else names:
             kind = self.dtype(name)
             if kind.is_floating_point:
-                numel = 1
-                for n in self.shape(name):
-                    numel *= n
-                counts[kind] = counts.get(kind, 0) + numel
+                counts[kind] = counts.get(kind, 0) + math.prod(self.shape(name))
         return max(counts, key=counts.get) if counts else torch.float32
 
     def copy_into(self, name: str, dest: torch.Tensor, transposed: bool = False) -> None:
@@ -171,9 +169,7 @@ class TensorFiles:
         no second full copy of the tensor exists at any point."""
         path = self.where[name]
         shape = self.shape(name)
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         if numel != dest.numel():
             raise ValueError(f"{path}: tensor {name!r} has shape {shape}, cannot fill {tuple(dest.shape)}")
         if path in self._bins or name not in self._spans:  # a mapped .bin (torch.load mmap) or an odd header
