@@ -212,12 +212,6 @@ def sent(port: int) -> int:
         return json.loads(r.read())["sent"]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc), all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_for(port: int, path: str = "/health", proc: subprocess.Popen | None = None) -> None:
     for _ in range(600):
         if proc is not None and proc.poll() is not None:
@@ -245,7 +239,7 @@ def main() -> None:
     if args.fake_upstream:
         return fake_main(args.fake_upstream)
 
-    from bench_serve import bench_keys_and_port, metering_cost
+    from bench_serve import bench_keys_and_port, cpu_seconds, metering_cost
 
     from zenlm.kernels import system_summary
     from zenlm.serve.billing import Billing

@@ -286,6 +286,12 @@ async def flood_latency(port: int, key_a: str, key_b: str, clients: int, prompts
             "a_refused": counts["refused"], "a_tps": counts["tokens"] / seconds}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def engine_steps(port: int) -> tuple[float, float, float]:
     """(decoding steps, rows summed over them, seconds in them) from the server's /metrics."""
     import urllib.request

@@ -41,7 +41,8 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import llamacpp_peer as peer  # noqa: E402
 from bench_llamacpp import load, make_folder  # noqa: E402
 from bench_open_models import SHAPES, prompt_ids  # noqa: E402
-from bench_serve import _Connection, bench_keys_and_port, chunked_events, engine_steps, post_head, start  # noqa: E402
+from bench_serve import (_Connection, bench_keys_and_port, chunked_events, cpu_seconds, engine_steps,  # noqa: E402
+                         post_head, start)
 
 
 def f32_folder(src: Path, dst: Path) -> Path:
@@ -124,12 +125,6 @@ async def run_level(port: int, key: str, model: str, clients: int, requests: int
             "per_request_tps": statistics.mean(r["tokens"] / r["wall"] for r in done),
             "server_decode_tps": statistics.mean(server_tps) if server_tps else None,
             "short": sum(r["tokens"] < new for r in done)}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(side: dict, levels: list[int], args, vocab: int) -> None:
