@@ -714,7 +714,7 @@ def _write_tensors(w, tensors: list, type: str) -> dict[str, int]:
     Q = gguf.GGMLQuantizationType
     counts: dict[str, int] = {}
     for gguf_name, tensor in tensors:
-        data = tensor.numpy().astype(np.float32)
+        data = np.asarray(tensor.numpy(), dtype=np.float32)  # the plan's tensors are float32 already: no copy
         qtype = Q.F32
         if data.ndim >= 2 and type != "f32":
             qtype = Q.F16
