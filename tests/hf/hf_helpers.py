@@ -113,14 +113,20 @@ def hf_greedy(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
     return out[0, start:].tolist()
 
 
-def perturbed_import(cls, config, folder: Path):
-    """A transformers ``cls(config)`` (seed 0) with every weight moved by 0.05 randn, so no init
-    symmetry hides a wrong mapping, saved with save_pretrained in ``folder`` and imported by zenlm:
-    returns (original, imported)."""
+def perturbed(cls, config):
+    """A transformers ``cls(config)`` (seed 0, eval mode) with every weight moved by 0.05 randn, so
+    no init symmetry (zero biases, unit norms) hides a wrong mapping."""
     torch.manual_seed(0)
-    original = cls(config).eval()
+    model = cls(config).eval()
     with torch.no_grad():
-        for p in original.parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def perturbed_import(cls, config, folder: Path):
+    """``perturbed(cls, config)`` saved with save_pretrained in ``folder`` and imported by zenlm:
+    returns (original, imported)."""
+    original = perturbed(cls, config)
     original.save_pretrained(folder)
     return original, zenlm.load(folder)

@@ -21,18 +21,14 @@ WINDOW = 8
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A random transformers Mistral (window 8) saved with its (byte-level BPE) tokenizer."""
-    from hf_helpers import bpe, save_hf
+    from hf_helpers import bpe, perturbed, save_hf
 
     tok = bpe(["<unk>", "<s>", "</s>"], vocab_size=300)
     cfg = transformers.MistralConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96,
                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                      max_position_embeddings=128, sliding_window=WINDOW, bos_token_id=1,
                                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = transformers.MistralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    hf = perturbed(transformers.MistralForCausalLM, cfg)
     path = tmp_path_factory.mktemp("mistral") / "hf"
     return save_hf(hf, path, tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"), hf
 
