@@ -51,16 +51,25 @@ def build_model(folder: Path, preset: str, corpus: Path = ROOT / "zenlm") -> Pat
     """A random-weight model whose tokenizer is trained on the .py files under ``corpus``. The
     model's output (how many tokens, when the first visible text comes) follows from that
     vocabulary, so comparing two trees of the code needs one corpus for both (--corpus)."""
+    tok = train_tokenizer(2048, corpus)
+    random_lm(preset, tok, 512).save_pretrained(folder, tokenizer=tok)
+    return folder
+
+
+def train_tokenizer(vocab: int, corpus: Path = ROOT / "zenlm") -> Tokenizer:
+    """A byte-level BPE tokenizer of ``vocab`` tokens trained on the .py files under ``corpus``."""
     text = [p.read_text(errors="ignore") for p in sorted(Path(corpus).rglob("*.py"))]
-    tok = Tokenizer.train(text, vocab_size=2048, kind="bpe")
-    # the preset's shape with this tokenizer's vocabulary and special ids (gpt2-small's are 50256)
-    config = TransformerConfig.from_preset(preset, vocab_size=tok.vocab_size, max_position_embeddings=512,
+    return Tokenizer.train(text, vocab_size=vocab, kind="bpe")
+
+
+def random_lm(preset: str, tok: Tokenizer, max_positions: int) -> TransformerLM:
+    """The preset's shape with this tokenizer's vocabulary and special ids (gpt2-small's are 50256), random
+    weights from seed 0."""
+    config = TransformerConfig.from_preset(preset, vocab_size=tok.vocab_size, max_position_embeddings=max_positions,
                                            pad_token_id=tok.pad_id or 0, bos_token_id=tok.bos_id or 0,
                                            eos_token_id=tok.eos_id or 0)
     torch.manual_seed(0)
-    model = TransformerLM(config)
-    model.save_pretrained(folder, tokenizer=tok)
-    return folder
+    return TransformerLM(config)
 
 
 def bench_keys_and_port(database: str, customers: tuple = ("bench",)) -> tuple[list[str], int]:

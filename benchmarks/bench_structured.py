@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_serve  # noqa: E402
-from bench_serve import SSEClient, bench_keys_and_port, build_model, engine_steps, start  # noqa: E402
+from bench_serve import (SSEClient, bench_keys_and_port, build_model, engine_steps, random_lm, start,  # noqa: E402
+                         train_tokenizer)
 
-from zenlm import Tokenizer, TransformerConfig, TransformerLM  # noqa: E402
+from zenlm import Tokenizer, TransformerLM  # noqa: E402
 from zenlm.generation import Generator  # noqa: E402
 
 # one string field that needs 2000 characters: no constrained row can end before the token budget
@@ -61,17 +62,8 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def train_tokenizer(vocab: int) -> Tokenizer:
-    text = [p.read_text(errors="ignore") for p in sorted((ROOT / "zenlm").rglob("*.py"))]
-    return Tokenizer.train(text, vocab_size=vocab, kind="bpe")
-
-
 def make_model(preset: str, tok: Tokenizer) -> TransformerLM:
-    config = TransformerConfig.from_preset(preset, vocab_size=tok.vocab_size, max_position_embeddings=1024,
-                                           pad_token_id=tok.pad_id or 0, bos_token_id=tok.bos_id or 0,
-                                           eos_token_id=tok.eos_id or 0)
-    torch.manual_seed(0)
-    return TransformerLM(config).eval()
+    return random_lm(preset, tok, 1024).eval()
 
 
 def library(gen: Generator, batch: int, new_tokens: int, reps: int) -> tuple[float, float, float, float]:
