@@ -23,7 +23,7 @@ from zenlm.gguf import ARCHS, export_gguf, inspect_gguf, load_gguf, permute, unp
 from zenlm.tokenizer import SPECIAL_TOKENS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "hf"))
-from hf_helpers import perturbed_import  # noqa: E402
+from hf_helpers import perturbed, perturbed_import  # noqa: E402
 
 TEXTS = ["hello world, this is zenlm talking to llama.cpp. " * 20, "numbers 123 4567 and émojis 🦙 über café",
          "def f(x):\n    return x * 2\n\n# tabs\tand  spaces"]
@@ -44,12 +44,7 @@ def tiny(tok, seed=0, **overrides) -> TransformerLM:
     kw = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, num_decoder_layers=2, max_position_embeddings=128, tie_word_embeddings=False)
     kw.update(overrides)
-    torch.manual_seed(seed)
-    model = TransformerLM(TransformerConfig.from_preset("tiny", **kw)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return perturbed(TransformerLM, TransformerConfig.from_preset("tiny", **kw), seed=seed)
 
 
 def ids_of(tok, text=TEXTS[0][:120] + TEXTS[1]):

@@ -113,14 +113,14 @@ def hf_greedy(model, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
     return out[0, start:].tolist()
 
 
-def perturbed(cls, config):
-    """A transformers ``cls(config)`` (seed 0, eval mode) with every weight moved by 0.05 randn, so
-    no init symmetry (zero biases, unit norms) hides a wrong mapping."""
-    torch.manual_seed(0)
+def perturbed(cls, config, seed: int = 0, scale: float = 0.05):
+    """``cls(config)`` (a transformers or zenlm model; seeded, eval mode) with every weight moved by
+    ``scale`` randn, so no init symmetry (zero biases, unit norms) hides a wrong mapping."""
+    torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * scale)
     return model
 
 

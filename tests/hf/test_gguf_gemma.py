@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 import zenlm  # noqa: E402
 from zenlm import TransformerConfig, TransformerLM, Tokenizer  # noqa: E402
 from zenlm.gguf import export_gguf, load_gguf  # noqa: E402
-from hf_helpers import perturbed_import  # noqa: E402
+from hf_helpers import perturbed, perturbed_import  # noqa: E402
 
 TEXTS = ["hello world, this is zenlm talking to llama.cpp. " * 20, "numbers 123 4567 and émojis 🦙 über café"]
 PROMPT = "hello world, this is zenlm talking to llama.cpp. numbers 123 and 🦙"
@@ -47,12 +47,8 @@ def tiny(tok, name: str, **overrides) -> TransformerLM:
     kw = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, num_decoder_layers=3, max_position_embeddings=128, **VARIANTS[name])
     kw.update(overrides)
-    torch.manual_seed(0)
-    model = TransformerLM(TransformerConfig.from_preset("tiny", **kw)).eval()
-    with torch.no_grad():  # off the init (norm weights 0), so that every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    # off the init (norm weights 0), so that every tensor matters
+    return perturbed(TransformerLM, TransformerConfig.from_preset("tiny", **kw), scale=0.1)
 
 
 @torch.no_grad()
