@@ -812,13 +812,9 @@ _READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2
                "Q6_K")
 
 
-def _value(field) -> Any:
-    """A metadata field's value as Python (str, number, bool or list of those)."""
-    return field.contents()
-
-
 def read_metadata(reader) -> dict:
-    return {name: _value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    """The file's metadata keys, each value as Python (str, number, bool or list of those)."""
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
 def _tensor_array(t) -> np.ndarray:
