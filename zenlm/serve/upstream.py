@@ -333,7 +333,7 @@ async def _answer(up: Upstream, plan: Plan, request: Request):
             data = resp.json()
         except ValueError:
             raise _bad_gateway(up.name, "its answer is not JSON") from None
-        usage, counted = _usage_of(data.get("usage"), plan.route), None  # counted None: the upstream's
+        usage, counted = _usage_of(data.get("usage"), plan.route)
         if usage is None:
             usage, counted = _count_answer(up, plan, data)
             data["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
@@ -346,15 +346,15 @@ async def _answer(up: Upstream, plan: Plan, request: Request):
     raise _bad_gateway(up.name, last, timed_out)
 
 
-def _usage_of(usage, route: str) -> Optional[tuple[int, int]]:
-    """(prompt, completion) from an upstream's usage object, or None."""
+def _usage_of(usage, route: str):
+    """(prompt, completion) from an upstream's usage object, or None; counted=None (the upstream's)."""
     if not isinstance(usage, dict):
-        return None
+        return None, None
     p = usage.get("prompt_tokens")
     c = usage.get("completion_tokens", 0 if route == "/v1/embeddings" else None)
     if isinstance(p, int) and isinstance(c, int) and p >= 0 and c >= 0:
-        return p, c
-    return None
+        return (p, c), None
+    return None, None
 
 
 def _count_answer(up: Upstream, plan: Plan, data: dict):
@@ -525,8 +525,14 @@ async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
         busy = finish()
         return Usage(p, c, 0, busy, status, counted=how, upstream=where, compute_cost_micros=up.cost(busy))
 
+    def sent() -> Usage:
+        return counted_usage("disconnected")
+
+    def stop() -> None:
+        finish()
+
     try:
-        with ticket.streaming(lambda: counted_usage("disconnected"), finish):
+        with ticket.streaming(sent, stop):
             usage_chunk, last_chunk = None, None
             batch, events = opened.first, opened.events
             error, done = None, False
@@ -584,7 +590,7 @@ async def _relay(up: Upstream, plan: Plan, ticket, opened: Opened):
                                  "type": "server_error", "param": None, "code": "upstream_error"}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
-            got = _usage_of((usage_chunk or {}).get("usage"), plan.route)
+            got, _ = _usage_of((usage_chunk or {}).get("usage"), plan.route)
             if got is None:
                 usage = counted_usage("completed")
             else:
