@@ -11,18 +11,35 @@ import time
 
 import pytest
 
-from .conftest import free_port, spawn_server, start_server, wait_healthy
+from .conftest import free_port, save_tiny, spawn_server, start_server, wait_healthy
 
-CLIENTS, REQUESTS, TOKENS = 6, 4, 40
+# long streams (a 512-position model; a JSON string of at least 120 characters, so the random model cannot end
+# early), so that a kill while tokens flow finds streams mid-way on the first replica, not only ones that have
+# not sent a byte yet (those are retried on the other replica, never cut)
+CLIENTS, REQUESTS, TOKENS = 6, 4, 300
+LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 120}}}
 
 
-def test_a_replica_killed_under_load_loses_no_request_and_bills_what_was_delivered(tmp_path, model_dir, monkeypatch):
+def test_a_replica_killed_under_load_loses_no_request_and_bills_what_was_delivered(tmp_path, monkeypatch):
+    # the kill must land while a stream on the first replica is mid-way; when it lands between streams (a
+    # timing matter on a busy machine) the run proves nothing about cut streams, so it is run again (every
+    # run still asserts that no request is lost and the ledger matches)
+    for attempt in range(3):
+        if _killed_under_load(tmp_path / f"run{attempt}", monkeypatch):
+            return
+    pytest.fail("no stream was cut in 3 runs: the kill came too late to test anything")
+
+
+def _killed_under_load(tmp_path, monkeypatch) -> bool:
+    """One run: two replicas, one killed under load; asserts what must hold; True when a stream was cut."""
     import openai
     from transformers import PreTrainedTokenizerFast
 
     from zenlm.serve.billing import Billing
     from zenlm.serve.upstream import parse_upstream
 
+    tmp_path.mkdir(parents=True)
+    model_dir = save_tiny(tmp_path / "tiny", window=512)
     backend_db = str(tmp_path / "backends.sqlite3")
     backends = Billing.open(backend_db)
     backends.create_plan("basic", {"*": (0, 0)}, monthly_budget_micros=10 ** 9, requests_per_minute=100_000,
@@ -46,7 +63,7 @@ def test_a_replica_killed_under_load_loses_no_request_and_bills_what_was_deliver
                 try:
                     raw = client.chat.completions.with_raw_response.create(
                         model="zen", max_tokens=TOKENS, temperature=0, stream=True,
-                        stream_options={"include_usage": True},
+                        stream_options={"include_usage": True}, response_format=LONG,
                         messages=[{"role": "user", "content": f"client {i} request {j}"}])
                 except openai.APIStatusError as e:  # refused before any byte: a lost request
                     with lock:
@@ -79,7 +96,6 @@ def test_a_replica_killed_under_load_loses_no_request_and_bills_what_was_deliver
         for t in threads:
             t.join(timeout=120)
         assert errors == []  # every request got an answer: none lost
-        assert any(cut for *_, cut in results), "no stream was cut: the kill came too late to test anything"
         assert len(results) == CLIENTS * REQUESTS
         ref = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
         rows = {r["request_id"]: r for r in gw.billing.ledger()}
@@ -93,6 +109,7 @@ def test_a_replica_killed_under_load_loses_no_request_and_bills_what_was_deliver
                 assert row["status"] == "completed" and row["completion_tokens"] == usage
         assert gw.billing.key_month(key[:11])["reserved_micros"] == 0
         assert up.replicas[1].requests > 0 and not [r for r in up.replicas if r.outstanding]
+        return any(cut for *_, cut in results)
     finally:
         if gw is not None:
             gw.stop()
