@@ -357,13 +357,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     wanted or the scores are capped (a bias joins the mask as one additive mask); the explicit path is
     the same formula written out.
     """
-    if not need_weights and softcap is None and bias is not None:  # the bias and the mask as one additive mask
+    # a decode step under torch.compile (one query per row, or heads/kv_heads queries of a grouped K/V head,
+    # at most 8 in the families we load) is written out: inductor fuses the masked softmax into the loops
+    # around two small batched matmuls, where the fused kernel's per-call set-up costs more than the work
+    fused = not need_weights and not (q.size(-2) <= 8 and torch.compiler.is_compiling())
+    if fused and softcap is None and bias is not None:  # the bias and the mask as one additive mask
         if is_causal:
             mask = causal_mask(q.size(2), k.size(2), 0, q.device)
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=scale), None
-    if not need_weights and softcap is None:
+    if fused and softcap is None:
         if not dropout and kernels.cpu_attention_applies(q):
             if scale is not None:  # the kernel divides by √d: fold the other scale into the queries
                 q = q * (scale * math.sqrt(q.size(-1)))
