@@ -7,6 +7,15 @@ beside llama.cpp's Q8_0/Q4_0 numerics emulated on the same model.
     .venv/bin/python benchmarks/bench_quantize.py --rows                 # kernel vs dequantize+GEMM, native + AVX2
 
     .venv/bin/python benchmarks/bench_quantize.py --isas [--isa-preset gpt2-small]
+    .venv/bin/python benchmarks/bench_quantize.py MODEL_DIR --llamacpp  # + llama.cpp's own llama-perplexity
+
+--llamacpp: the model exported to GGUF by zenlm (f32, q8_0) and quantized by ``llama-quantize --pure``
+(q4_0 everywhere, head too: zenlm int4's groups of 32), scored by llama.cpp's ``llama-perplexity`` on
+the validation text with a context of the model's max_position_embeddings, beside zenlm fp32 / int8 /
+int4 scored with llama-perplexity's own protocol (``llamacpp_protocol_perplexity``), so each row
+compares like with like. The token ids llama.cpp scores are read back from its --kl-divergence-base
+file and compared with zenlm's. The model's tokenizer must map to GGUF (byte-level BPE, e.g.
+recipes/causal-decoder.yaml; a char tokenizer does not), else the section says why it is skipped.
 
 --isas: dynamic int8 on this CPU as it is and with the AVX2 kernels forced (fbgemm without
 VNNI, ATen at AVX2; each in its own process), in one run: relative error of the logits
@@ -26,6 +35,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -84,6 +94,9 @@ def main() -> None:
                         "open model's shape with random weights (bench_open_models.SHAPES, e.g. smollm-135m)")
     p.add_argument("--reps", type=int, default=3, help="--decode: alternating repeats (best of)")
     p.add_argument("--new", type=int, default=64, help="--decode: greedy tokens per run")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="with MODEL_DIR: llama.cpp's llama-perplexity on the model's GGUF f32/Q8_0/Q4_0 beside zenlm "
+                        "fp32/int8/int4 scored with the same protocol")
     args = p.parse_args()
     from zenlm.cpu import cpu_info
     print(cpu_info().describe(), flush=True)  # first: a ratio is only compared within one CPU
@@ -100,7 +113,9 @@ def main() -> None:
         decode_table(args)
     if args.translation:
         bleu_table(args)
-    if args.model:
+    if args.model and args.llamacpp:
+        llamacpp_table(args)
+    elif args.model:
         lm_table(args)
     if args.also_preset:
         preset_table(args)
@@ -141,6 +156,148 @@ def lm_table(args) -> None:
         ppl = perplexity(model, valid, window, args.max_windows)
         greedy, top1, _ = agreement(model, fp32, valid, window)
         print(f"{qtype:<9} val ppl {ppl:.3f} ({ppl - rows[0][2]:+.3f})  greedy {greedy:.3f}  top-1 {top1:.4f}")
+
+
+@torch.no_grad()
+def llamacpp_protocol_perplexity(model, ids: Sequence[int], n_ctx: int, bos: Optional[int]) -> tuple[float, int, int]:
+    """Perplexity as llama.cpp's ``llama-perplexity`` computes it (tools/perplexity/perplexity.cpp,
+    ``perplexity()``, no --ppl-stride): the text's ids with a BOS in front when the vocabulary adds one
+    (``bos``; None: it does not), cut into ``len // n_ctx`` chunks of ``n_ctx`` (the tail dropped), each
+    chunk's first token replaced by BOS (when added), evaluated from an empty cache, and only the second
+    half scored: the logits at positions n_ctx//2 .. n_ctx-2 against the next token, n_ctx - 1 - n_ctx//2
+    per chunk. Returns (ppl, chunks, tokens scored)."""
+    tokens = ([bos] if bos is not None else []) + [int(i) for i in ids]
+    chunks, first = len(tokens) // n_ctx, n_ctx // 2
+    if len(tokens) < 2 * n_ctx:  # llama-perplexity refuses such a text too
+        raise ValueError(f"{len(tokens)} tokens: llama-perplexity needs at least 2 * n_ctx = {2 * n_ctx}")
+    rows = torch.tensor(tokens[:chunks * n_ctx]).view(chunks, n_ctx)
+    if bos is not None:
+        rows[:, 0] = bos
+    nll, count = 0.0, 0
+    for batch in rows.split(16):
+        logp = torch.log_softmax(model(batch).logits[:, first:n_ctx - 1].float(), -1)
+        nll -= float(logp.gather(-1, batch[:, first + 1:, None]).double().sum())  # llama.cpp sums in double
+        count += batch.size(0) * (n_ctx - 1 - first)
+    return math.exp(nll / count), chunks, count
+
+
+def _gguf_add_bos(path: Path) -> tuple[Optional[int], bool]:
+    """(tokenizer.ggml.bos_token_id, tokenizer.ggml.add_bos_token) of a GGUF: what llama.cpp reads."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+
+    def value(key):
+        f = fields.get(key)
+        return None if f is None else f.parts[f.data[0]][0].item()
+    return value("tokenizer.ggml.bos_token_id"), bool(value("tokenizer.ggml.add_bos_token"))
+
+
+def _llamacpp_tokens(gguf_file: Path, text_file: Path, n_ctx: int, threads: int, tmp: Path) -> list[int]:
+    """The ids llama-perplexity scores (its tokenization of the text, BOS included, cut to whole chunks),
+    read from the header of its --kl-divergence-base file: "_logits_", n_ctx, n_vocab, n_chunk (int32),
+    then n_chunk * n_ctx int32 ids."""
+    import struct
+    import subprocess
+
+    from llamacpp_peer import tool
+
+    out = tmp / "base.logits"
+    cmd = [tool("llama-perplexity"), "-m", str(gguf_file), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
+           "-t", str(threads), "--kl-divergence-base", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode:
+        raise RuntimeError(f"llama-perplexity --kl-divergence-base failed: {proc.stderr[-2000:]}")
+    with open(out, "rb") as f:
+        magic, (ctx, _vocab, chunks) = f.read(8), struct.unpack("<3i", f.read(12))
+        if magic != b"_logits_" or ctx != n_ctx:
+            raise RuntimeError(f"{out}: not a llama-perplexity logits file of n_ctx {n_ctx} ({magic!r}, {ctx})")
+        ids = list(struct.unpack(f"<{chunks * n_ctx}i", f.read(4 * chunks * n_ctx)))
+    out.unlink()  # n_chunk * n_ctx * n_vocab * 2 bytes of log-probabilities follow: not kept
+    return ids
+
+
+def llamacpp_table(args) -> None:
+    """zenlm fp32/int8/int4 against llama.cpp's llama-perplexity on GGUF F32/Q8_0/Q4_0 of the same model,
+    one protocol (llama-perplexity's) on both sides."""
+    import datetime
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llamacpp_peer import find_llamacpp, missing, perplexity as llamacpp_perplexity, quantize
+
+    from zenlm.gguf import export_gguf
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"\nllama.cpp's llama-perplexity vs zenlm, same protocol; {now:%Y-%m-%d %H:%M} UTC")
+    if (why := missing("llama-perplexity", "llama-quantize")):
+        print(why)
+        return
+    fp32 = zenlm.load(args.model)
+    tok = zenlm.load_tokenizer(args.model)
+    n_ctx = fp32.config.max_position_embeddings
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    valid_text = text[int(len(text) * 0.9):]
+    ours = tok.encode(valid_text)
+    found = find_llamacpp()
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-llamacpp-") as tmp:
+        tmp = Path(tmp)
+        text_file = tmp / "valid.txt"
+        text_file.write_text(valid_text, encoding="utf-8")
+        files, made_by = {}, {}
+        try:
+            for kind in ("f32", "q8_0"):
+                files[kind] = tmp / f"model-{kind}.gguf"
+                export_gguf(fp32, tok, files[kind], type=kind)
+                made_by[kind] = "zenlm export_gguf"
+        except ValueError as e:
+            print(f"skipped: the model's tokenizer or architecture does not go into GGUF ({e}); train one with a "
+                  f"byte-level BPE tokenizer, e.g. recipes/causal-decoder.yaml")
+            return
+        files["q4_0"] = Path(quantize(files["f32"], tmp / "model-q4_0.gguf", "Q4_0", threads=args.threads,
+                                      pure=True)["path"])
+        made_by["q4_0"] = "llama-quantize --pure (from f32)"
+        sizes = {kind: path.stat().st_size for kind, path in files.items()}
+        bos_id, add_bos = _gguf_add_bos(files["f32"])
+        bos = bos_id if add_bos else None
+        theirs = _llamacpp_tokens(files["f32"], text_file, n_ctx, args.threads, tmp)
+        expected = (([bos] if bos is not None else []) + ours)[:len(theirs)]
+        differ = [i for i, (a, b) in enumerate(zip(theirs, expected)) if a != b]
+        print(f"model {args.model}: {fp32.num_parameters():,} parameters, n_ctx {n_ctx} (max_position_embeddings); "
+              f"llama.cpp {found['version']} ({found['root']}/bin), {args.threads} thread(s)")
+        print(f"validation: last 10% of {SHAKESPEARE.name}, {len(valid_text):,} characters, {len(ours):,} zenlm tokens; "
+              f"BOS {'prepended, id ' + str(bos) if bos is not None else 'not added'} (tokenizer.ggml.add_bos_token="
+              f"{str(add_bos).lower()})")
+        print(f"tokenization: llama.cpp scored {len(theirs):,} ids ({len(theirs) // n_ctx} chunks); "
+              + ("identical to zenlm's" if not differ else
+                 f"{len(differ)} differ from zenlm's, first at {differ[0]}: llama.cpp {theirs[differ[0]]}, "
+                 f"zenlm {expected[differ[0]]}: the rows below do not compare like with like"))
+        if len(expected) < len(theirs):
+            print(f"tokenization: zenlm has only {len(expected):,} ids where llama.cpp scored {len(theirs):,}")
+        theirs_ppl = {kind: llamacpp_perplexity(path, text_file, ctx=n_ctx, threads=args.threads)
+                      for kind, path in files.items()}
+    rows = []
+    for scheme, kind in (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0")):
+        model = fp32 if scheme == "fp32" else quantize_model(fp32, scheme)
+        ppl, chunks, count = llamacpp_protocol_perplexity(model, ours, n_ctx, bos)
+        rows.append((scheme, ppl, kind.upper(), theirs_ppl[kind]["ppl"], theirs_ppl[kind]["ppl_err"]))
+    print(f"protocol (llama-perplexity's): {chunks} chunks of {n_ctx} tokens, each from an empty cache"
+          f"{' with its first token replaced by BOS' if bos is not None else ''}, only the second half scored "
+          f"({count:,} tokens); zenlm int4 = groups of 32 with Q4_0 rounding; GGUF files: "
+          + ", ".join(f"{k.upper()} {made_by[k]} {sizes[k] / 1024:,.0f} K" for k in files))
+    print(f"{'variant':<8} {'zenlm ppl':>10} {'Δ own fp32':>11}   {'llama.cpp':<9} {'ppl':>9} {'± err':>7} "
+          f"{'Δ own f32':>10} {'llama.cpp - zenlm':>18}")
+    for scheme, ppl, kind, theirs, err in rows:
+        print(f"{scheme:<8} {ppl:>10.4f} {ppl - rows[0][1]:>+11.4f}   {kind:<9} {theirs:>9.4f} "
+              f"{err if err is not None else float('nan'):>7.4f} {theirs - rows[0][3]:>+10.4f} {theirs - ppl:>+18.4f}")
+    print("± err: llama-perplexity's standard error of one estimate; the rows score the same tokens, so their "
+          "differences are far better resolved than that")
+    print("llama.cpp's numerics emulated in torch (weights through gguf.quants, matmul inputs rounded to Q8_0), "
+          "same protocol:")
+    for qtype, theirs in (("Q8_0", rows[1][3]), ("Q4_0", rows[2][3])):
+        ppl, _, _ = llamacpp_protocol_perplexity(llamacpp_numerics(fp32, qtype), ours, n_ctx, bos)
+        print(f"{qtype + ' emu':<8} {ppl:>10.4f} {ppl - rows[0][1]:>+11.4f}   {qtype:<9} {theirs:>9.4f} "
+              f"{'':>7} {'':>10} {theirs - ppl:>+18.4f}")
 
 
 def _q8_0_input(x: torch.Tensor) -> torch.Tensor:
