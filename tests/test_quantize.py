@@ -1,5 +1,6 @@
 """int8 / int4 quantization: the arithmetic against a direct reference, whole-model closeness
 to fp32, safetensors round trips through zenlm.load, size on disk, the CLI and bad input."""
+import dataclasses
 import os
 
 import pytest
@@ -107,11 +108,15 @@ def test_dynamic_int8_tied_head_multiplies_the_integer_table():
     assert float((logits.argmax(-1) == reference.argmax(-1)).float().mean()) > 0.9
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64), (4, 128)])
-def test_weight_only_kernels_match_the_dequantized_reference(bits, group):
+def test_weight_only_kernels_match_the_dequantized_reference(bits, group, native_bf16, monkeypatch):
     # torch's integer kernels (few rows) and dequantize + GEMM (many rows) against a float64 matmul
     # of the dequantized weights. Random bytes and scales of both signs cover every stored value,
     # checkpoints quantized by older rules included. 40 output rows: the int4 kernel pads to 48.
+    # Many rows multiply in fp32, or in bf16 on a CPU with native bf16 (both paths run on any CPU here).
+    info = dataclasses.replace(zenlm.quantize.cpu_info(), bf16=native_bf16)
+    monkeypatch.setattr(zenlm.quantize, "cpu_info", lambda: info)
     torch.manual_seed(4)
     spec = zenlm.quantize.QuantizationSpec("int8" if bits == 8 else "int4", group)
     ql = QuantizedLinear(256, 40, True, spec)
@@ -135,6 +140,11 @@ def test_weight_only_kernels_match_the_dequantized_reference(bits, group):
             assert float(err.max()) < 2 ** -7, float(err.max())
             assert float((out.double() - exact).norm() / exact.norm()) < 0.01
             assert not torch.equal(out, torch.nn.functional.linear(x, ql.weight, ql.bias))
+        elif native_bf16:  # the prompt's GEMM in bf16: activations (and int4's weights) rounded to 2^-9
+            bf16 = x.bfloat16().double() @ (w if bits == 8 else w.bfloat16().double()).t() + ql.bias.double()
+            err = (out.double() - bf16).abs() / bf16.abs().amax(-1, keepdim=True)
+            assert float(err.max()) < 2 ** -7, float(err.max())
+            assert float((out.double() - exact).norm() / exact.norm()) < 0.01
         else:
             torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ql(x[None]).detach()[0], out)  # any leading shape
