@@ -119,6 +119,26 @@ def test_later_steps_skip_the_guards_and_give_the_guarded_logits(llama, compiled
     assert len(step.reports) == 1, "no shape compiled twice"
 
 
+def test_one_graph_attends_to_the_written_columns_across_spans(llama, compiled):
+    # a step reads the cache's first columns in multiples of SPAN past the newest one, not the whole capacity;
+    # the span is a symbol of the compiled graph, so crossing into the next one compiles nothing new
+    _, model = llama
+    step, _ = compiled
+    prompt = [(7 * i) % 251 for i in range(ds.SPAN - 4)]
+    static = ds.StaticKVCache(256)
+    cache = KVCache(8)
+    with torch.inference_mode():
+        model.decode(torch.tensor([prompt]), cache=static, name="input_ids")
+        token = int(model.logits(model.decode(torch.tensor([prompt]), cache=cache, name="input_ids")[0][:, -1]).argmax())
+        for _ in range(10):  # columns SPAN-4 .. SPAN+5: spans of SPAN and 2*SPAN columns
+            want = model.logits(model.decode(torch.tensor([[token]]), cache=cache, name="input_ids")[0][:, -1])
+            got = step(static, torch.tensor([token]))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            token = int(want.argmax())
+    assert static.span.size(0) == 2 * ds.SPAN and static.length == ds.SPAN + 6
+    assert len(step.reports) == 1, "a new span must not compile a new graph"
+
+
 def test_a_model_whose_tensors_changed_gets_a_new_step(llama):
     # unguarded calls and frozen weights are only right for the tensors the step was built on
     model = copy.deepcopy(llama[1])
