@@ -139,20 +139,12 @@ def fake_main(specs: list[str]) -> None:
 # --------------------------------------------------------------------------- clients
 async def stream_once(client, path: str, payload: dict, key: str) -> tuple[int, int]:
     """One streamed request on a keep-alive connection: (content events received, usage completion tokens)."""
-    from bench_serve import chunked_events, post_head
-
-    if client.writer is None:
-        client.reader, client.writer = await asyncio.open_connection(client.host, client.port)
-    body = json.dumps(payload).encode()
-    await post_head(client, f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: "
-                            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n", body)
     received, usage = 0, None
-    async for events in chunked_events(client.reader):
-        for e in events:
-            if b'"content": "' in e or b'"content":"' in e:
-                received += 1
-            elif b'"usage":' in e and b'"usage": null' not in e and b'"usage":null' not in e:
-                usage = json.loads(e[6:])["usage"]["completion_tokens"]
+    async for e in client.stream(client.host, client.port, path, payload, key):
+        if b'"content": "' in e or b'"content":"' in e:
+            received += 1
+        elif b'"usage":' in e and b'"usage": null' not in e and b'"usage":null' not in e:
+            usage = json.loads(e[6:])["usage"]["completion_tokens"]
     if usage is None:
         raise RuntimeError("a stream ended without its usage chunk")
     return received, usage

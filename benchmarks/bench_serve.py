@@ -116,6 +116,25 @@ class _Connection:
                 pass
         self.reader = self.writer = None
 
+    async def stream(self, host: str, port: int, path: str, payload: dict, key: str):
+        """POST ``payload`` as a streaming request on this connection (opened on first use, kept alive) and
+        yield the events of its chunked event stream as they arrive; closes when the server says so."""
+        import json
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(host, port)
+        body = json.dumps(payload).encode()
+        headers = await post_head(self, f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                                  f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+                                  f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n", body)
+        if headers.get("transfer-encoding") != "chunked":
+            raise RuntimeError(f"expected a chunked event stream, got headers {headers}")
+        async for events in chunked_events(self.reader):
+            for event in events:
+                yield event
+        if headers.get("connection") == "close":
+            await self.close()
+
 
 async def post_head(conn: _Connection, head: str, body: bytes) -> dict[str, str]:
     """Writes one request (``head`` ends with the blank line) on ``conn``'s open connection, reads the status
@@ -162,26 +181,15 @@ class SSEClient(_Connection):
         """POST ``payload``; returns (seconds to the first token chunk, completion tokens from usage)."""
         import json
 
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        body = json.dumps(payload).encode()
         start = time.perf_counter()
-        headers = await post_head(self, f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                                  f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-                                  f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n", body)
-        if headers.get("transfer-encoding") != "chunked":
-            raise RuntimeError(f"expected a chunked event stream, got headers {headers}")
         first, usage, done = None, None, False
-        async for events in chunked_events(self.reader):
-            for event in events:
-                if first is None and b'"content":"' in event and b'"role":"assistant"' not in event:
-                    first = time.perf_counter() - start
-                elif b'"usage":{' in event:
-                    usage = json.loads(event[6:])["usage"]
-                elif event == b"data: [DONE]":
-                    done = True
-        if headers.get("connection") == "close":
-            await self.close()
+        async for event in self.stream(self.host, self.port, path, payload, key):
+            if first is None and b'"content":"' in event and b'"role":"assistant"' not in event:
+                first = time.perf_counter() - start
+            elif b'"usage":{' in event:
+                usage = json.loads(event[6:])["usage"]
+            elif event == b"data: [DONE]":
+                done = True
         if usage is None or not done:
             raise RuntimeError(f"the stream ended without {'a usage chunk' if usage is None else 'data: [DONE]'}")
         return (first if first is not None else time.perf_counter() - start), usage["completion_tokens"]

@@ -41,8 +41,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import llamacpp_peer as peer  # noqa: E402
 from bench_llamacpp import load, make_folder  # noqa: E402
 from bench_open_models import SHAPES, prompt_ids  # noqa: E402
-from bench_serve import (_Connection, bench_keys_and_port, chunked_events, cpu_seconds, engine_steps,  # noqa: E402
-                         post_head, start)
+from bench_serve import _Connection, bench_keys_and_port, cpu_seconds, engine_steps, start  # noqa: E402
 
 
 def f32_folder(src: Path, dst: Path) -> Path:
@@ -74,25 +73,14 @@ class CompletionStream(_Connection):
         self.port, self.key = port, key
 
     async def post(self, payload: dict) -> dict:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        body = json.dumps(payload).encode()
         start_t = time.perf_counter()
-        headers = await post_head(self, f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                                  f"Authorization: Bearer {self.key}\r\nContent-Type: application/json\r\n"
-                                  f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n", body)
-        if headers.get("transfer-encoding") != "chunked":
-            raise RuntimeError(f"expected a chunked event stream, got headers {headers}")
         first, final = None, None
-        async for events in chunked_events(self.reader):
-            for event in events:
-                if first is None and b'"text":"' in event and b'"text":""' not in event:
-                    first = time.perf_counter() - start_t
-                if b'"usage":{' in event:
-                    final = json.loads(event[event.index(b"{"):])
+        async for event in self.stream("127.0.0.1", self.port, "/v1/completions", payload, self.key):
+            if first is None and b'"text":"' in event and b'"text":""' not in event:
+                first = time.perf_counter() - start_t
+            if b'"usage":{' in event:
+                final = json.loads(event[event.index(b"{"):])
         wall = time.perf_counter() - start_t
-        if headers.get("connection") == "close":
-            await self.close()
         if final is None:
             raise RuntimeError("the stream ended without a usage chunk")
         timings = final.get("timings") or {}
