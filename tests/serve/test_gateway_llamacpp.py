@@ -192,7 +192,7 @@ def test_engine_llama_cpp_runs_a_managed_child_that_dies_with_the_gateway(tiny_g
         children = _children(proc.pid)
         assert len(children) == 1
         # llama-server where scripts/build-llamacpp.sh built it, else llama-cpp-python's server
-        expected = str(engines.LLAMA_SERVER_BIN) if engines.LLAMA_SERVER_BIN.is_file() else "llama_cpp.server"
+        expected = str(engines.llama_server_bin()) if engines.llama_server_bin().is_file() else "llama_cpp.server"
         assert expected in Path(f"/proc/{children[0]}/cmdline").read_text()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny"]

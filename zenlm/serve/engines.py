@@ -29,17 +29,20 @@ from typing import Optional
 
 log = logging.getLogger("zenlm.serve.engines")
 
+LLAMA_SERVER_BIN: Optional[Path] = None  # a llama-server to use; None: the one scripts/build-llamacpp.sh built
 
 
-def _built_llama_server() -> Path:
-    """Where scripts/build-llamacpp.sh leaves llama-server: ``$ZENLM_LLAMACPP_DIR`` (default
+def llama_server_bin() -> Path:
+    """The llama-server to start: ``LLAMA_SERVER_BIN`` when set, else where scripts/build-llamacpp.sh leaves
+    it, looked up when a server starts (not at import): ``$ZENLM_LLAMACPP_DIR`` (default
     ~/.cache/zenlm/llama.cpp), in ``<version>/bin/`` (the newest version built) or ``bin/``."""
+    if LLAMA_SERVER_BIN is not None:
+        return LLAMA_SERVER_BIN.expanduser()
     root = Path(os.environ.get("ZENLM_LLAMACPP_DIR") or "~/.cache/zenlm/llama.cpp").expanduser()
     versioned = sorted(root.glob("*/bin/llama-server"), key=lambda p: p.stat().st_mtime)
     return versioned[-1] if versioned else root / "bin" / "llama-server"
 
 
-LLAMA_SERVER_BIN = _built_llama_server()
 ENGINES = ("zenlm", "llama.cpp")
 MAX_CONTEXT = 4096  # the context llama.cpp allocates at most (its KV cache), unless asked for more
 
@@ -141,7 +144,7 @@ class LlamaCppServer:
     def _binary() -> Optional[Path]:
         """llama-server built for this machine, or None (then llama-cpp-python's server); a ValueError
         naming both when there is neither."""
-        binary = LLAMA_SERVER_BIN.expanduser()
+        binary = llama_server_bin()
         if binary.is_file() and os.access(binary, os.X_OK):
             return binary
         if importlib.util.find_spec("llama_cpp") is None:
@@ -212,4 +215,4 @@ class LlamaCppServer:
         self.stop()
 
 
-__all__ = ["ENGINES", "LLAMA_SERVER_BIN", "LlamaCppConfig", "LlamaCppServer", "parse_engine_model"]
+__all__ = ["ENGINES", "LLAMA_SERVER_BIN", "LlamaCppConfig", "LlamaCppServer", "llama_server_bin", "parse_engine_model"]
