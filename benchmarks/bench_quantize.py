@@ -185,36 +185,30 @@ def _gguf_add_bos(path: Path) -> tuple[Optional[int], bool]:
     """(tokenizer.ggml.bos_token_id, tokenizer.ggml.add_bos_token) of a GGUF: what llama.cpp reads."""
     import gguf
 
-    fields = gguf.GGUFReader(str(path)).fields
+    from zenlm.gguf import read_metadata
 
-    def value(key):
-        f = fields.get(key)
-        return None if f is None else f.parts[f.data[0]][0].item()
-    return value("tokenizer.ggml.bos_token_id"), bool(value("tokenizer.ggml.add_bos_token"))
+    meta = read_metadata(gguf.GGUFReader(str(path)))
+    return meta.get("tokenizer.ggml.bos_token_id"), bool(meta.get("tokenizer.ggml.add_bos_token"))
 
 
-def _llamacpp_tokens(gguf_file: Path, text_file: Path, n_ctx: int, threads: int, tmp: Path) -> list[int]:
-    """The ids llama-perplexity scores (its tokenization of the text, BOS included, cut to whole chunks),
-    read from the header of its --kl-divergence-base file: "_logits_", n_ctx, n_vocab, n_chunk (int32),
-    then n_chunk * n_ctx int32 ids."""
+def _llamacpp_scored(gguf_file: Path, text_file: Path, n_ctx: int, threads: int,
+                     tmp: Path) -> tuple[list[int], dict]:
+    """llama-perplexity's result on the file and the ids it scored (its tokenization of the text, BOS
+    included, cut to whole chunks), read from the header of the --kl-divergence-base file the same run
+    writes: "_logits_", n_ctx, n_vocab, n_chunk (int32), then n_chunk * n_ctx int32 ids."""
     import struct
-    import subprocess
 
-    from llamacpp_peer import tool
+    from llamacpp_peer import perplexity
 
     out = tmp / "base.logits"
-    cmd = [tool("llama-perplexity"), "-m", str(gguf_file), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
-           "-t", str(threads), "--kl-divergence-base", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode:
-        raise RuntimeError(f"llama-perplexity --kl-divergence-base failed: {proc.stderr[-2000:]}")
+    result = perplexity(gguf_file, text_file, ctx=n_ctx, threads=threads, extra=["--kl-divergence-base", out])
     with open(out, "rb") as f:
         magic, (ctx, _vocab, chunks) = f.read(8), struct.unpack("<3i", f.read(12))
         if magic != b"_logits_" or ctx != n_ctx:
             raise RuntimeError(f"{out}: not a llama-perplexity logits file of n_ctx {n_ctx} ({magic!r}, {ctx})")
         ids = list(struct.unpack(f"<{chunks * n_ctx}i", f.read(4 * chunks * n_ctx)))
     out.unlink()  # n_chunk * n_ctx * n_vocab * 2 bytes of log-probabilities follow: not kept
-    return ids
+    return ids, result
 
 
 def llamacpp_table(args) -> None:
@@ -260,7 +254,7 @@ def llamacpp_table(args) -> None:
         sizes = {kind: path.stat().st_size for kind, path in files.items()}
         bos_id, add_bos = _gguf_add_bos(files["f32"])
         bos = bos_id if add_bos else None
-        theirs = _llamacpp_tokens(files["f32"], text_file, n_ctx, args.threads, tmp)
+        theirs, f32_result = _llamacpp_scored(files["f32"], text_file, n_ctx, args.threads, tmp)
         expected = (([bos] if bos is not None else []) + ours)[:len(theirs)]
         differ = [i for i, (a, b) in enumerate(zip(theirs, expected)) if a != b]
         print(f"model {args.model}: {fp32.num_parameters():,} parameters, n_ctx {n_ctx} (max_position_embeddings); "
@@ -274,7 +268,8 @@ def llamacpp_table(args) -> None:
                  f"zenlm {expected[differ[0]]}: the rows below do not compare like with like"))
         if len(expected) < len(theirs):
             print(f"tokenization: zenlm has only {len(expected):,} ids where llama.cpp scored {len(theirs):,}")
-        theirs_ppl = {kind: llamacpp_perplexity(path, text_file, ctx=n_ctx, threads=args.threads)
+        theirs_ppl = {kind: f32_result if kind == "f32" else
+                      llamacpp_perplexity(path, text_file, ctx=n_ctx, threads=args.threads)
                       for kind, path in files.items()}
     rows = []
     for scheme, kind in (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0")):

@@ -182,11 +182,12 @@ def bench(model: PathLike, n_prompt: int = 512, n_gen: int = 64, threads: int = 
 
 # --------------------------------------------------------------------------- llama-perplexity
 def perplexity(model: PathLike, text_file: PathLike, ctx: int = 512, threads: int = 2,
-               chunks: Optional[int] = None) -> dict:
+               chunks: Optional[int] = None, extra: Sequence[str] = ()) -> dict:
     """``llama-perplexity -f text_file -c ctx``: llama.cpp's perplexity over non-overlapping ``ctx``-token
-    windows (scored on each window's second half, as llama.cpp does), ``ppl`` and its ``ppl_err``."""
+    windows (scored on each window's second half, as llama.cpp does), ``ppl`` and its ``ppl_err``; ``extra``:
+    more arguments (e.g. ``--kl-divergence-base FILE``)."""
     cmd = [tool("llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-t", str(threads),
-           "-b", str(ctx)] + (["--chunks", str(chunks)] if chunks else [])
+           "-b", str(ctx)] + (["--chunks", str(chunks)] if chunks else []) + [str(a) for a in extra]
     proc = _run(cmd, 7200, "llama-perplexity")
     text = proc.stdout + proc.stderr
     found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
